@@ -1,0 +1,28 @@
+"""Shared pytest setup: skip `cuda` tests without a GPU, keep every cache inside a temporary directory."""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _isolated_cache_dir(tmp_path_factory):
+    """Downloads, dataset statistics and compiled extensions go to a fresh directory, never to ~/.cache."""
+    cache_dir = str(tmp_path_factory.mktemp('dnnlib-cache'))
+    saved = os.environ.get('DNNLIB_CACHE_DIR')
+    os.environ['DNNLIB_CACHE_DIR'] = cache_dir
+    yield cache_dir
+    if saved is None:
+        del os.environ['DNNLIB_CACHE_DIR']
+    else:
+        os.environ['DNNLIB_CACHE_DIR'] = saved

@@ -1,0 +1,1 @@
+"""Generic PyTorch utilities: persistence, training statistics, misc helpers, custom ops."""

@@ -1,0 +1,1 @@
+"""Custom operations with pure-PyTorch reference paths and optional CUDA kernels."""
