@@ -211,11 +211,13 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
     """Assert that every parameter and buffer of `module` is identical on all ranks (rank 0 as reference).
 
     Tensors whose full name matches `ignore_regex` are skipped. NaNs compare equal to NaNs, so a diverged
-    run is reported by the NaN checks rather than as a spurious inconsistency.
+    run is reported by the NaN checks rather than as a spurious inconsistency. Every rank runs the same
+    collectives and then raises together, so a mismatch on one rank cannot leave the others waiting.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     prefix = type(module).__name__
+    mismatches = []
     for name, tensor in named_params_and_buffers(module):
         full_name = f'{prefix}.{name}'
         if ignore_regex is not None and re.fullmatch(ignore_regex, full_name):
@@ -223,11 +225,26 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
         local = tensor.detach()
         reference = local.clone()
         torch.distributed.broadcast(tensor=reference, src=0)
-        if not torch.equal(torch.nan_to_num(local), torch.nan_to_num(reference)) or \
-                not torch.equal(local.isnan(), reference.isnan()):
-            rank = torch.distributed.get_rank()
-            raise AssertionError(f'{full_name} differs between rank 0 and rank {rank} '
-                                 f'(max abs difference {(local - reference).abs().max().item():g})')
+        same_nans = torch.equal(local.isnan(), reference.isnan())
+        if not (same_nans and torch.equal(torch.nan_to_num(local), torch.nan_to_num(reference))):
+            diff = (torch.nan_to_num(local) - torch.nan_to_num(reference)).abs().max().item()
+            mismatches.append(f'{full_name} (max abs difference {diff:g})')
+
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    flags = torch.zeros(world_size, dtype=torch.int64, device=_collective_device())
+    flags[rank] = len(mismatches)
+    torch.distributed.all_reduce(flags)
+    bad_ranks = [r for r in range(world_size) if flags[r] > 0]
+    if bad_ranks:
+        local_part = f' On rank {rank}: ' + '; '.join(mismatches) if mismatches else ''
+        raise AssertionError(f'Parameters or buffers differ from rank 0 on rank(s) {bad_ranks}.{local_part}')
+
+
+def _collective_device() -> torch.device:
+    """Device for small bookkeeping tensors of a collective: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    if torch.distributed.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
 
 
 # ----------------------------------------------------------------------------
