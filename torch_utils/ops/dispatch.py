@@ -1,0 +1,119 @@
+"""Which implementation of an op runs: the CUDA kernel or the pure-PyTorch reference.
+
+Ops take `impl='cuda'` (the default, as in official snapshots) or `impl='ref'`. A project-wide policy
+decides what that means:
+
+* `auto` (default): `impl='cuda'` runs the kernel when the input is on a CUDA device and the plugin
+  builds, and the reference otherwise (with one message if the build failed). `impl='ref'` is honoured.
+* `ref`: every op runs its reference path, whatever the call site asks for (debugging, parity tests).
+* `cuda`: every op runs its kernel; an input off the GPU or a plugin that does not build is an error
+  instead of a silent fallback (benchmarks, parity tests).
+
+The policy comes from `use_impl(...)` (a context manager, innermost wins) or else from the environment
+variable `STYLEGAN_OPS_IMPL`.
+"""
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .. import custom_ops
+
+ENV_VAR = 'STYLEGAN_OPS_IMPL'
+POLICIES = ('auto', 'ref', 'cuda')
+
+_policy_stack = []
+
+
+def current_policy() -> str:
+    """The policy in force: the innermost `use_impl` block, else $STYLEGAN_OPS_IMPL, else 'auto'."""
+    if _policy_stack:
+        return _policy_stack[-1]
+    policy = os.environ.get(ENV_VAR, 'auto').strip().lower() or 'auto'
+    if policy not in POLICIES:
+        raise ValueError(f'${ENV_VAR}={policy!r} is not a valid op policy; use one of {", ".join(POLICIES)}')
+    return policy
+
+
+@contextlib.contextmanager
+def use_impl(policy: str) -> Iterator[None]:
+    """Within this block, ops follow `policy` ('auto', 'ref' or 'cuda')."""
+    if policy not in POLICIES:
+        raise ValueError(f'Unknown op policy {policy!r}; use one of {", ".join(POLICIES)}')
+    _policy_stack.append(policy)
+    try:
+        yield
+    finally:
+        _policy_stack.pop()
+
+
+class LazyPlugin:
+    """A CUDA extension built through `custom_ops.get_plugin` the first time a kernel is wanted.
+
+    A failed build is reported once; afterwards `available()` answers False without trying again.
+    """
+
+    def __init__(self,
+        module_name:    str,                    # Name of the extension module.
+        sources:        Sequence[str],          # .cpp/.cu files next to `source_dir`.
+        headers:        Sequence[str] = (),     # Headers they include.
+        source_dir:     Optional[str] = None,   # Directory holding the files (the op's own directory).
+        **build_kwargs,                         # Extra arguments of cpp_extension.load.
+    ):
+        self.module_name = module_name
+        self.sources = list(sources)
+        self.headers = list(headers)
+        self.source_dir = source_dir
+        self.build_kwargs = build_kwargs
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the loaded module and any failure (tests)."""
+        self._module = None
+        self._error: Optional[Exception] = None
+
+    def get(self):
+        """The extension module; raises `custom_ops.PluginBuildError` when it cannot be built."""
+        if self._module is None:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._module = custom_ops.get_plugin(self.module_name, sources=self.sources, headers=self.headers,
+                                                     source_dir=self.source_dir, **self.build_kwargs)
+            except custom_ops.PluginBuildError as e:
+                self._error = e
+                raise
+        return self._module
+
+    def available(self) -> bool:
+        """Whether the kernel can be used; the first failure prints why, once."""
+        if self._module is not None:
+            return True
+        if self._error is not None:
+            return False
+        try:
+            self.get()
+            return True
+        except custom_ops.PluginBuildError as e:
+            warnings.warn(f'{e}\nFalling back to the reference implementation of "{self.module_name}".',
+                          RuntimeWarning, stacklevel=3)
+            return False
+
+
+def use_cuda_kernel(impl: str, x: torch.Tensor, plugin: LazyPlugin) -> bool:
+    """Decide, for one call of an op on input `x`, whether its kernel runs (True) or its reference (False)."""
+    if impl not in ('ref', 'cuda'):
+        raise ValueError(f"impl must be 'ref' or 'cuda', got {impl!r}")
+    policy = current_policy()
+    if policy == 'ref':
+        return False
+    if policy == 'auto':
+        return impl == 'cuda' and x.device.type == 'cuda' and plugin.available()
+    if x.device.type != 'cuda':
+        raise RuntimeError(f'The op policy is "cuda" (strict) but "{plugin.module_name}" got a tensor on '
+                           f'{x.device}; use policy "auto" to fall back to the reference implementation')
+    plugin.get()
+    return True
