@@ -1,0 +1,340 @@
+"""2-D FIR resampling: upsample by zero insertion, pad, filter, downsample (`upfirdn2d`).
+
+This one primitive covers every resampling step of StyleGAN2: the blurred 2x upsampling of the skip image,
+the low-pass filter after a transposed convolution, and the blur before a strided convolution. Per axis,
+for an input signal `x` of length `in`, the op computes
+
+    u[j] = x[j / up]   if j is a multiple of up, else 0          (zero insertion, length in * up)
+    p[m] = u[m - pad0] (0 outside u; negative padding crops)      (length in * up + pad0 + pad1)
+    z[m] = sum_k p[m + k] * f[fsize - 1 - k]                      (convolution; correlation if flip_filter)
+    y[o] = gain * z[o * down]                                     (keep every down-th sample from 0)
+
+so `out = (in * up + pad0 + pad1 - fsize) // down + 1`. A 2-D filter `[fh, fw]` is applied as one 2-D
+convolution; a 1-D filter `[taps]` is separable and is applied along x and then along y, each pass with
+`sqrt(gain)`. `setup_filter` prepares filters the way the callers expect (see its docstring).
+
+Two paths compute it. The reference is plain PyTorch (zero insertion by reshape and pad, depthwise
+`conv2d`), works for any floating dtype and any device, and is what `impl='ref'` asks for. The kernel
+(`upfirdn2d.cu`) runs for float16/float32 CUDA tensors when the op policy allows it (see `dispatch.py`); its
+autograd function differentiates to another upfirdn2d, so derivatives of every order use the kernel too.
+The names and signatures of the public functions are frozen: official snapshots call them.
+"""
+
+import functools
+import math
+import operator
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+_plugin = dispatch.LazyPlugin('upfirdn2d_plugin', sources=['upfirdn2d.cpp', 'upfirdn2d.cu'],
+                              headers=['upfirdn2d.h'], source_dir=os.path.dirname(__file__),
+                              extra_cuda_cflags=['--use_fast_math'])
+
+# The kernel reads and writes these element types (it accumulates in float32); any other dtype, float64
+# in particular, takes the reference path even on a CUDA device.
+_KERNEL_DTYPES = (torch.float16, torch.float32)
+
+_CPU = torch.device('cpu')  # setup_filter's default device (a module constant: ruff B008).
+
+Scaling = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int]]
+
+# ----------------------------------------------------------------------------
+# Argument parsing, shared with conv2d_resample.
+
+
+def _as_int(value, what: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f'{what} must be an integer, got {value!r}') from None
+
+
+def _parse_scaling(scaling: Scaling) -> Tuple[int, int]:
+    """`up` / `down` as (sx, sy): an int applies to both axes, a 2-list is [x, y]. Each factor is >= 1."""
+    if isinstance(scaling, (list, tuple)):
+        if len(scaling) != 2:
+            raise ValueError(f'A scaling factor list must be [x, y], got {scaling!r}')
+        sx, sy = (_as_int(s, 'A scaling factor') for s in scaling)
+    else:
+        sx = sy = _as_int(scaling, 'A scaling factor')
+    if sx < 1 or sy < 1:
+        raise ValueError(f'Scaling factors must be >= 1, got {scaling!r}')
+    return sx, sy
+
+
+def _parse_padding(padding: Padding) -> Tuple[int, int, int, int]:
+    """Padding as (px0, px1, py0, py1): an int pads all sides, a 2-list is [x, y], a 4-list [x0, x1, y0, y1].
+
+    Negative values crop.
+    """
+    if isinstance(padding, (list, tuple)):
+        values = [_as_int(p, 'A padding value') for p in padding]
+        if len(values) == 2:
+            px, py = values
+            return px, px, py, py
+        if len(values) == 4:
+            return tuple(values)
+        raise ValueError(f'Padding must be an int, [x, y] or [x0, x1, y0, y1], got {padding!r}')
+    p = _as_int(padding, 'Padding')
+    return p, p, p, p
+
+
+def _get_filter_size(f: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(fw, fh) of a filter as `setup_filter` makes it: None is 1x1, a 1-D filter is separable (square)."""
+    if f is None:
+        return 1, 1
+    if not isinstance(f, torch.Tensor) or f.ndim not in (1, 2):
+        raise ValueError(f'A filter must be None or a 1-D or 2-D tensor, got '
+                         f'{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}')
+    fw = f.shape[-1]
+    fh = f.shape[0]
+    return fw, fh
+
+# ----------------------------------------------------------------------------
+# Filters.
+
+
+def setup_filter(
+    f,                                      # None (identity), a scalar, or a 1-D / 2-D array-like of taps.
+    device      = _CPU,                     # Device of the returned tensor.
+    normalize   = True,                     # Scale the taps to sum to 1 (a DC gain of 1).
+    flip_filter = False,                    # Flip the taps (turns the op's convolution into a correlation).
+    gain        = 1,                        # Overall gain: the taps are scaled by gain ** (ndim / 2).
+    separable   = None,                     # Keep a 1-D filter separable? None: only if it has >= 8 taps.
+) -> torch.Tensor:
+    """Convert a filter description to the float32 tensor that `upfirdn2d` expects.
+
+    A 1-D filter with fewer than 8 taps becomes the 2-D outer product with itself (one small 2-D pass is
+    faster than two 1-D passes); longer ones stay 1-D. Then the taps are normalized, flipped and scaled by
+    the gain, in that order. A separable filter carries sqrt(gain) because the op applies it twice.
+    """
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim not in (0, 1, 2):
+        raise ValueError(f'A filter must be a scalar, 1-D or 2-D, got shape {tuple(f.shape)}')
+    if f.numel() == 0:
+        raise ValueError('A filter needs at least one tap')
+    if f.ndim == 0:
+        f = f.reshape(1)
+    if separable is None:
+        separable = (f.ndim == 1 and f.numel() >= 8)
+    if f.ndim == 1 and not separable:
+        f = torch.outer(f, f)
+    if f.ndim != (1 if separable else 2):
+        raise ValueError(f'A {f.ndim}-D filter cannot be made {"separable" if separable else "2-D"}')
+
+    # Out of place throughout: as_tensor may have returned the caller's own tensor.
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device)
+
+# ----------------------------------------------------------------------------
+# The op.
+
+
+def _output_size(in_size: int, up: int, down: int, pad0: int, pad1: int, taps: int, axis: str) -> int:
+    padded = in_size * up + pad0 + pad1
+    if padded < taps:
+        raise ValueError(f'upfirdn2d: along {axis}, the upsampled and padded input ({in_size} * {up} + {pad0} + '
+                         f'{pad1} = {padded}) is shorter than the filter ({taps} taps)')
+    return (padded - taps) // down + 1
+
+
+def upfirdn2d(
+    x,                      # Input [batch, channels, height, width].
+    f,                      # Filter from setup_filter: [fh, fw], [taps] (separable), or None (identity).
+    up          = 1,        # Upsampling factor by zero insertion: int, or [x, y].
+    down        = 1,        # Downsampling factor (keeps every down-th sample): int, or [x, y].
+    padding     = 0,        # Padding after upsampling, negative crops: int, [x, y] or [x0, x1, y0, y1].
+    flip_filter = False,    # False: convolve with f (the usual meaning); True: correlate.
+    gain        = 1,        # Overall gain; f is scaled by gain ** (f.ndim / 2).
+    impl        = 'cuda',   # 'cuda' (kernel where possible, see dispatch.py) or 'ref'.
+) -> torch.Tensor:
+    """Upsample, pad, filter and downsample a batch of images; see the module docstring for the exact maths.
+
+    Output size per axis: `(in * up + pad0 + pad1 - taps) // down + 1`.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f'upfirdn2d expects x of shape [batch, channels, height, width], got '
+                         f'{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    up = _parse_scaling(up)
+    down = _parse_scaling(down)
+    padding = _parse_padding(padding)
+    fw, fh = _get_filter_size(f)
+    _output_size(x.shape[3], up[0], down[0], padding[0], padding[1], fw, 'x')
+    _output_size(x.shape[2], up[1], down[1], padding[2], padding[3], fh, 'y')
+    if dispatch.use_cuda_kernel(impl, x, _plugin) and x.dtype in _KERNEL_DTYPES:
+        return _upfirdn2d_kernel(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+    return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+
+
+def _upfirdn2d_ref(x: torch.Tensor, f: torch.Tensor, up: Tuple[int, int], down: Tuple[int, int],
+                   padding: Tuple[int, int, int, int], flip_filter: bool, gain: float) -> torch.Tensor:
+    """The reference path: differentiable to any order, in any floating dtype (the filter follows x)."""
+    batch, channels, in_h, in_w = x.shape
+    upx, upy = up
+    downx, downy = down
+    px0, px1, py0, py1 = padding
+
+    # Zero insertion: give every sample (up - 1) zeros after it along each axis.
+    if upx > 1 or upy > 1:
+        x = x.reshape(batch, channels, in_h, 1, in_w, 1)
+        x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+        x = x.reshape(batch, channels, in_h * upy, in_w * upx)
+
+    # Padding, then cropping for the negative sides.
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
+
+    # conv2d correlates, so the filter is flipped to convolve. The gain is applied in the filter's own
+    # dtype before the cast: the float64 reference vectors were computed in that order.
+    f = (f * (gain ** (f.ndim / 2))).to(x.dtype)
+    if not flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    if f.ndim == 2:
+        x = F.conv2d(x, f[None, None].repeat(channels, 1, 1, 1), groups=channels)
+    else:
+        # Separable: along x first, then along y, as the kernel path does.
+        x = F.conv2d(x, f[None, None, None, :].repeat(channels, 1, 1, 1), groups=channels)
+        x = F.conv2d(x, f[None, None, :, None].repeat(channels, 1, 1, 1), groups=channels)
+
+    return x[:, :, ::downy, ::downx]
+
+
+def _upfirdn2d_kernel(x: torch.Tensor, f: torch.Tensor, up: Tuple[int, int], down: Tuple[int, int],
+                      padding: Tuple[int, int, int, int], flip_filter: bool, gain: float) -> torch.Tensor:
+    """The kernel path; a separable filter becomes two launches with 1xN and Nx1 filters."""
+    if f.requires_grad:
+        # The kernel's autograd function has no filter gradient; silently returning none would be wrong.
+        raise ValueError('upfirdn2d: the CUDA kernel cannot differentiate with respect to the filter; '
+                         "detach it or pass impl='ref'")
+    f = f.to(torch.float32)
+    upx, upy = up
+    downx, downy = down
+    px0, px1, py0, py1 = padding
+    if f.ndim == 2:
+        fn = _kernel_function((upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, float(gain),
+                              tuple(f.shape))
+        return fn.apply(x, f)
+    taps = f.shape[0]
+    pass_gain = math.sqrt(gain)
+    along_x = _kernel_function((upx, 1), (downx, 1), (px0, px1, 0, 0), flip_filter, pass_gain, (1, taps))
+    along_y = _kernel_function((1, upy), (1, downy), (0, 0, py0, py1), flip_filter, pass_gain, (taps, 1))
+    x = along_x.apply(x, f.reshape(1, taps))
+    return along_y.apply(x, f.reshape(taps, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_function(up: Tuple[int, int], down: Tuple[int, int], padding: Tuple[int, int, int, int],
+                     flip_filter: bool, gain: float, filter_shape: Tuple[int, int]):
+    """The autograd function running the kernel for one configuration (2-D filter of `filter_shape`).
+
+    Per axis, the forward pass is y[o] = gain * sum_k x[i] g[k] over i * up == o * down + k - pad0, where g
+    is the filter in convolution order. Its adjoint, dx[i] = gain * sum_k dy[o] g[k] over the same triples,
+    is again an upfirdn2d: zero-insert dy by `down`, correlate where the forward convolved (flip_filter
+    toggled, which reverses g), keep every `up`-th sample. Substituting k' = fsize - 1 - k turns the
+    constraint into o * down == i * up + k' - (fsize - 1 - pad0), so the gradient's leading padding is
+    fsize - 1 - pad0; its trailing padding is whatever makes the gradient exactly `in` samples long:
+    pad1' = in * up - out * down + pad0 - (up - 1). Applying the rule twice gives back the forward factors,
+    filter orientation and leading padding, so the backward pass is differentiable in turn by the same
+    construction, to any order.
+    """
+    upx, upy = up
+    downx, downy = down
+    px0, px1, py0, py1 = padding
+    fh, fw = filter_shape
+
+    class Upfirdn2dKernel(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, f):
+            if tuple(f.shape) != filter_shape:
+                raise AssertionError(f'filter of shape {tuple(f.shape)} given to a function for {filter_shape}')
+            y = _plugin.get().upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain, 0)
+            ctx.save_for_backward(f)
+            ctx.in_size = (x.shape[3], x.shape[2])
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            (f,) = ctx.saved_tensors
+            in_w, in_h = ctx.in_size
+            out_h, out_w = dy.shape[2], dy.shape[3]
+            dx = None
+            if ctx.needs_input_grad[0]:
+                grad_padding = (fw - 1 - px0, in_w * upx - out_w * downx + px0 - (upx - 1),
+                                fh - 1 - py0, in_h * upy - out_h * downy + py0 - (upy - 1))
+                grad_fn = _kernel_function(down, up, grad_padding, not flip_filter, gain, filter_shape)
+                dx = grad_fn.apply(dy, f)
+            return dx, None  # The filter never requires grad here (checked in _upfirdn2d_kernel).
+
+    return Upfirdn2dKernel
+
+# ----------------------------------------------------------------------------
+# Common uses.
+
+
+def filter2d(
+    x,                      # Input [batch, channels, height, width].
+    f,                      # Filter from setup_filter, or None.
+    padding     = 0,        # Extra padding on top of what keeps the size: int, [x, y] or [x0, x1, y0, y1].
+    flip_filter = False,    # False: convolve; True: correlate.
+    gain        = 1,        # Overall gain.
+    impl        = 'cuda',   # 'cuda' or 'ref'.
+) -> torch.Tensor:
+    """Filter without resampling; with padding=0 the output has the input's size.
+
+    An even filter has no centre tap; the extra sample of padding goes before the image.
+    """
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = _get_filter_size(f)
+    p = [px0 + fw // 2, px1 + (fw - 1) // 2, py0 + fh // 2, py1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+def upsample2d(
+    x,                      # Input [batch, channels, height, width].
+    f,                      # Interpolation filter from setup_filter, or None (nearest-neighbour-like zeros).
+    up          = 2,        # Upsampling factor: int, or [x, y].
+    padding     = 0,        # Extra padding: int, [x, y] or [x0, x1, y0, y1].
+    flip_filter = False,    # False: convolve; True: correlate.
+    gain        = 1,        # Overall gain (on top of the up * up that keeps the mean).
+    impl        = 'cuda',   # 'cuda' or 'ref'.
+) -> torch.Tensor:
+    """Upsample by `up`; with padding=0 the output is exactly `up` times the input size.
+
+    Zero insertion leaves 1 / (upx * upy) of the energy, hence the extra gain of upx * upy.
+    """
+    upx, upy = _parse_scaling(up)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = _get_filter_size(f)
+    p = [px0 + (fw + upx - 1) // 2, px1 + (fw - upx) // 2, py0 + (fh + upy - 1) // 2, py1 + (fh - upy) // 2]
+    return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
+
+
+def downsample2d(
+    x,                      # Input [batch, channels, height, width].
+    f,                      # Anti-aliasing filter from setup_filter, or None (plain decimation).
+    down        = 2,        # Downsampling factor: int, or [x, y].
+    padding     = 0,        # Extra padding: int, [x, y] or [x0, x1, y0, y1].
+    flip_filter = False,    # False: convolve; True: correlate.
+    gain        = 1,        # Overall gain.
+    impl        = 'cuda',   # 'cuda' or 'ref'.
+) -> torch.Tensor:
+    """Downsample by `down`; with padding=0 and a size divisible by `down` the output is size / down."""
+    downx, downy = _parse_scaling(down)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = _get_filter_size(f)
+    p = [px0 + (fw - downx + 1) // 2, px1 + (fw - downx) // 2, py0 + (fh - downy + 1) // 2, py1 + (fh - downy) // 2]
+    return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
