@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import vectors
+from host_kernels import LAYOUTS, use_host_kernel, with_layout
 
 from torch_utils.ops import bias_act as bias_act_module
 from torch_utils.ops import dispatch
@@ -235,19 +236,7 @@ def test_reference_gradcheck_and_gradgradcheck(act, with_bias, dim, variant):
 # ----------------------------------------------------------------------------
 # Kernel parity (shared by the GPU test and the host-compiled kernel test).
 
-LAYOUTS = ['contiguous', 'channels_last', 'strided']
 PARITY_SHAPE = (2, 5, 3, 4)
-
-
-def _with_layout(t, layout):
-    if layout == 'channels_last':
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == 'strided':
-        # Not dense in any order: the kernel path must make it so first.
-        wide = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
 
 
 def _value_and_derivatives(x, b, dy, w, kwargs, impl):
@@ -272,7 +261,7 @@ def check_kernel_parity(act, dtype, layout, variant, device, with_bias=True):
     dy = torch.randn(PARITY_SHAPE, generator=gen, dtype=torch.float64).to(device)
     w = torch.randn(PARITY_SHAPE, generator=gen, dtype=torch.float64).to(device)
     # Round everything to `dtype` first, so that both paths see the same values.
-    x, dy, w = (_with_layout(t.to(dtype), layout) for t in (x, dy, w))
+    x, dy, w = (with_layout(t.to(dtype), layout) for t in (x, dy, w))
     b = None if b is None else b.to(dtype)
 
     with dispatch.use_impl('cuda'):
@@ -401,18 +390,6 @@ class HostPlugin:
         return out
 
 
-class FakeLazyPlugin:
-    def __init__(self, module):
-        self.module = module
-        self.module_name = 'bias_act_plugin'
-
-    def get(self):
-        return self.module
-
-    def available(self):
-        return True
-
-
 @pytest.fixture(scope='module')
 def host_plugin(tmp_path_factory):
     nvcc = shutil.which('nvcc')
@@ -434,8 +411,7 @@ def host_plugin(tmp_path_factory):
 @pytest.fixture
 def host_kernel(host_plugin, monkeypatch):
     """Make impl='cuda' run the kernel path on CPU tensors, through the host-compiled kernel code."""
-    monkeypatch.setattr(bias_act_module, '_plugin', FakeLazyPlugin(host_plugin))
-    monkeypatch.setattr(bias_act_module.dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
+    use_host_kernel(monkeypatch, bias_act_module, host_plugin, 'bias_act_plugin')
     host_plugin.calls.clear()
     return host_plugin
 

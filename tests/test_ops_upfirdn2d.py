@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import vectors
+from host_kernels import LAYOUTS, use_host_kernel, with_layout
 
 from torch_utils.ops import dispatch
 from torch_utils.ops import upfirdn2d as upfirdn2d_module
@@ -348,7 +349,6 @@ PARITY_CASES = {
     'none_up2_down3': dict(f=None, up=2, down=3, padding=1, gain=3.0),
     'big_filter_17x3': dict(f='big', up=2, padding=[1, 1, 8, 8]),
 }
-LAYOUTS = ['contiguous', 'channels_last', 'strided']
 
 
 def _parity_filter(spec, device):
@@ -362,16 +362,6 @@ def _parity_filter(spec, device):
     if spec == 'f2d':
         return torch.randn(3, 4, generator=gen).to(device)
     return torch.randn(17, 3, generator=gen).to(device)
-
-
-def _with_layout(t, layout):
-    if layout == 'channels_last':
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == 'strided':
-        wide = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
 
 
 def _value_and_derivatives(x, f, dy, v, kwargs, impl):
@@ -393,7 +383,7 @@ def check_kernel_parity(name, dtype, layout, device, shape):
     out_shape = expected_shape(shape, f, **kwargs)
     dy = torch.randn(out_shape, generator=gen, dtype=torch.float64)
     v = torch.randn(shape, generator=gen, dtype=torch.float64)
-    x, dy, v = (_with_layout(t.to(device=device, dtype=dtype), layout) for t in (x, dy, v))
+    x, dy, v = (with_layout(t.to(device=device, dtype=dtype), layout) for t in (x, dy, v))
 
     with dispatch.use_impl('cuda'):
         ours = _value_and_derivatives(x, f, dy, v, kwargs, impl='cuda')
@@ -639,18 +629,6 @@ class HostPlugin:
         return y
 
 
-class FakeLazyPlugin:
-    def __init__(self, module):
-        self.module = module
-        self.module_name = 'upfirdn2d_plugin'
-
-    def get(self):
-        return self.module
-
-    def available(self):
-        return True
-
-
 @pytest.fixture(scope='module')
 def host_plugin(tmp_path_factory):
     cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
@@ -676,8 +654,7 @@ def host_plugin(tmp_path_factory):
 @pytest.fixture
 def host_kernel(host_plugin, monkeypatch):
     """Make impl='cuda' run the kernel path on CPU tensors, through the host-compiled kernels."""
-    monkeypatch.setattr(upfirdn2d_module, '_plugin', FakeLazyPlugin(host_plugin))
-    monkeypatch.setattr(upfirdn2d_module.dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
+    use_host_kernel(monkeypatch, upfirdn2d_module, host_plugin, 'upfirdn2d_plugin')
     host_plugin.variant = 0
     return host_plugin
 
