@@ -55,12 +55,10 @@ def _total_padding(f, up, down, padding):
     """User padding plus the adjustments that make upsampling give up*H and downsampling H/down."""
     fw, fh = upfirdn2d._get_filter_size(f)
     px0, px1, py0, py1 = upfirdn2d._parse_padding(padding)
-    if up > 1:  # The up-filter then spans fw - 1 extra samples: split them as the upsample2d convention does.
-        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
-        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-    if down > 1:  # The down-filter trims fw - 1 samples and decimation keeps 1 in `down`.
-        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    for adjust, factor in ((upfirdn2d._upsample_padding, up), (upfirdn2d._downsample_padding, down)):
+        if factor > 1:  # Same conventions as upsample2d / downsample2d, so the output is up*H or H/down.
+            (ax0, ax1), (ay0, ay1) = adjust(fw, factor), adjust(fh, factor)
+            px0, px1, py0, py1 = px0 + ax0, px1 + ax1, py0 + ay0, py1 + ay1
     return [px0, px1, py0, py1]
 
 

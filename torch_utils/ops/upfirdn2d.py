@@ -96,6 +96,18 @@ def _get_filter_size(f: Optional[torch.Tensor]) -> Tuple[int, int]:
     fh = f.shape[0]
     return fw, fh
 
+
+def _upsample_padding(taps: int, up: int) -> Tuple[int, int]:
+    """(before, after) padding that makes upsampling by `up` with a `taps`-tap filter give exactly up * in
+    samples: the filter trims taps - 1 samples, split with the extra one before for even filters."""
+    return (taps + up - 1) // 2, (taps - up) // 2
+
+
+def _downsample_padding(taps: int, down: int) -> Tuple[int, int]:
+    """(before, after) padding that makes filtering with `taps` taps and keeping every `down`-th sample give
+    in / down samples (for in divisible by down)."""
+    return (taps - down + 1) // 2, (taps - down) // 2
+
 # ----------------------------------------------------------------------------
 # Filters.
 
@@ -319,7 +331,8 @@ def upsample2d(
     upx, upy = _parse_scaling(up)
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = _get_filter_size(f)
-    p = [px0 + (fw + upx - 1) // 2, px1 + (fw - upx) // 2, py0 + (fh + upy - 1) // 2, py1 + (fh - upy) // 2]
+    (ax0, ax1), (ay0, ay1) = _upsample_padding(fw, upx), _upsample_padding(fh, upy)
+    p = [px0 + ax0, px1 + ax1, py0 + ay0, py1 + ay1]
     return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
 
 
@@ -336,5 +349,6 @@ def downsample2d(
     downx, downy = _parse_scaling(down)
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = _get_filter_size(f)
-    p = [px0 + (fw - downx + 1) // 2, px1 + (fw - downx) // 2, py0 + (fh - downy + 1) // 2, py1 + (fh - downy) // 2]
+    (ax0, ax1), (ay0, ay1) = _downsample_padding(fw, downx), _downsample_padding(fh, downy)
+    p = [px0 + ax0, px1 + ax1, py0 + ay0, py1 + ay1]
     return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
