@@ -1,0 +1,1 @@
+"""The method: networks, loss, augmentation, datasets, the training loop and snapshot handling."""
