@@ -469,3 +469,48 @@ def test_wrong_input_shapes_are_reported():
     with pytest.raises(AssertionError, match='Wrong size'):
         G(torch.randn([1, G.z_dim + 1]), None)
 
+
+# ----------------------------------------------------------------------------
+# Half precision.
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_fp16_prenormalization_keeps_the_result(fused):
+    # In fp16 the weight and styles are rescaled before modulation so nothing overflows; demodulation removes
+    # the scale again. Styles of magnitude 1e3 would overflow fp16 per-sample weights without it.
+    torch.manual_seed(0)
+    x = torch.randn([2, 4, 6, 6])
+    weight = torch.randn([5, 4, 3, 3]) * 30
+    styles = torch.randn([2, 4]) * 1e3
+    ref = networks.modulated_conv2d(x, weight, styles, padding=1, fused_modconv=fused)
+    try:
+        out = networks.modulated_conv2d(x.half(), weight, styles, padding=1, fused_modconv=fused)
+    except RuntimeError as e:  # Some CPU builds lack fp16 convolutions; the GPU test below covers it then.
+        pytest.skip(f'fp16 convolution not available on this CPU build: {e}')
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('variant', ['skip', 'squeeze', 'resnet'])
+def test_fp16_generator_on_cuda_matches_fp32(variant):
+    torch.manual_seed(0)
+    G = tiny_G(num_fp16_res=2, **VARIANTS[variant]).eval().cuda()
+    z = torch.randn([4, G.z_dim], device='cuda')
+    img16 = G(z, None, noise_mode='const')
+    img32 = G(z, None, noise_mode='const', force_fp32=True)
+    assert img16.dtype == torch.float32 and torch.isfinite(img16).all()
+    torch.testing.assert_close(img16, img32, atol=5e-2, rtol=5e-2)
+    D = tiny_D(num_fp16_res=2).eval().cuda()
+    torch.testing.assert_close(D(img32, None), D(img32, None, force_fp32=True), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('variant', ['skip', 'squeeze'])
+def test_cuda_matches_cpu(variant):
+    torch.manual_seed(0)
+    G = tiny_G(**VARIANTS[variant]).eval()
+    z = torch.randn([4, G.z_dim])
+    cpu = G(z, None, noise_mode='const')
+    gpu = copy.deepcopy(G).cuda()(z.cuda(), None, noise_mode='const')
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
