@@ -26,3 +26,13 @@ def _isolated_cache_dir(tmp_path_factory):
         del os.environ['DNNLIB_CACHE_DIR']
     else:
         os.environ['DNNLIB_CACHE_DIR'] = saved
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tiny convolutions: on a busy 2-core machine they run far faster on one
+    thread than on several competing for the cores. Use with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -14,14 +14,7 @@ import generate
 import style_mixing
 from training import legacy
 
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster on one thread than on several competing for a busy CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -18,6 +18,8 @@ import dnnlib
 from torch_utils import misc, persistence
 from training import legacy, networks
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_SYNTHESIS = dict(channel_base=128, channel_max=32)
@@ -119,15 +121,6 @@ def _metas(data):
 
     MetaUnpickler(io.BytesIO(data)).load()
     return found
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster on one thread than on several competing for a busy CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope='module')
