@@ -1,0 +1,252 @@
+"""The StyleGAN2 objective: non-saturating logistic loss, lazy R1 on reals, path-length regularization and
+style mixing (Karras et al., "Analyzing and Improving the Image Quality of StyleGAN", 2020, Sec. 2.2 and 3.2).
+
+The loss terms are small functions of tensors so tests can check them against closed forms; `StyleGAN2Loss`
+runs the networks and calls them per training phase. Phase names and gains follow the training loop's
+protocol: `Gmain`/`Dmain` every step with gain 1, `Greg`/`Dreg` every `interval` steps with gain = interval
+(lazy regularization), or `Gboth`/`Dboth` for both at once. `phase_plan` computes that schedule together with
+the optimizer settings that compensate for it.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dnnlib
+from torch_utils import misc, training_stats
+from torch_utils.ops import conv2d_gradfix
+
+PHASES = ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth')
+
+# ----------------------------------------------------------------------------
+# Loss terms.
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating G loss per sample: -log sigmoid(D(G(z))) = softplus(-D(G(z)))."""
+    return F.softplus(-fake_logits)
+
+
+def discriminator_loss_fake(fake_logits: torch.Tensor) -> torch.Tensor:
+    """D loss on generated images per sample: -log(1 - sigmoid(D(G(z)))) = softplus(D(G(z)))."""
+    return F.softplus(fake_logits)
+
+
+def discriminator_loss_real(real_logits: torch.Tensor) -> torch.Tensor:
+    """D loss on real images per sample: -log sigmoid(D(x)) = softplus(-D(x))."""
+    return F.softplus(-real_logits)
+
+
+def r1_penalty(real_logits: torch.Tensor, real_img: torch.Tensor) -> torch.Tensor:
+    """||grad_x D(x)||^2 per sample (Mescheder et al. 2018), differentiable w.r.t. D's parameters.
+
+    `real_img` must require grad and `real_logits` must have been computed from it. The inner gradient needs
+    only input gradients, so the weight gradients of convolutions are skipped there; the outer backward still
+    reaches D's weights through the graph that create_graph keeps.
+    """
+    with conv2d_gradfix.no_weight_gradients():
+        grads, = torch.autograd.grad(outputs=[real_logits.sum()], inputs=[real_img], create_graph=True,
+                                     only_inputs=True)
+    return grads.square().sum(dim=[1, 2, 3])
+
+
+def path_lengths(gen_img: torch.Tensor, gen_ws: torch.Tensor, pl_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """||J_w^T y|| per sample, y ~ N(0, I) / sqrt(H * W), with the Jacobian of the image w.r.t. w.
+
+    The squared norm is summed over w_dim and averaged over the num_ws rows before the square root, as in
+    StyleGAN2. Pass `pl_noise` to fix y (tests); by default it is drawn here.
+    """
+    if pl_noise is None:
+        pl_noise = torch.randn_like(gen_img) / np.sqrt(gen_img.shape[2] * gen_img.shape[3])
+    with conv2d_gradfix.no_weight_gradients():
+        grads, = torch.autograd.grad(outputs=[(gen_img * pl_noise).sum()], inputs=[gen_ws], create_graph=True,
+                                     only_inputs=True)
+    return grads.square().sum(dim=2).mean(dim=1).sqrt()
+
+
+def path_length_penalty(lengths: torch.Tensor, pl_mean: torch.Tensor, pl_decay: float) -> tuple:
+    """(penalty per sample, new running mean): (|J^T y| - a)^2 with a an exponential moving average of the
+    lengths, a <- a + decay * (mean(lengths) - a). The new mean is returned detached, for storing."""
+    new_mean = pl_mean.lerp(lengths.mean(), pl_decay)
+    return (lengths - new_mean).square(), new_mean.detach()
+
+
+def style_mixing_mask(num_ws: int, prob: float, device: torch.device) -> torch.Tensor:
+    """Boolean [num_ws] mask of the ws rows that come from the second latent: rows >= a cutoff drawn
+    uniformly from 1..num_ws-1 with probability `prob`, else none. Drawn on `device`, no host sync."""
+    cutoff = torch.randint(1, max(num_ws, 2), [], device=device)
+    cutoff = torch.where(torch.rand([], device=device) < prob, cutoff, torch.full_like(cutoff, num_ws))
+    return torch.arange(num_ws, device=device) >= cutoff
+
+
+def _report_scores(kind: str, logits: torch.Tensor) -> None:
+    training_stats.report(f'Loss/scores/{kind}', logits)
+    training_stats.report(f'Loss/signs/{kind}', logits.sign())
+
+# ----------------------------------------------------------------------------
+# Lazy regularization schedule.
+
+
+@dataclasses.dataclass
+class Phase:
+    name:       str             # 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg' or 'Dboth'.
+    interval:   int             # Run on steps where step % interval == 0.
+    opt_kwargs: Dict            # Optimizer settings of this phase's network (same dict for main and reg).
+
+    @property
+    def gain(self) -> int:
+        # A term evaluated every `interval` steps is weighted by `interval`, so it has its full effect on average.
+        return self.interval
+
+
+def phase_plan(name: str, reg_interval: Optional[int], opt_kwargs: Dict) -> List[Phase]:
+    """The phases of network `name` ('G' or 'D') and its optimizer settings.
+
+    With lazy regularization (reg_interval = k) the optimizer sees k main steps and one regularization step
+    per k minibatches; lr and Adam betas are rescaled by k / (k + 1) so that the effective schedule per
+    minibatch matches the non-lazy one (StyleGAN2, Appendix B): lr * k/(k+1), beta ** (k/(k+1)).
+    """
+    if name not in ('G', 'D'):
+        raise ValueError(f"phase_plan: name must be 'G' or 'D', got {name!r}")
+    opt_kwargs = dnnlib.EasyDict(opt_kwargs)
+    if reg_interval is None:
+        return [Phase(f'{name}both', 1, opt_kwargs)]
+    if not isinstance(reg_interval, int) or reg_interval < 1:
+        raise ValueError(f'reg_interval must be a positive integer or None, got {reg_interval!r}')
+    ratio = reg_interval / (reg_interval + 1)
+    opt_kwargs.lr = opt_kwargs.lr * ratio
+    opt_kwargs.betas = tuple(float(beta) ** ratio for beta in opt_kwargs.betas)
+    return [Phase(f'{name}main', 1, opt_kwargs), Phase(f'{name}reg', reg_interval, opt_kwargs)]
+
+# ----------------------------------------------------------------------------
+
+
+class Loss:
+    """Interface of the training loop's loss: accumulate gradients for one phase and one minibatch round."""
+
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, sync, gain):
+        raise NotImplementedError()
+
+
+class StyleGAN2Loss(Loss):
+    def __init__(self,
+        device,                         # Device of the networks.
+        G_mapping,                      # Generator mapping network (possibly wrapped in DDP).
+        G_synthesis,                    # Generator synthesis network (possibly wrapped in DDP).
+        D,                              # Discriminator (possibly wrapped in DDP).
+        augment_pipe        = None,     # Augmentation applied to every image D sees, None = no augmentation.
+        style_mixing_prob   = 0.9,      # Probability of mixing two latents in a generated image, 0 = off.
+        r1_gamma            = 10,       # R1 weight gamma; the penalty is gamma / 2 * ||grad D||^2, 0 = off.
+        pl_batch_shrink     = 2,        # The path-length pass uses batch_size // pl_batch_shrink samples.
+        pl_decay            = 0.01,     # Decay of the running mean of path lengths.
+        pl_weight           = 2,        # Path-length weight, 0 = off.
+    ):
+        super().__init__()
+        self.device = torch.device(device)
+        self.G_mapping = G_mapping
+        self.G_synthesis = G_synthesis
+        self.D = D
+        self.augment_pipe = augment_pipe
+        self.style_mixing_prob = style_mixing_prob
+        self.r1_gamma = r1_gamma
+        self.pl_batch_shrink = pl_batch_shrink
+        self.pl_decay = pl_decay
+        self.pl_weight = pl_weight
+        self.pl_mean = torch.zeros([], device=self.device)
+
+    # Running the networks.
+
+    def run_G(self, z, c, sync):
+        """Generate images; with probability style_mixing_prob the rows after a random cutoff come from a
+        second latent (mixing regularization). Returns (img, ws)."""
+        with misc.ddp_sync(self.G_mapping, sync):
+            ws = self.G_mapping(z, c)
+            if self.style_mixing_prob > 0:
+                with torch.autograd.profiler.record_function('style_mixing'):
+                    mask = style_mixing_mask(ws.shape[1], self.style_mixing_prob, ws.device)
+                    ws2 = self.G_mapping(torch.randn_like(z), c, skip_w_avg_update=True)
+                    ws = torch.where(mask.reshape(1, -1, 1), ws2, ws)
+        with misc.ddp_sync(self.G_synthesis, sync):
+            img = self.G_synthesis(ws)
+        return img, ws
+
+    def run_D(self, img, c, sync):
+        if self.augment_pipe is not None:
+            img = self.augment_pipe(img)
+        with misc.ddp_sync(self.D, sync):
+            return self.D(img, c)
+
+    # The phases.
+
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, sync, gain):
+        if phase not in PHASES:
+            raise ValueError(f'Unknown phase {phase!r}; valid phases: {", ".join(PHASES)}')
+        do_Gmain = phase in ('Gmain', 'Gboth')
+        do_Dmain = phase in ('Dmain', 'Dboth')
+        do_Gpl = phase in ('Greg', 'Gboth') and self.pl_weight != 0
+        do_Dr1 = phase in ('Dreg', 'Dboth') and self.r1_gamma != 0
+
+        if do_Gmain:
+            # When the path-length pass follows in the same call, it does the gradient sync.
+            self._accumulate_Gmain(gen_z, gen_c, sync=(sync and not do_Gpl), gain=gain)
+        if do_Gpl:
+            self._accumulate_Gpl(gen_z, gen_c, sync=sync, gain=gain)
+        loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, gain=gain) if do_Dmain else 0
+        if do_Dmain or do_Dr1:
+            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, sync=sync, gain=gain)
+
+    def _accumulate_Gmain(self, gen_z, gen_c, sync, gain):
+        with torch.autograd.profiler.record_function('Gmain_forward'):
+            gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=sync)
+            gen_logits = self.run_D(gen_img, gen_c, sync=False)
+            _report_scores('fake', gen_logits)
+            loss_Gmain = generator_loss(gen_logits)
+            training_stats.report('Loss/G/loss', loss_Gmain)
+        with torch.autograd.profiler.record_function('Gmain_backward'):
+            loss_Gmain.mean().mul(gain).backward()
+
+    def _accumulate_Gpl(self, gen_z, gen_c, sync, gain):
+        with torch.autograd.profiler.record_function('Gpl_forward'):
+            batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
+            gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size], sync=sync)
+            lengths = path_lengths(gen_img, gen_ws)
+            pl_penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.pl_decay)
+            self.pl_mean.copy_(new_mean)
+            training_stats.report('Loss/pl_penalty', pl_penalty)
+            loss_Gpl = pl_penalty * self.pl_weight
+            training_stats.report('Loss/G/reg', loss_Gpl)
+        with torch.autograd.profiler.record_function('Gpl_backward'):
+            # The zero term ties the loss to the image, so that DDP sees every synthesis parameter take part.
+            (gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain).backward()
+
+    def _accumulate_Dgen(self, gen_z, gen_c, gain):
+        with torch.autograd.profiler.record_function('Dgen_forward'):
+            gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=False)
+            gen_logits = self.run_D(gen_img, gen_c, sync=False)  # Synced by the real-image pass that follows.
+            _report_scores('fake', gen_logits)
+            loss_Dgen = discriminator_loss_fake(gen_logits)
+        with torch.autograd.profiler.record_function('Dgen_backward'):
+            loss_Dgen.mean().mul(gain).backward()
+        return loss_Dgen.detach()
+
+    def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, sync, gain):
+        name = 'Dreal_Dr1' if do_Dmain and do_Dr1 else 'Dreal' if do_Dmain else 'Dr1'
+        with torch.autograd.profiler.record_function(name + '_forward'):
+            real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
+            real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
+            _report_scores('real', real_logits)
+            loss_Dreal = 0
+            if do_Dmain:
+                loss_Dreal = discriminator_loss_real(real_logits)
+                training_stats.report('Loss/D/loss', loss_Dgen + loss_Dreal)
+            loss_Dr1 = 0
+            if do_Dr1:
+                penalty = r1_penalty(real_logits, real_img_tmp)
+                loss_Dr1 = penalty * (self.r1_gamma / 2)
+                training_stats.report('Loss/r1_penalty', penalty)
+                training_stats.report('Loss/D/reg', loss_Dr1)
+        with torch.autograd.profiler.record_function(name + '_backward'):
+            (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()
