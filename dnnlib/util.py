@@ -41,6 +41,30 @@ class EasyDict(dict):
 
 
 # ----------------------------------------------------------------------------
+# Crash-safe file writing.
+
+
+def write_atomically(path: str, write: Any) -> None:
+    """Call `write(f)` on a new temporary file beside `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX file systems, so readers (and a run resumed after a crash) see either the
+    previous file or the complete new one, never a truncated snapshot. The temporary file is removed if
+    `write` raises.
+    """
+    path = os.fspath(path)
+    temp_path = f'{path}.tmp-{uuid.uuid4().hex}'
+    try:
+        with open(temp_path, 'xb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+# ----------------------------------------------------------------------------
 # Logger: tee stdout/stderr into a file.
 
 

@@ -264,12 +264,12 @@ def test_conditional_snapshot_round_trip(tmp_path):
 
 
 def test_plain_conversion_of_init_kwargs():
-    plain = legacy._to_plain(dnnlib.EasyDict(a=(1, np.float32(0.5)), b=dnnlib.EasyDict(c=[np.int64(3)])), 'x')
+    plain = legacy.to_plain(dnnlib.EasyDict(a=(1, np.float32(0.5)), b=dnnlib.EasyDict(c=[np.int64(3)])), 'x')
     assert plain == {'a': [1, 0.5], 'b': {'c': [3]}}
     assert type(plain) is dict and type(plain['b']) is dict and type(plain['a']) is list
     assert type(plain['a'][1]) is float and type(plain['b']['c'][0]) is int
     with pytest.raises(ValueError, match=r'x\.f is a function'):
-        legacy._to_plain(dict(f=lambda: None), 'x')
+        legacy.to_plain(dict(f=lambda: None), 'x')
 
 
 def test_class_names_recorded_for_networks_from_snapshot_sources():
@@ -326,7 +326,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError('disk full')
 
     with pytest.raises(RuntimeError, match='disk full'):
-        legacy._write_atomically(str(path), failing_writer)
+        dnnlib.util.write_atomically(str(path), failing_writer)
     assert path.read_bytes() == b'old contents'
     assert os.listdir(tmp_path) == ['snapshot.pt']
 

@@ -25,8 +25,7 @@ import copy
 import io
 import os
 import pickle
-import uuid
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import click
 import numpy as np
@@ -196,14 +195,14 @@ def snapshot_to_weights_only(snapshot: dict) -> dict:
                              f'only persistent classes (torch_utils.persistence) can be rebuilt from a weights-only file')
         networks[key] = dict(
             class_name  = weights_class_name(value),
-            init_args   = _to_plain(list(value.init_args), f'{key}.init_args'),
-            init_kwargs = _to_plain(value.init_kwargs, f'{key}.init_kwargs'),
+            init_args   = to_plain(list(value.init_args), f'{key}.init_args'),
+            init_kwargs = to_plain(value.init_kwargs, f'{key}.init_kwargs'),
             state_dict  = {name: tensor.detach().cpu() for name, tensor in value.state_dict().items()},
         )
     return dict(
         format              = WEIGHTS_FORMAT,
         version             = WEIGHTS_VERSION,
-        training_set_kwargs = _to_plain(snapshot.get('training_set_kwargs'), 'training_set_kwargs'),
+        training_set_kwargs = to_plain(snapshot.get('training_set_kwargs'), 'training_set_kwargs'),
         networks            = networks,
     )
 
@@ -222,16 +221,16 @@ def weights_class_name(net: torch.nn.Module) -> str:
     return f'{module}.{cls.__name__}'
 
 
-def _to_plain(obj: Any, where: str) -> Any:
+def to_plain(obj: Any, where: str) -> Any:
     """`obj` with EasyDicts turned into dicts, tuples into lists and NumPy scalars into Python numbers."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, dict):
-        return {_to_plain(key, where): _to_plain(value, f'{where}.{key}') for key, value in obj.items()}
+        return {to_plain(key, where): to_plain(value, f'{where}.{key}') for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_plain(value, f'{where}[{i}]') for i, value in enumerate(obj)]
+        return [to_plain(value, f'{where}[{i}]') for i, value in enumerate(obj)]
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     raise ValueError(f'{where} is a {type(obj).__name__}, which a weights-only file cannot store')
@@ -240,7 +239,7 @@ def _to_plain(obj: Any, where: str) -> Any:
 def save_weights_only(snapshot: dict, path: str) -> None:
     """Write `snapshot` as a weights-only file (atomically: a crash leaves the old file or none)."""
     record = snapshot_to_weights_only(snapshot)
-    _write_atomically(path, lambda f: torch.save(record, f))
+    dnnlib.util.write_atomically(path, lambda f: torch.save(record, f))
 
 
 def load_weights_only(path_or_file: Any, device: Any = 'cpu') -> dict:
@@ -294,25 +293,10 @@ def _rebuild_network(key: str, entry: Any, device: Any) -> torch.nn.Module:
 # Writing and converting.
 
 
-def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temporary file next to `path`, then rename it into place."""
-    path = os.fspath(path)
-    temp_path = f'{path}.tmp-{uuid.uuid4().hex}'
-    try:
-        with open(temp_path, 'xb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)  # Atomic: readers see the old file or the whole new one.
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
-
 def save_network_pkl(snapshot: dict, path: str) -> None:
     """Pickle `snapshot` to `path` (atomically). Persistent networks carry the source of their module."""
     _check_snapshot(snapshot)
-    _write_atomically(path, lambda f: pickle.dump(snapshot, f))
+    dnnlib.util.write_atomically(path, lambda f: pickle.dump(snapshot, f))
 
 
 def convert(src: str, dst: str) -> dict:
