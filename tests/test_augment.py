@@ -1,0 +1,328 @@
+"""The ADA augmentation pipeline: identities and closed forms of each transform, determinism, derivatives to
+second order, pickling, and the preset table."""
+
+import importlib.util
+import os
+import pickle
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils import misc
+from torch_utils.ops import grid_sample_gradfix
+from training import augment
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def _images(channels=3, n=4, size=16, dtype=torch.float32, seed=123):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn([n, channels, size, size], generator=generator, dtype=torch.float64).to(dtype)
+
+
+def _pipe(p=1.0, **kwargs):
+    pipe = augment.AugmentPipe(**kwargs)
+    pipe.p.copy_(torch.as_tensor(p))
+    return pipe
+
+
+def _run(pipe, images, seed=0, debug_percentile=None):
+    torch.manual_seed(seed)
+    return pipe(images, debug_percentile=debug_percentile)
+
+# ----------------------------------------------------------------------------
+# Identity at p = 0 and each transform alone.
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_p0_is_exactly_the_identity(channels, dtype):
+    images = _images(channels, dtype=dtype)
+    every = {name: 1 for name in augment.ALL_TRANSFORMS}
+    for pipe in [_pipe(0.0, **every), augment.augment_pipe_from_preset('bgcfnc')]:
+        assert torch.equal(_run(pipe, images), images)
+    # Transforms whose multiplier times p is 0 stay off even at p = 1.
+    assert torch.equal(_run(_pipe(1.0), images), images)
+
+
+@pytest.mark.parametrize('name', augment.ALL_TRANSFORMS)
+@pytest.mark.parametrize('channels', [1, 3])
+def test_each_transform_alone_changes_the_images(name, channels):
+    images = _images(channels, n=8)
+    pipe = _pipe(1.0, **{name: 1})
+    changed = False
+    for seed in range(3):
+        out = _run(pipe, images, seed=seed)
+        assert out.shape == images.shape and out.dtype == images.dtype
+        assert torch.isfinite(out).all()
+        changed = changed or not torch.allclose(out, images, atol=1e-4)
+    if channels == 1 and name in ('hue', 'saturation'):
+        # Grey pixels lie on the luma axis, which hue rotation and saturation keep fixed.
+        assert not changed
+    else:
+        assert changed
+
+
+def test_transforms_at_p1_are_applied_to_every_sample():
+    images = _images(3, n=8)
+    out = _run(_pipe(1.0, brightness=1), images)
+    shift = (out - images).mean(dim=[1, 2, 3])
+    assert (shift.abs() > 0).all()
+
+
+def test_geometric_stage_handles_non_square_images():
+    images = torch.randn([3, 3, 12, 20])
+    out = _run(_pipe(1.0, **augment.AUGPIPE_SPECS['bg']), images)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+
+# ----------------------------------------------------------------------------
+# Pixel blitting is exact.
+
+
+def test_xflip_gives_the_mirror_image_or_the_original():
+    images = _images(3, n=16)
+    out = _run(_pipe(1.0, xflip=1), images)
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, images, strict=True)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert any(flipped) and any(kept)
+
+
+def test_xflip_with_controlled_draws_is_an_involution():
+    images = _images(3)
+    pipe = _pipe(0.0, xflip=1)      # A debug percentile applies the transform regardless of p.
+    once = pipe(images, debug_percentile=0.9)
+    assert torch.equal(once, images.flip(3))
+    assert torch.equal(pipe(once, debug_percentile=0.9), images)
+    assert torch.equal(pipe(images, debug_percentile=0.1), images)
+
+
+def test_rotate90_four_times_is_the_identity():
+    images = _images(1)
+    pipe = _pipe(1.0, rotate90=1)
+    for percentile, quarter_turns in [(0.3, 1), (0.6, 2), (0.9, 3), (1.0, 3)]:
+        # Angles grow from +x towards +y; with y pointing down the image turns clockwise, torch.rot90's k < 0.
+        out = pipe(images, debug_percentile=percentile)
+        assert torch.equal(out, torch.rot90(images, -quarter_turns, dims=(2, 3)))
+    out = images
+    for _ in range(4):
+        out = pipe(out, debug_percentile=0.3)
+    assert torch.equal(out, images)
+
+
+def test_integer_translation_moves_whole_pixels():
+    images = _images(3)
+    pipe = _pipe(1.0, xint=1)
+    out = pipe(images, debug_percentile=1.0)     # The largest shift: round(0.125 * 16) = 2 pixels.
+    assert torch.equal(out[:, :, 2:, 2:], images[:, :, :-2, :-2])
+    # Pixels shifted in from outside are mirrored: column 1 is column 1 of the input, column 0 is column 2.
+    assert torch.equal(out[:, :, 2:, 0], images[:, :, :-2, 2])
+
+
+def test_resampling_reproduces_integer_shifts_and_the_identity():
+    # Upsampling with the wavelet and downsampling with its mirror is exact; whole-pixel shifts commute with it.
+    images = _images(3, dtype=torch.float64)
+    pipe = _pipe(1.0)
+    eye = torch.eye(3).expand(4, 3, 3).clone()
+    shift = eye.clone()
+    shift[:, 0, 2] = 1                          # Read one pixel to the right.
+    out = pipe._resample(images, shift)
+    # Float32 taps: the reconstruction is exact up to their rounding.
+    assert torch.allclose(out[..., :-4], images[..., 1:-3], atol=2e-6)
+    near_identity = eye.clone()
+    near_identity[:, 0, 2] = 1e-30              # Forces the resampling path.
+    assert torch.allclose(pipe._resample(images, near_identity), images, atol=2e-6)
+
+# ----------------------------------------------------------------------------
+# Determinism and the debug percentile.
+
+
+def test_output_is_deterministic_for_a_seed():
+    images = _images(3)
+    pipe = _pipe(0.7, **augment.AUGPIPE_SPECS['bgcfnc'])
+    a = _run(pipe, images, seed=5)
+    b = _run(pipe, images, seed=5)
+    c = _run(pipe, images, seed=6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize('name', [n for n in augment.ALL_TRANSFORMS if n != 'noise'])
+def test_debug_percentile_replaces_every_draw(name):
+    images = _images(3, n=2)
+    pipe = _pipe(0.0, **{name: 1})
+    a = _run(pipe, images, seed=1, debug_percentile=0.8)
+    b = _run(pipe, images, seed=2, debug_percentile=0.8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, images, atol=1e-4)
+
+
+def test_debug_percentile_sets_the_noise_strength():
+    images = torch.zeros([2, 3, 64, 64])
+    percentile = 0.5                            # Median of |N(0, 1)|: 0.6745.
+    out = _run(_pipe(0.0, noise=1, noise_std=1), images, debug_percentile=percentile)
+    assert abs(out.std().item() - statistics.NormalDist().inv_cdf(0.75)) < 0.02
+
+
+def test_brightness_percentile_shifts_the_mean():
+    images = _images(3)
+    percentile = statistics.NormalDist().cdf(1.0)       # One standard deviation: offset = brightness_std.
+    out = _pipe(0.0, brightness=1, brightness_std=0.3)(images, debug_percentile=percentile)
+    assert torch.allclose(out - images, torch.full_like(images, 0.3), atol=1e-5)
+
+
+def test_contrast_percentile_scales_the_images():
+    images = _images(3)
+    percentile = statistics.NormalDist().cdf(-1.0)      # log2(contrast) = -contrast_std = -1.
+    out = _pipe(0.0, contrast=1, contrast_std=1)(images, debug_percentile=percentile)
+    assert torch.allclose(out, images / 2, atol=1e-5)
+
+
+def test_debug_percentile_is_validated():
+    with pytest.raises(ValueError, match='debug_percentile'):
+        _pipe(xflip=1)(_images(), debug_percentile=1.5)
+
+# ----------------------------------------------------------------------------
+# Colour matrices.
+
+
+def test_colour_matrices():
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0]) / np.sqrt(3)
+    eye = torch.eye(4)
+    pipe = _pipe(0.0, saturation=1, saturation_std=0)
+    assert torch.allclose(pipe.draw_color(4, 'cpu', debug_percentile=0.9), eye, atol=1e-6)
+
+    flip = _pipe(0.0, lumaflip=1).draw_color(2, 'cpu', debug_percentile=0.9)
+    assert torch.allclose(flip, eye - 2 * torch.outer(v, v), atol=1e-6)
+    assert torch.allclose(flip @ flip, eye.expand(2, 4, 4), atol=1e-6)
+
+    hue = _pipe(0.0, hue=1).draw_color(2, 'cpu', debug_percentile=0.7)
+    rgb = hue[:, :3, :3]
+    assert torch.allclose(rgb @ rgb.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-6)   # Orthogonal.
+    assert torch.allclose(hue @ v, v.expand(2, 4), atol=1e-6)                                    # Keeps luma.
+    assert torch.allclose(hue[:, 3], eye[3].expand(2, 4))
+
+
+def test_colour_on_grey_images():
+    images = _images(1)
+    assert torch.equal(_pipe(0.0, lumaflip=1)(images, debug_percentile=0.9), -images)
+    out = _pipe(0.0, hue=1, saturation=1)(images, debug_percentile=0.8)
+    assert torch.allclose(out, images, atol=1e-5)
+    with pytest.raises(ValueError, match='channels'):
+        _pipe(hue=1)(torch.zeros([1, 2, 8, 8]))
+
+# ----------------------------------------------------------------------------
+# Filters.
+
+
+def test_filter_buffers():
+    pipe = _pipe()
+    assert pipe.Hz_geom.shape == (12,) and abs(pipe.Hz_geom.sum().item() - 1) < 1e-6
+    bank = pipe.Hz_fbank.double()
+    assert bank.shape == (4, 43)
+    assert torch.allclose(bank, bank.flip(1))                       # Zero phase.
+    impulse = torch.zeros(43, dtype=torch.float64)
+    impulse[21] = 1
+    assert torch.allclose(bank.sum(dim=0), impulse, atol=1e-6)      # The bands add up to the identity.
+    # Each band passes its own octave: [0, pi/8], [pi/8, pi/4], [pi/4, pi/2], [pi/2, pi].
+    response = torch.fft.rfft(bank, n=1024).abs()
+    peaks = response.argmax(dim=1).tolist()
+    edges = [0, 64, 128, 256, 513]
+    assert all(lo <= peak <= hi for peak, lo, hi in zip(peaks, edges[:-1], edges[1:], strict=True))
+
+
+def test_filter_gains_keep_the_expected_power():
+    pipe = _pipe(0.0, imgfilter=1, imgfilter_bands=(0, 1, 0, 0))
+    gains = pipe.draw_filter_gains(3, 'cpu', debug_percentile=0.9)
+    power = torch.tensor(augment.FILTER_BAND_POWER)
+    assert torch.allclose((power * gains.square()).sum(dim=1), torch.ones(3), atol=1e-6)
+    assert (gains[:, 1] > gains[:, 0]).all()
+
+
+def test_unit_filter_gains_leave_the_images_unchanged():
+    images = _images(3)
+    out = _pipe(0.0, imgfilter=1)._apply_filter(images, torch.ones([4, 4]))
+    assert torch.equal(out, images)
+
+
+def test_cutout_zeroes_a_square():
+    images = torch.ones([2, 1, 16, 16])
+    out = _pipe(0.0, cutout=1, cutout_size=0.5)(images, debug_percentile=0.5)
+    assert (out[:, :, 4:12, 4:12] == 0).all()
+    assert out.sum().item() == 2 * (256 - 64)
+
+# ----------------------------------------------------------------------------
+# Derivatives (R1 differentiates through the augmentation of reals, with create_graph=True).
+
+
+@pytest.mark.parametrize('gradfix', [False, True])
+def test_second_derivatives_through_the_geometric_path(monkeypatch, gradfix):
+    monkeypatch.setattr(grid_sample_gradfix, 'enabled', gradfix)
+    pipe = _pipe(1.0, **augment.AUGPIPE_SPECS['geom'], xflip=1)
+    images = _images(1, n=2, size=6, dtype=torch.float64).requires_grad_(True)
+
+    def fn(x):
+        torch.manual_seed(4)    # The same draws on every call.
+        return pipe(x)
+
+    assert torch.autograd.gradcheck(fn, [images])
+    assert torch.autograd.gradgradcheck(fn, [images], fast_mode=True)
+
+
+def test_second_derivatives_through_the_whole_pipeline():
+    pipe = _pipe(0.8, **augment.AUGPIPE_SPECS['bgcfnc'])
+    images = _images(3, n=2, size=8, dtype=torch.float64).requires_grad_(True)
+
+    def fn(x):
+        torch.manual_seed(7)
+        return pipe(x)
+
+    assert torch.autograd.gradcheck(fn, [images], fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, [images], fast_mode=True)
+
+# ----------------------------------------------------------------------------
+# Persistence, resume and presets.
+
+
+def test_pickles_and_copies_buffers():
+    pipe = augment.augment_pipe_from_preset('bgc', xint_max=0.25)
+    pipe.p.copy_(torch.as_tensor(0.3))
+    clone = pickle.loads(pickle.dumps(pipe))
+    assert type(clone).__name__ == 'AugmentPipe' and clone.init_kwargs == pipe.init_kwargs
+    assert clone.xint_max == 0.25 and float(clone.p) == pytest.approx(0.3)
+    images = _images(3)
+    assert torch.equal(_run(clone, images, seed=3), _run(pipe, images, seed=3))
+
+    fresh = augment.AugmentPipe()
+    misc.copy_params_and_buffers(pipe, fresh, require_all=True)
+    assert float(fresh.p) == pytest.approx(0.3)
+    assert {name: tuple(b.shape) for name, b in fresh.named_buffers()} == {
+        'p': (), 'Hz_geom': (12,), 'Hz_fbank': (4, 43)}
+
+
+def test_presets_and_repr():
+    assert list(augment.AUGPIPE_SPECS) == ['blit', 'geom', 'color', 'filter', 'noise', 'cutout',
+                                           'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
+    assert augment.AUGPIPE_SPECS['bgc'] == dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1,
+                                                xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1,
+                                                saturation=1)
+    assert len(augment.AUGPIPE_SPECS['bgcfnc']) == 15
+    with pytest.raises(ValueError, match='bgcfnc'):
+        augment.augment_pipe_from_preset('bgcx')
+    pipe = augment.augment_pipe_from_preset('blit')
+    pipe.p.copy_(torch.as_tensor(0.25))
+    assert pipe.extra_repr() == 'p=0.25, xflip=1, rotate90=1, xint=1'
+
+
+def test_bench_script_runs():
+    # bench/ is a folder of scripts, not a package: load the file as a module of its own name.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'augment.py')
+    spec = importlib.util.spec_from_file_location('bench_augment', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run_benchmark(['blit', 'bgc'], [16], batch=2, iters=1, warmup=0, mode='both')
+    assert [(row['preset'], row['res']) for row in rows] == [('blit', 16), ('bgc', 16)]
+    assert all(row['fwd_ips'] > 0 and row['r1_ips'] > 0 for row in rows)
+    assert 'bgc' in bench.format_table(rows)
