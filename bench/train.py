@@ -1,0 +1,159 @@
+"""Training speed and memory: stock `skip` against the squeeze generator, printing a table.
+
+    python bench/train.py                                   # tiny config on the CPU (a minute or two)
+    python bench/train.py --configs=tiny,cifar --steps=6
+    python bench/train.py --device=cuda --configs=cifar,paper256 --archs=skip,squeeze-r8
+
+Every row is a separate process running the real `training_loop` (all four phases with lazy regularization,
+ADA with the bgc pipeline, G_ema) on random images for `--steps` steps. The first step (tick 0) carries the
+one-time costs (allocator warm-up, kernel builds, cudnn autotuning) and is excluded: sec/kimg is the last
+tick's `Timing/sec_per_kimg`, i.e. the remaining steps only. Peak memory is the process's peak resident set
+(CPU) or `torch.cuda.max_memory_allocated` (GPU). On a GPU the networks use fp16 in the 4 highest
+resolutions, as train.py does; on the CPU everything is fp32.
+"""
+
+import contextlib
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+import click
+import numpy as np
+import PIL.Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+# res, z/w dim, mapping layers, channel_base, channel_max, D architecture, mbstd group, batch per device kind.
+CONFIGS = {
+    'tiny':     dict(res=32,  z_dim=64,  map=2, channel_base=16384, channel_max=64,  d_arch='resnet', mbstd=4,
+                     batch=dict(cpu=8, cuda=32)),
+    'cifar':    dict(res=32,  z_dim=512, map=2, channel_base=32768, channel_max=512, d_arch='orig',   mbstd=32,
+                     batch=dict(cpu=4, cuda=64)),
+    'paper256': dict(res=256, z_dim=512, map=8, channel_base=16384, channel_max=512, d_arch='resnet', mbstd=8,
+                     batch=dict(cpu=2, cuda=64)),
+}
+
+
+def parse_arch(name: str):
+    """'skip' -> ('skip', None); 'squeeze-r8' -> ('squeeze', 8)."""
+    if name.startswith('squeeze'):
+        return 'squeeze', int(name.split('-r')[1]) if '-r' in name else 8
+    return name, None
+
+
+def make_images(root: str, res: int, count: int = 32) -> str:
+    rnd = np.random.RandomState(0)
+    for i in range(count):
+        PIL.Image.fromarray((rnd.rand(res, res, 3) * 255).astype(np.uint8)).save(os.path.join(root, f'{i:04d}.png'))
+    return root
+
+
+def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str) -> dict:
+    cfg = CONFIGS[config]
+    batch = cfg['batch']['cuda' if device.startswith('cuda') else 'cpu']
+    gpu = device.startswith('cuda')
+    synthesis = dict(channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=4 if gpu else 0,
+                     conv_clamp=256, architecture=arch)
+    if r is not None:
+        synthesis['squeeze_r'] = r
+    return dict(
+        run_dir=run_dir,
+        training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=False,
+                                 max_size=None, xflip=False, resolution=cfg['res'], random_seed=0),
+        data_loader_kwargs=dict(pin_memory=gpu, num_workers=0),
+        G_kwargs=dict(class_name='training.networks.Generator', z_dim=cfg['z_dim'], w_dim=cfg['z_dim'],
+                      mapping_kwargs=dict(num_layers=cfg['map']), synthesis_kwargs=synthesis),
+        D_kwargs=dict(class_name='training.networks.Discriminator', architecture=cfg['d_arch'],
+                      channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=4 if gpu else 0,
+                      conv_clamp=256, epilogue_kwargs=dict(mbstd_group_size=min(cfg['mbstd'], batch))),
+        G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
+        D_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
+        augment_kwargs=dict(class_name='training.augment.AugmentPipe', xflip=1, rotate90=1, xint=1, scale=1, rotate=1,
+                            aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1),
+        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0),
+        batch_size=batch, batch_gpu=batch, ada_target=0.6, augment_p=0.2,
+        total_kimg=steps * batch / 1000, kimg_per_tick=1e9,  # Tick 0 after step 1, then one tick at the end.
+        image_snapshot_ticks=None, network_snapshot_ticks=None, image_grid_max=(1, 1), device=device,
+    )
+
+
+def run_one(config: str, arch_name: str, device: str, steps: int) -> Dict:
+    """One row, measured in this process (called in a child process by `main`)."""
+    import torch
+
+    from training.training_loop import training_loop
+    torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
+    arch, r = parse_arch(arch_name)
+    with tempfile.TemporaryDirectory() as temp:
+        data, run_dir = os.path.join(temp, 'data'), os.path.join(temp, 'run')
+        os.makedirs(data)
+        os.makedirs(run_dir)
+        make_images(data, CONFIGS[config]['res'])
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = training_loop(**options(config, arch, r, device, steps, run_dir, data))
+        with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+            last = json.loads(f.readlines()[-1])
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda')
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return dict(config=config, arch=arch, r=r, device=device, batch=state.opts.batch_size, steps=steps,
+                G_params=sum(p.numel() for p in state.G.parameters()),
+                sec_per_kimg=last['Timing/sec_per_kimg']['mean'], peak_mem_gb=peak)
+
+
+def print_table(rows: List[Dict]) -> None:
+    header = ['config', 'arch', 'r', 'device', 'batch', 'steps', 'G params', 'sec/kimg', 'x skip', 'peak mem GB']
+    base = {row['config']: row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
+    table = [header]
+    for row in rows:
+        ratio = row['sec_per_kimg'] / base[row['config']] if row['config'] in base else float('nan')
+        table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['device'],
+                      str(row['batch']), str(row['steps']), f'{row["G_params"]:,}', f'{row["sec_per_kimg"]:.1f}',
+                      f'{ratio:.3f}', f'{row["peak_mem_gb"]:.2f}'])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for i, line in enumerate(table):
+        print('  '.join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        if i == 0:
+            print('  '.join('-' * w for w in widths))
+
+
+@click.command()
+@click.option('--configs', default='tiny', show_default=True, help='Comma list of: ' + ', '.join(CONFIGS))
+@click.option('--archs', default='skip,squeeze-r8', show_default=True, help='Comma list, e.g. skip,squeeze-r4')
+@click.option('--device', default=None, help='cpu or cuda  [default: cuda if available]')
+@click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True, help='Training steps per row')
+@click.option('--json', 'json_path', default=None, help='Also write the rows to this JSON file')
+@click.option('--child', hidden=True, default=None)
+def main(configs, archs, device, steps, json_path, child):
+    """Measure sec/kimg and peak memory of real training steps, stock vs squeeze."""
+    if child is not None:  # Child process: one row, printed as JSON.
+        config, arch_name = child.split(':')
+        print('BENCH-ROW ' + json.dumps(run_one(config, arch_name, device, steps)))
+        return
+    import torch
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rows = []
+    for config in configs.split(','):
+        for arch_name in archs.split(','):
+            print(f'{config} {arch_name}: training {steps} steps on {device}...', file=sys.stderr, flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}', f'--device={device}',
+                   f'--steps={steps}']
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+            lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
+            if out.returncode != 0 or not lines:
+                raise click.ClickException(f'{config} {arch_name} failed:\n{out.stderr[-3000:]}')
+            rows.append(json.loads(lines[-1][len('BENCH-ROW '):]))
+    print_table(rows)
+    print(f'sec/kimg excludes the first step; {os.cpu_count()} CPUs; torch {torch.__version__}.')
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

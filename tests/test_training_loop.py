@@ -1,0 +1,228 @@
+"""training.training_loop on tiny CPU runs: the files of a run, exact resume, two gloo processes staying in
+sync, crash-safe snapshots and the divergence stop."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from dist_utils import spawn
+
+from torch_utils import misc, training_stats
+from training import checkpoint, legacy
+from training.loss import StyleGAN2Loss
+from training.training_loop import AdaController, TrainingDiverged, training_loop
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+BATCH = 8
+
+
+def make_image_folder(root, num_images=24, resolution=16, num_classes=3):
+    """Random RGB images with class labels in dataset.json."""
+    os.makedirs(root, exist_ok=True)
+    rnd = np.random.RandomState(0)
+    labels = []
+    for i in range(num_images):
+        PIL.Image.fromarray((rnd.rand(resolution, resolution, 3) * 255).astype(np.uint8)).save(
+            os.path.join(root, f'img{i:03d}.png'))
+        labels.append([f'img{i:03d}.png', i % num_classes])
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'labels': labels}, f)
+    return str(root)
+
+
+def tiny_options(run_dir, data, architecture='skip', steps=4, steps_per_tick=2, **overrides):
+    synthesis_kwargs = dict(channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=256,
+                            architecture=architecture)
+    if architecture == 'squeeze':
+        synthesis_kwargs['squeeze_r'] = 4
+    opts = dict(
+        run_dir                 = str(run_dir),
+        training_set_kwargs     = dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True,
+                                       max_size=None, xflip=True, resolution=16, random_seed=0),
+        data_loader_kwargs      = dict(pin_memory=False, num_workers=0),
+        G_kwargs                = dict(class_name='training.networks.Generator', z_dim=8, w_dim=8,
+                                       mapping_kwargs=dict(num_layers=2), synthesis_kwargs=synthesis_kwargs),
+        D_kwargs                = dict(class_name='training.networks.Discriminator', channel_base=128, channel_max=16,
+                                       epilogue_kwargs=dict(mbstd_group_size=4)),
+        G_opt_kwargs            = dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
+        D_opt_kwargs            = dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
+        augment_kwargs          = dict(class_name='training.augment.AugmentPipe', xflip=1, rotate90=1, xint=1,
+                                       brightness=1, contrast=1, saturation=1),
+        loss_kwargs             = dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0),
+        batch_size              = BATCH,
+        batch_gpu               = 4,    # Two accumulation rounds per step.
+        ema_kimg                = 0.01,
+        ema_rampup              = 0.05,
+        G_reg_interval          = 2,
+        D_reg_interval          = 2,
+        ada_target              = 0.6,
+        ada_interval            = 2,
+        ada_kimg                = 0.1,  # Large p steps, so that ADA visibly acts within a few steps.
+        total_kimg              = steps * BATCH / 1000,
+        kimg_per_tick           = steps_per_tick * BATCH / 1000,
+        image_snapshot_ticks    = 1,
+        network_snapshot_ticks  = 1,
+        image_grid_max          = (4, 2),
+    )
+    opts.update(overrides)
+    return opts
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+def _train(run_dir, data_dir, **kwargs):
+    os.makedirs(run_dir, exist_ok=True)
+    training_stats.reset()
+    return training_loop(**tiny_options(run_dir, data_dir, **kwargs))
+
+
+@pytest.mark.parametrize('architecture', ['skip', 'squeeze'])
+def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
+    state = _train(tmp_path / 'run', data_dir, architecture=architecture, steps=3, steps_per_tick=2)
+    files = sorted(os.listdir(tmp_path / 'run'))
+    assert files == ['fakes000000.png', 'fakes_init.png', 'network-snapshot-000000.pkl', 'reals.png', 'stats.jsonl',
+                     'training-state.pt']
+    assert state.cur_nimg == 3 * BATCH and state.cur_tick == 2  # Ticks after steps 1 and 3.
+
+    with open(tmp_path / 'run' / 'stats.jsonl') as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 2
+    for line in lines:
+        assert isinstance(line.pop('timestamp'), float)
+        assert {'Loss/G/loss', 'Loss/D/loss', 'Progress/kimg', 'Progress/augment', 'Timing/sec_per_kimg'} <= set(line)
+        assert all(set(value) == {'num', 'mean', 'std'} for value in line.values())
+
+    G = legacy.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.pkl'))
+    assert G.synthesis.architecture == architecture
+    img = G(torch.randn([2, G.z_dim]), torch.eye(3)[:2], noise_mode='const')
+    assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
+    with PIL.Image.open(tmp_path / 'run' / 'reals.png') as reals:
+        assert reals.size == (4 * 16, 2 * 16)
+
+    record = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
+    assert record['progress']['cur_nimg'] == 3 * BATCH
+
+
+def _final_tensors(state):
+    tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
+    tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})
+    tensors['augment_p'] = state.augment_pipe.p.clone()
+    tensors['pl_mean'] = state.loss.pl_mean.clone()
+    return tensors
+
+
+def test_exact_resume(tmp_path, data_dir):
+    # 6 steps straight == 3 steps, stop, resume from the training state, 3 more steps: bitwise on the CPU.
+    # A target below any possible E[sign] makes ADA raise p at once, so the augmentations really run.
+    straight = _train(tmp_path / 'straight', data_dir, architecture='squeeze', steps=6, ada_target=-0.9)
+    first = _train(tmp_path / 'split', data_dir, architecture='squeeze', steps=3, ada_target=-0.9)
+    state_file = checkpoint.find_state_file(str(tmp_path / 'split'))
+    assert state_file is not None
+    assert first.augment_pipe.p.item() > 0  # ADA has moved p: its pending statistics must survive the stop.
+    resumed = _train(tmp_path / 'split', data_dir, architecture='squeeze', steps=6, ada_target=-0.9,
+                     resume_state=state_file)
+    assert resumed.cur_nimg == straight.cur_nimg == 6 * BATCH
+    expected, got = _final_tensors(straight), _final_tensors(resumed)
+    different = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert different == []
+    # And the split really changed something between the halves (the check is not vacuous).
+    assert not torch.equal(_final_tensors(first)['G_ema.synthesis.b16.torgb.weight'],
+                           expected['G_ema.synthesis.b16.torgb.weight'])
+
+
+def test_ada_controller_carries_pending_signs_across_a_flush():
+    # Signs reported before a flush (a tick, a training-state save) count toward the next adjustment.
+    class Pipe:
+        p = torch.zeros([])
+    training_stats.reset()
+    ada = AdaController(Pipe(), target=0.5, interval=2, kimg=1, batch_size=10)
+    training_stats.report('Loss/signs/real', torch.ones(3))
+    ada.step(1)  # Not an adjustment step.
+    ada.flush()
+    assert ada.pending.tolist() == [3, 3, 3]
+    training_stats.report('Loss/signs/real', -torch.ones(1))
+    ada.step(2)  # Mean of all four signs: (3 - 1) / 4 = 0.5, not above the target: p moves down (stays at 0).
+    assert Pipe.p.item() == 0 and ada.pending.tolist() == [0, 0, 0]
+    training_stats.report('Loss/signs/real', torch.ones(2))
+    ada.step(4)
+    assert Pipe.p.item() == pytest.approx(10 * 2 / 1000)
+    training_stats.reset()
+
+
+def test_resume_from_pkl_copies_weights_and_restarts_counters(tmp_path, data_dir):
+    first = _train(tmp_path / 'a', data_dir, steps=1)
+    pkl = str(tmp_path / 'a' / 'network-snapshot-000000.pkl')
+    second = _train(tmp_path / 'b', data_dir, steps=1, resume_pkl=pkl, G_opt_kwargs=dict(
+        class_name='torch.optim.Adam', lr=0.0, betas=(0.0, 0.99), eps=1e-8), ema_kimg=1e9, ema_rampup=None)
+    assert second.cur_nimg == BATCH  # A new run: counters start at zero.
+    # With lr 0 and no EMA movement, G and G_ema keep exactly the resumed weights.
+    assert torch.equal(second.G.synthesis.b16.conv1.weight, first.G.synthesis.b16.conv1.weight)
+    assert torch.equal(second.G_ema.synthesis.b16.conv1.weight, first.G_ema.synthesis.b16.conv1.weight)
+
+
+def test_crash_while_writing_a_snapshot_keeps_the_previous_one(tmp_path, data_dir, monkeypatch):
+    _train(tmp_path / 'run', data_dir, steps=1)
+    path = tmp_path / 'run' / 'network-snapshot-000000.pkl'
+    before = path.read_bytes()
+
+    def crashing_dump(obj, f, *args, **kwargs):
+        f.write(b'\x80\x04partial')
+        raise OSError('disk full (simulated)')
+    monkeypatch.setattr(pickle, 'dump', crashing_dump)
+    with pytest.raises(OSError, match='simulated'):
+        _train(tmp_path / 'run', data_dir, steps=1)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert legacy.load_network(str(path)).z_dim == 8
+    assert [name for name in os.listdir(tmp_path / 'run') if '.tmp-' in name] == []
+
+
+class NaNAfterFirstTickLoss(StyleGAN2Loss):
+    """A loss whose discriminator outputs turn to NaN after the first step (a diverged run)."""
+
+    calls = 0
+
+    def run_D(self, img, c, sync):
+        logits = super().run_D(img, c, sync)
+        NaNAfterFirstTickLoss.calls += 1
+        return logits * float('nan') if NaNAfterFirstTickLoss.calls > 4 else logits
+
+
+def test_nonfinite_losses_stop_training_with_the_last_snapshot_intact(tmp_path, data_dir):
+    NaNAfterFirstTickLoss.calls = 0
+    loss_kwargs = dict(class_name='test_training_loop.NaNAfterFirstTickLoss', r1_gamma=1.0)
+    with pytest.raises(TrainingDiverged, match=r'Training diverged at .* kimg: every Loss/G/loss value'):
+        _train(tmp_path / 'run', data_dir, steps=6, loss_kwargs=loss_kwargs)
+    snapshot = tmp_path / 'run' / 'network-snapshot-000000.pkl'
+    G = legacy.load_network(str(snapshot))  # Written after the first (healthy) tick, not overwritten since.
+    assert all(torch.isfinite(p).all() for p in G.parameters())
+    record = checkpoint.load_training_state(str(tmp_path / 'run' / 'training-state.pt'))
+    assert record['progress']['cur_nimg'] == BATCH
+
+
+def test_metrics_request_gives_a_clear_message(tmp_path, data_dir):
+    with pytest.raises(ValueError, match='--metrics=none'):
+        _train(tmp_path / 'run', data_dir, steps=1, metrics=['fid50k_full'])
+
+
+def _two_rank_worker(rank, world_size, run_dir, data):
+    training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
+    opts = tiny_options(run_dir, data, steps=3, num_gpus=world_size, rank=rank, batch_gpu=2)
+    state = training_loop(device=torch.device('cpu'), **opts)
+    for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+        misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
+    assert state.cur_nimg == 3 * BATCH
+
+
+def test_two_gloo_processes_stay_consistent(tmp_path, data_dir):
+    os.makedirs(tmp_path / 'run')
+    spawn(_two_rank_worker, 2, str(tmp_path / 'run'), data_dir, timeout=300)
+    assert os.path.isfile(tmp_path / 'run' / 'network-snapshot-000000.pkl')

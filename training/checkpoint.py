@@ -1,0 +1,108 @@
+"""Training-state checkpoints: everything needed to continue a run exactly where it stopped.
+
+Network snapshots (`network-snapshot-*.pkl`) hold the networks only; resuming from one restarts the
+counters, the augmentation strength and the optimizer moments (the official behaviour, kept for transfer
+learning). A training state adds what that loses:
+
+    {'format': 'stylegan2-training-state', 'version': 1,
+     'options':  the training_loop kwargs of the run (plain JSON-like values),
+     'progress': {cur_nimg, cur_tick, batch_idx, tick_start_nimg},
+     'networks': {'G', 'D', 'G_ema', 'augment_pipe': state dicts (augment_pipe may be None)},
+     'optimizers': {'G', 'D': optimizer state dicts},
+     'loss': {'pl_mean': tensor},
+     'ada': {'pending': [count, sum, sum of squares] of the D signs not yet used for an update} or None,
+     'rng': {'torch', 'numpy', 'python': generator states}}
+
+It contains only tensors and plain containers, so `torch.load(path, weights_only=True)` reads it without
+running code, and it is written to a temporary file and renamed, so a crash leaves the previous state intact.
+"""
+
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+
+import dnnlib
+
+STATE_FORMAT = 'stylegan2-training-state'
+STATE_VERSION = 1
+STATE_FILE_NAME = 'training-state.pt'   # One per run directory, replaced at every network snapshot.
+
+
+def save_training_state(path: str, state: dict) -> None:
+    """Write a training state atomically; `state` holds the fields of the module docstring except format."""
+    record = dict(format=STATE_FORMAT, version=STATE_VERSION, **state)
+    dnnlib.util.write_atomically(path, lambda f: torch.save(record, f))
+
+
+def load_training_state(path: str) -> dict:
+    """Read and check a training state (weights_only: no code from the file runs)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'No training state at "{path}"')
+    try:
+        record = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for files that are not torch.save archives.
+        raise ValueError(f'"{path}" is not a training state: torch.load(weights_only=True) failed '
+                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
+    if not isinstance(record, dict) or record.get('format') != STATE_FORMAT:
+        raise ValueError(f'"{path}" is not a training state (no format="{STATE_FORMAT}" field); a network '
+                         f'snapshot (.pkl) is resumed with --resume=<pkl> and starts a new run')
+    if record.get('version') != STATE_VERSION:
+        raise ValueError(f'"{path}" has training-state version {record.get("version")!r}; this code reads '
+                         f'version {STATE_VERSION}')
+    missing = [key for key in ('options', 'progress', 'networks', 'optimizers') if key not in record]
+    if missing:
+        raise ValueError(f'"{path}" is a damaged training state: it lacks {", ".join(missing)}')
+    return record
+
+
+def find_state_file(path: str) -> Optional[str]:
+    """The training state that `--resume=path` refers to, or None if `path` is not one.
+
+    A run directory gives its `training-state.pt` (None if it has none); a file is returned if it is a
+    training state. Anything else (a .pkl, a URL, a preset name) is None: it is not ours to resume.
+    """
+    if os.path.isdir(path):
+        candidate = os.path.join(path, STATE_FILE_NAME)
+        return candidate if os.path.isfile(candidate) else None
+    if os.path.isfile(path) and not path.endswith('.pkl'):
+        with open(path, 'rb') as f:
+            if f.read(2) != b'PK':  # torch.save archives are zip files.
+                return None
+        try:
+            load_training_state(path)
+        except ValueError:
+            return None
+        return path
+    return None
+
+
+def read_state_options(state_path: str) -> dict:
+    """The training_loop kwargs stored in a training state."""
+    return load_training_state(state_path)['options']
+
+# ----------------------------------------------------------------------------
+# Random number generators.
+
+
+def capture_rng_state() -> dict:
+    """The states of torch's CPU generator, NumPy's global generator and Python's `random`, as tensors/lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return dict(
+        torch   = torch.get_rng_state(),
+        numpy   = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                       has_gauss=int(has_gauss), cached=float(cached)),
+        python  = dict(version=py_version, state=list(py_state), gauss=py_gauss),
+    )
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    p = state['python']
+    random.setstate((p['version'], tuple(p['state']), p['gauss']))
+

@@ -1,0 +1,624 @@
+"""The StyleGAN2-ADA training loop: `training_loop(**kwargs)`, called once per process by train.py.
+
+Structure: `_setup` builds a `TrainingState` (data, networks, optimizers, phases, augmentation, logs, and
+whatever a resumed run brings back); `_train_step` runs one minibatch through the phases Gmain, Greg, Dmain,
+Dreg (lazy regularization), updates G_ema and the ADA probability; `_maintenance` runs once per tick (status
+line, image grids, snapshots, training state, statistics, divergence check).
+
+Exact resume: every step reseeds the global generators from (random_seed, rank, step), the data stream is a
+pure function of the number of images seen (misc.InfiniteSampler), and the training state stores everything
+else that evolves (networks, optimizer moments, ADA p and its pending statistics, the path-length mean,
+counters). A run resumed from a state therefore continues bitwise like the uninterrupted run on the CPU.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, List, Optional
+
+import numpy as np
+import PIL.Image
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import misc, training_stats
+from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
+from training import checkpoint, legacy
+from training.loss import phase_plan
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced no finite loss values for a whole tick, or non-finite weights."""
+
+# ----------------------------------------------------------------------------
+# Image grids.
+
+
+def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_size=(32, 32)):
+    """(grid_size, images uint8 [N,C,H,W], labels) for reals.png / fakes*.png, as many as fit a 4K canvas.
+
+    Unconditional data: a random selection. Labelled data: one row per label (as far as rows go), so the
+    grid shows what the generator makes of each class.
+    """
+    rnd = np.random.RandomState(random_seed)
+    gw = int(np.clip(7680 // training_set.image_shape[2], 7, max_size[0]))
+    gh = int(np.clip(4320 // training_set.image_shape[1], 4, max_size[1]))
+    if not training_set.has_labels:
+        all_indices = list(range(len(training_set)))
+        rnd.shuffle(all_indices)
+        grid_indices = [all_indices[i % len(all_indices)] for i in range(gw * gh)]
+    else:
+        by_label = dict()
+        for idx in range(len(training_set)):
+            key = tuple(training_set.get_details(idx).raw_label.flat[::-1])
+            by_label.setdefault(key, []).append(idx)
+        keys = sorted(by_label)
+        for key in keys:
+            rnd.shuffle(by_label[key])
+        grid_indices = []
+        for y in range(gh):
+            indices = by_label[keys[y % len(keys)]]
+            grid_indices += [indices[x % len(indices)] for x in range(gw)]
+    images, labels = zip(*[training_set[i] for i in grid_indices], strict=True)
+    return (gw, gh), np.stack(images), np.stack(labels)
+
+
+def save_image_grid(img, fname: str, drange, grid_size) -> None:
+    """Tile [N, C, H, W] images (N = gw * gh) into one PNG, mapping `drange` to 0..255."""
+    lo, hi = drange
+    img = np.asarray(img, dtype=np.float32)
+    img = np.rint((img - lo) * (255 / (hi - lo))).clip(0, 255).astype(np.uint8)
+    gw, gh = grid_size
+    _N, C, H, W = img.shape
+    img = img.reshape(gh, gw, C, H, W).transpose(0, 3, 1, 4, 2).reshape(gh * H, gw * W, C)
+    image = PIL.Image.fromarray(img[:, :, 0], 'L') if C == 1 else PIL.Image.fromarray(img, 'RGB')
+    dnnlib.util.write_atomically(fname, lambda f: image.save(f, format='PNG'))
+
+# ----------------------------------------------------------------------------
+# Adaptive augmentation.
+
+
+class AdaController:
+    """Adjusts the augmentation probability p toward a target overfitting heuristic r_t = E[sign(D(real))]
+    (Karras et al. 2020, Sec. 3): every `interval` steps, p moves by sign(r_t - target) times the number of
+    images seen since the last adjustment over `kimg` thousand, so p can go from 0 to 1 in `kimg` kimg.
+
+    The signs are read from training_stats ('Loss/signs/real', reduced over ranks). `flush()` moves what
+    arrived since the last adjustment into `pending`, which the training state stores, so an interrupted
+    and resumed run adjusts p exactly as the uninterrupted one.
+    """
+
+    def __init__(self, augment_pipe, target: float, interval: int, kimg: float, batch_size: int):
+        self.augment_pipe = augment_pipe
+        self.target = target
+        self.interval = interval
+        self.kimg = kimg
+        self.batch_size = batch_size
+        self.collector = training_stats.Collector(regex='Loss/signs/real', keep_previous=False)
+        self.pending = np.zeros(3)  # count, sum, sum of squares
+
+    def flush(self) -> None:
+        """Take in the signs reported so far (a collective in multi-process runs)."""
+        self.collector.update()
+        if 'Loss/signs/real' in self.collector.names():
+            self.pending += self.collector._get('Loss/signs/real')
+
+    def step(self, batch_idx: int) -> None:
+        if batch_idx % self.interval != 0:
+            return
+        self.flush()
+        count, total = self.pending[0], self.pending[1]
+        self.pending = np.zeros(3)
+        if count == 0:
+            return
+        adjust = np.sign(total / count - self.target) * (self.batch_size * self.interval) / (self.kimg * 1000)
+        p = self.augment_pipe.p
+        p.copy_((p + adjust).clamp(min=0))
+
+# ----------------------------------------------------------------------------
+# The state of a run.
+
+
+@dataclasses.dataclass
+class PhaseRuntime:
+    name:       str
+    module:     torch.nn.Module
+    opt:        torch.optim.Optimizer
+    interval:   int
+
+
+@dataclasses.dataclass
+class TrainingState:
+    opts:               dnnlib.EasyDict     # The training_loop kwargs.
+    device:             torch.device
+    rank:               int
+    training_set:       Any
+    data_iterator:      Any
+    G:                  torch.nn.Module
+    D:                  torch.nn.Module
+    G_ema:              torch.nn.Module
+    augment_pipe:       Optional[torch.nn.Module]
+    loss:               Any
+    phases:             List[PhaseRuntime]
+    ada:                Optional[AdaController]
+    grid_size:          Any = None
+    grid_z:             Any = None
+    grid_c:             Any = None
+    cur_nimg:           int = 0
+    cur_tick:           int = 0
+    batch_idx:          int = 0
+    tick_start_nimg:    int = 0
+    start_time:         float = 0.0
+    tick_start_time:    float = 0.0
+    maintenance_time:   float = 0.0
+    stats_collector:    Any = None
+    health_collector:   Any = None
+    stats_jsonl:        Any = None
+    stats_tfevents:     Any = None
+    last_snapshot:      Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+# ----------------------------------------------------------------------------
+# Setup.
+
+
+def _step_seed(random_seed: int, rank: int, batch_idx: int, purpose: int = 0) -> int:
+    """A seed that depends only on (seed, rank, step): purpose 0 = training steps, 1 = setup."""
+    return int(np.random.SeedSequence([random_seed, rank, batch_idx, purpose]).generate_state(1)[0])
+
+
+def _seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _configure_torch(opts, device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = opts.allow_tf32
+        torch.backends.cudnn.allow_tf32 = opts.allow_tf32
+    # Our conv/grid_sample wrappers: weight gradients can be skipped in the regularization passes.
+    conv2d_gradfix.enabled = True
+    grid_sample_gradfix.enabled = True
+
+
+def _load_data(opts, rank: int, start_nimg: int):
+    training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
+    sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
+                                   seed=opts.random_seed, start_index=start_nimg)
+    loader_kwargs = dict(opts.data_loader_kwargs)
+    if loader_kwargs.get('num_workers', 0) == 0:
+        loader_kwargs.pop('prefetch_factor', None)  # DataLoader rejects it without workers.
+    loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
+                                         batch_size=opts.batch_size // opts.num_gpus, **loader_kwargs)
+    return training_set, iter(loader)
+
+
+def _build_networks(opts, training_set, device):
+    common = dict(c_dim=training_set.label_dim, img_resolution=training_set.resolution,
+                  img_channels=training_set.num_channels)
+    G = dnnlib.util.construct_class_by_name(**opts.G_kwargs, **common).train().requires_grad_(False).to(device)
+    D = dnnlib.util.construct_class_by_name(**opts.D_kwargs, **common).train().requires_grad_(False).to(device)
+    G_ema = copy.deepcopy(G).eval()
+    augment_pipe = None
+    if opts.augment_kwargs is not None:
+        augment_pipe = dnnlib.util.construct_class_by_name(**opts.augment_kwargs).train().requires_grad_(False)
+        augment_pipe = augment_pipe.to(device)
+        augment_pipe.p.copy_(torch.as_tensor(opts.augment_p))
+    return G, D, G_ema, augment_pipe
+
+
+def _resume_from_pkl(state: TrainingState, resume_pkl: str) -> None:
+    """Official --resume: copy weights by name (transfer learning); counters and optimizers start fresh."""
+    state.log(f'Resuming from "{resume_pkl}"')
+    with dnnlib.util.open_url(resume_pkl) as f:
+        resume_data = legacy.load_network_pkl(f)
+    for name in ('G', 'D', 'G_ema'):
+        if name in resume_data:
+            misc.copy_params_and_buffers(resume_data[name], getattr(state, name), require_all=False)
+
+
+def _distribute(state: TrainingState):
+    """Wrap the trained modules in DDP and make every rank start from rank 0's weights."""
+    opts = state.opts
+    modules = dict(G_mapping=state.G.mapping, G_synthesis=state.G.synthesis, D=state.D)
+    if opts.num_gpus == 1:
+        return modules
+    for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+        if module is not None:
+            for tensor in misc.params_and_buffers(module):
+                torch.distributed.broadcast(tensor, src=0)
+    device_ids = [state.device] if state.device.type == 'cuda' else None
+    for name, module in list(modules.items()):
+        module.requires_grad_(True)
+        modules[name] = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                                  broadcast_buffers=False)
+        module.requires_grad_(False)
+    return modules
+
+
+def _build_phases(opts, G, D) -> List[PhaseRuntime]:
+    phases = []
+    for name, module, opt_kwargs, reg_interval in (('G', G, opts.G_opt_kwargs, opts.G_reg_interval),
+                                                   ('D', D, opts.D_opt_kwargs, opts.D_reg_interval)):
+        plan = phase_plan(name, reg_interval, opt_kwargs)
+        opt_kwargs = dict(plan[0].opt_kwargs)
+        opt_kwargs['betas'] = tuple(float(b) for b in opt_kwargs.get('betas', (0.0, 0.99)))
+        opt = dnnlib.util.construct_class_by_name(params=module.parameters(), **opt_kwargs)
+        phases += [PhaseRuntime(phase.name, module, opt, phase.interval) for phase in plan]
+    return phases
+
+
+def _setup(opts, rank: int, device: torch.device) -> TrainingState:
+    resume_record = checkpoint.load_training_state(opts.resume_state) if opts.resume_state else None
+    progress = resume_record['progress'] if resume_record else dict(cur_nimg=0, cur_tick=0, batch_idx=0,
+                                                                     tick_start_nimg=0)
+    _seed_everything(_step_seed(opts.random_seed, rank, 0, purpose=1))
+    _configure_torch(opts, device)
+    training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'])
+    G, D, G_ema, augment_pipe = _build_networks(opts, training_set, device)
+    state = TrainingState(opts=opts, device=device, rank=rank, training_set=training_set,
+                          data_iterator=data_iterator, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe,
+                          loss=None, phases=[], ada=None)
+    if rank == 0:
+        _print_setup(state)
+    if opts.resume_pkl is not None and resume_record is None and rank == 0:
+        _resume_from_pkl(state, opts.resume_pkl)
+
+    ddp_modules = _distribute(state)
+    state.loss = dnnlib.util.construct_class_by_name(device=device, augment_pipe=augment_pipe, **ddp_modules,
+                                                     **opts.loss_kwargs)
+    state.phases = _build_phases(opts, G, D)
+    if opts.ada_target is not None and augment_pipe is not None:
+        state.ada = AdaController(augment_pipe, opts.ada_target, opts.ada_interval, opts.ada_kimg, opts.batch_size)
+    if resume_record is not None:
+        _restore_state(state, resume_record)
+    _setup_logs(state)
+    return state
+
+
+def _print_setup(state: TrainingState) -> None:
+    ts = state.training_set
+    print(f'Training data: {ts.name}, {len(ts)} images, shape {list(ts.image_shape)}, label dim {ts.label_dim}')
+    print(f'Generator: {sum(p.numel() for p in state.G.parameters()):,} parameters, '
+          f'num_ws {state.G.num_ws}, architecture {getattr(state.G.synthesis, "architecture", "?")}')
+    print(f'Discriminator: {sum(p.numel() for p in state.D.parameters()):,} parameters')
+    print(f'Device: {state.device}, processes: {state.opts.num_gpus}', flush=True)
+
+# ----------------------------------------------------------------------------
+# Training state (exact resume).
+
+
+def _state_record(state: TrainingState) -> dict:
+    opts_plain = legacy.to_plain(dict(state.opts), 'options')
+    return dict(
+        options     = opts_plain,
+        progress    = dict(cur_nimg=state.cur_nimg, cur_tick=state.cur_tick, batch_idx=state.batch_idx,
+                           tick_start_nimg=state.tick_start_nimg),
+        networks    = {name: (module.state_dict() if module is not None else None) for name, module in
+                       (('G', state.G), ('D', state.D), ('G_ema', state.G_ema), ('augment_pipe', state.augment_pipe))},
+        optimizers  = {phase.name[0]: phase.opt.state_dict() for phase in state.phases},
+        loss        = dict(pl_mean=getattr(state.loss, 'pl_mean', torch.zeros([])).detach().cpu()),
+        ada         = dict(pending=[float(v) for v in state.ada.pending]) if state.ada is not None else None,
+        rng         = checkpoint.capture_rng_state(),
+    )
+
+
+def _restore_state(state: TrainingState, record: dict) -> None:
+    for name in ('G', 'D', 'G_ema', 'augment_pipe'):
+        module, saved = getattr(state, name), record['networks'].get(name)
+        if (module is None) != (saved is None):
+            raise ValueError(f'The training state and the options disagree about {name} (present in one only)')
+        if module is not None:
+            module.load_state_dict(saved, strict=True)
+    for phase in state.phases:
+        if phase.interval == 1 or phase.name.endswith('both'):  # One optimizer per network.
+            phase.opt.load_state_dict(record['optimizers'][phase.name[0]])
+    if hasattr(state.loss, 'pl_mean'):
+        state.loss.pl_mean.copy_(record['loss']['pl_mean'])
+    if state.ada is not None and record.get('ada') is not None:
+        state.ada.pending = np.asarray(record['ada']['pending'], dtype=np.float64)
+    checkpoint.restore_rng_state(record['rng'])
+    progress = record['progress']
+    state.cur_nimg = progress['cur_nimg']
+    state.cur_tick = progress['cur_tick'] + 1  # The saved tick was complete.
+    state.batch_idx = progress['batch_idx']
+    state.tick_start_nimg = progress['cur_nimg']
+    state.log(f'Resumed the training state at {state.cur_nimg / 1000:.1f} kimg (tick {progress["cur_tick"]})')
+
+# ----------------------------------------------------------------------------
+# Logs and grids.
+
+
+def _setup_logs(state: TrainingState) -> None:
+    opts = state.opts
+    state.stats_collector = training_stats.Collector(regex='.*')
+    state.health_collector = training_stats.Collector(regex=r'Loss/(G|D)/loss', keep_previous=False)
+    if not state.is_main:
+        return
+    state.stats_jsonl = open(os.path.join(opts.run_dir, 'stats.jsonl'), 'at')
+    try:
+        import torch.utils.tensorboard as tensorboard
+        state.stats_tfevents = tensorboard.SummaryWriter(opts.run_dir)
+    except ImportError:
+        state.stats_tfevents = None  # TensorBoard is optional: stats.jsonl has everything.
+    grid_size, images, labels = setup_snapshot_image_grid(state.training_set, opts.random_seed,
+                                                          max_size=tuple(opts.image_grid_max))
+    state.grid_size = grid_size
+    state.grid_z = torch.randn([labels.shape[0], state.G.z_dim], device=state.device,
+                               generator=torch.Generator(state.device).manual_seed(opts.random_seed))
+    state.grid_c = torch.from_numpy(labels).to(state.device)
+    if opts.resume_state is None:
+        save_image_grid(images, os.path.join(opts.run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size)
+        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, 'fakes_init.png'), drange=[-1, 1],
+                        grid_size=grid_size)
+
+
+@torch.no_grad()
+def _grid_fakes(state: TrainingState) -> np.ndarray:
+    batch = max(state.opts.batch_gpu, 1)
+    images = [state.G_ema(z=z, c=c, noise_mode='const').cpu()
+              for z, c in zip(state.grid_z.split(batch), state.grid_c.split(batch), strict=True)]
+    return torch.cat(images).numpy()
+
+# ----------------------------------------------------------------------------
+# One training step.
+
+
+def _fetch_batch(state: TrainingState):
+    opts = state.opts
+    real_img, real_c = next(state.data_iterator)
+    real_img = (real_img.to(state.device).to(torch.float32) / 127.5 - 1).split(opts.batch_gpu)
+    real_c = real_c.to(state.device).split(opts.batch_gpu)
+    num_phases = len(state.phases)
+    gen_z = torch.randn([num_phases * opts.batch_size, state.G.z_dim], device=state.device)
+    gen_z = [z.split(opts.batch_gpu) for z in gen_z.split(opts.batch_size)]
+    ts = state.training_set
+    gen_c = [ts.get_label(np.random.randint(len(ts))) for _ in range(num_phases * opts.batch_size)]
+    gen_c = torch.from_numpy(np.stack(gen_c)).to(state.device)
+    gen_c = [c.split(opts.batch_gpu) for c in gen_c.split(opts.batch_size)]
+    return real_img, real_c, gen_z, gen_c
+
+
+def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_z, gen_c) -> None:
+    opts = state.opts
+    num_rounds = opts.batch_size // (opts.batch_gpu * opts.num_gpus)
+    phase.opt.zero_grad(set_to_none=True)
+    phase.module.requires_grad_(True)
+    rounds = zip(real_img, real_c, gen_z, gen_c, strict=False)
+    for round_idx, (r_img, r_c, g_z, g_c) in enumerate(rounds):
+        state.loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, gen_z=g_z, gen_c=g_c,
+                                        sync=(round_idx == num_rounds - 1), gain=phase.interval)
+    phase.module.requires_grad_(False)
+    with torch.autograd.profiler.record_function(phase.name + '_opt'):
+        for param in phase.module.parameters():
+            if param.grad is not None:
+                # One bad batch (an fp16 overflow, say) must not poison the weights: zero NaNs, bound Infs.
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        phase.opt.step()
+
+
+@torch.no_grad()
+def _update_ema(state: TrainingState) -> None:
+    opts = state.opts
+    ema_nimg = opts.ema_kimg * 1000
+    if opts.ema_rampup is not None:
+        ema_nimg = min(ema_nimg, state.cur_nimg * opts.ema_rampup)
+    ema_beta = 0.5 ** (opts.batch_size / max(ema_nimg, 1e-8))
+    for p_ema, p in zip(state.G_ema.parameters(), state.G.parameters(), strict=True):
+        p_ema.copy_(p.lerp(p_ema, ema_beta))
+    for b_ema, b in zip(state.G_ema.buffers(), state.G.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def _train_step(state: TrainingState) -> None:
+    _seed_everything(_step_seed(state.opts.random_seed, state.rank, state.batch_idx))
+    with torch.autograd.profiler.record_function('data_fetch'):
+        real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(state)
+    for phase, gen_z, gen_c in zip(state.phases, all_gen_z, all_gen_c, strict=True):
+        if state.batch_idx % phase.interval == 0:
+            _run_phase(state, phase, real_img, real_c, gen_z, gen_c)
+    _update_ema(state)
+    state.cur_nimg += state.opts.batch_size
+    state.batch_idx += 1
+    if state.ada is not None:
+        state.ada.step(state.batch_idx)
+
+# ----------------------------------------------------------------------------
+# Maintenance, once per tick.
+
+
+def _report_progress(state: TrainingState, tick_end_time: float) -> str:
+    tick_time = tick_end_time - state.tick_start_time
+    tick_kimg = (state.cur_nimg - state.tick_start_nimg) / 1000
+    cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2 ** 30
+    gpu_mem = torch.cuda.max_memory_allocated(state.device) / 2 ** 30 if state.device.type == 'cuda' else 0.0
+    augment_p = float(state.augment_pipe.p.cpu()) if state.augment_pipe is not None else 0.0
+    fields = [
+        ('tick', training_stats.report0('Progress/tick', state.cur_tick), '{:<5d}'),
+        ('kimg', training_stats.report0('Progress/kimg', state.cur_nimg / 1000), '{:<8.1f}'),
+        ('time', dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - state.start_time)), '{:<12s}'),
+        ('sec/tick', training_stats.report0('Timing/sec_per_tick', tick_time), '{:<7.1f}'),
+        ('sec/kimg', training_stats.report0('Timing/sec_per_kimg', tick_time / max(tick_kimg, 1e-8)), '{:<7.2f}'),
+        ('maintenance', training_stats.report0('Timing/maintenance_sec', state.maintenance_time), '{:<6.1f}'),
+        ('cpumem', training_stats.report0('Resources/cpu_mem_gb', cpu_mem), '{:<6.2f}'),
+        ('gpumem', training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem), '{:<6.2f}'),
+        ('augment', training_stats.report0('Progress/augment', augment_p), '{:.3f}'),
+    ]
+    training_stats.report0('Timing/total_hours', (tick_end_time - state.start_time) / 3600)
+    if state.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(state.device)
+    return ' '.join(f'{name} {fmt.format(value)}' for name, value, fmt in fields).rstrip()
+
+
+def _check_health(state: TrainingState) -> None:
+    """Stop with a clear message when a whole tick produced no finite G or D loss value."""
+    state.health_collector.update()
+    for name in ('Loss/G/loss', 'Loss/D/loss'):
+        if name in state.health_collector.names() and state.health_collector.num(name) == 0:
+            raise TrainingDiverged(_divergence_message(state, f'every {name} value of the last tick was NaN or Inf'))
+    for net_name in ('G', 'D'):
+        if not all(torch.isfinite(p).all() for p in getattr(state, net_name).parameters()):
+            raise TrainingDiverged(_divergence_message(state, f'{net_name} has non-finite weights'))
+
+
+def _divergence_message(state: TrainingState, what: str) -> str:
+    last = state.last_snapshot or 'none was written'
+    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg: {what}. Nothing was written for this tick; '
+            f'the last good snapshot is {last}. Try a lower learning rate, a larger --gamma, or --fp32.')
+
+
+def _save_snapshots(state: TrainingState, done: bool) -> None:
+    opts = state.opts
+    kimg = state.cur_nimg // 1000
+    if state.is_main and opts.image_snapshot_ticks and (done or state.cur_tick % opts.image_snapshot_ticks == 0):
+        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{kimg:06d}.png'), drange=[-1, 1],
+                        grid_size=state.grid_size)
+    if not (opts.network_snapshot_ticks and (done or state.cur_tick % opts.network_snapshot_ticks == 0)):
+        return
+    snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
+    for name in ('G', 'D', 'G_ema', 'augment_pipe'):
+        module = getattr(state, name)
+        if module is not None:
+            if opts.num_gpus > 1:
+                misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
+            module = copy.deepcopy(module).eval().requires_grad_(False).cpu()
+        snapshot[name] = module
+    if state.is_main:
+        path = os.path.join(opts.run_dir, f'network-snapshot-{kimg:06d}.pkl')
+        legacy.save_network_pkl(snapshot, path)
+        checkpoint.save_training_state(os.path.join(opts.run_dir, checkpoint.STATE_FILE_NAME), _state_record(state))
+        state.last_snapshot = path
+
+
+def _write_stats(state: TrainingState) -> None:
+    state.stats_collector.update()
+    if not state.is_main:
+        return
+    stats = state.stats_collector.as_dict()
+    timestamp = time.time()
+    state.stats_jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+    state.stats_jsonl.flush()
+    if state.stats_tfevents is not None:
+        global_step = int(state.cur_nimg / 1e3)
+        walltime = timestamp - state.start_time
+        for name, value in stats.items():
+            state.stats_tfevents.add_scalar(name, value.mean, global_step=global_step, walltime=walltime)
+        state.stats_tfevents.flush()
+
+
+def _maintenance(state: TrainingState, done: bool) -> None:
+    tick_end_time = time.time()
+    status = _report_progress(state, tick_end_time)
+    state.log(status)
+    _check_health(state)
+    if state.ada is not None:
+        # Move the pending D signs into the ADA controller, so that the training state written below holds
+        # them. A collective; every tick, so the flush points of a straight and a resumed run are the same.
+        state.ada.flush()
+    _save_snapshots(state, done)
+    _write_stats(state)
+    state.cur_tick += 1
+    state.tick_start_nimg = state.cur_nimg
+    state.tick_start_time = time.time()
+    state.maintenance_time = state.tick_start_time - tick_end_time
+
+# ----------------------------------------------------------------------------
+
+
+def training_loop(
+    run_dir                 = '.',      # Output directory.
+    training_set_kwargs     = None,     # Options for the training set.
+    data_loader_kwargs      = None,     # Options for torch.utils.data.DataLoader.
+    G_kwargs                = None,     # Options for the generator network.
+    D_kwargs                = None,     # Options for the discriminator network.
+    G_opt_kwargs            = None,     # Options for the generator optimizer.
+    D_opt_kwargs            = None,     # Options for the discriminator optimizer.
+    augment_kwargs          = None,     # Options for the augmentation pipeline, None = disable.
+    loss_kwargs             = None,     # Options for the loss function.
+    metrics                 = (),       # Metrics to evaluate at snapshots.
+    random_seed             = 0,        # Global random seed.
+    num_gpus                = 1,        # Number of processes taking part.
+    rank                    = 0,        # Rank of this process in [0, num_gpus).
+    batch_size              = 4,        # Total batch size for one training iteration (all processes).
+    batch_gpu               = 4,        # Images per process per round (gradient accumulation below batch_size).
+    ema_kimg                = 10,       # Half-life of the G_ema weights, in kimg.
+    ema_rampup              = None,     # EMA ramp-up: half-life at most cur_nimg * ema_rampup, None = off.
+    G_reg_interval          = 4,        # Lazy path-length regularization every N steps, None = with Gmain.
+    D_reg_interval          = 16,       # Lazy R1 every N steps, None = with Dmain.
+    augment_p               = 0,        # Initial augmentation probability.
+    ada_target              = None,     # ADA target for E[sign(D(real))], None = fixed p.
+    ada_interval            = 4,        # Adjust p every N steps.
+    ada_kimg                = 500,      # p can go from 0 to 1 in this many kimg.
+    total_kimg              = 25000,    # Length of the training, in kimg.
+    kimg_per_tick           = 4,        # Progress line and maintenance every N kimg.
+    image_snapshot_ticks    = 50,       # Image grid every N ticks, None = never.
+    network_snapshot_ticks  = 50,       # Network snapshot and training state every N ticks, None = never.
+    resume_pkl              = None,     # Network snapshot to copy weights from (new run, fresh counters).
+    resume_state            = None,     # Training state to continue exactly (training-state.pt).
+    cudnn_benchmark         = True,     # torch.backends.cudnn.benchmark.
+    allow_tf32              = False,    # TF32 matmuls and convolutions on Ampere and newer.
+    abort_fn                = None,     # Callable: stop training when it returns True.
+    progress_fn             = None,     # Callable(cur_kimg, total_kimg) called once per tick.
+    device                  = None,     # torch.device; None = cuda:rank if CUDA is available, else cpu.
+    image_grid_max          = (32, 32), # Largest grid of reals.png / fakes*.png (columns, rows).
+) -> 'TrainingState':
+    """Train; returns the final state (networks, counters), which tests inspect."""
+    opts = dnnlib.EasyDict({k: v for k, v in locals().items() if k not in ('abort_fn', 'progress_fn')})
+    for key in ('training_set_kwargs', 'data_loader_kwargs', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs',
+                'D_opt_kwargs', 'loss_kwargs'):
+        opts[key] = dnnlib.EasyDict(opts[key] or {})
+    opts.metrics = list(metrics)
+    _check_options(opts)
+    if device is None:
+        device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
+    opts.device = None  # Not part of the recorded options; a resumed run may use another device.
+    state = _setup(opts, rank, torch.device(device))
+    _run(state, abort_fn, progress_fn)
+    return state
+
+
+def _check_options(opts) -> None:
+    if opts.batch_size % (opts.batch_gpu * opts.num_gpus) != 0:
+        raise ValueError(f'batch_size ({opts.batch_size}) must be a multiple of batch_gpu * num_gpus '
+                         f'({opts.batch_gpu} * {opts.num_gpus})')
+    if opts.metrics:
+        # Metrics arrive with the metrics package (a later stage); until then a request must not fail hours in.
+        raise ValueError(f'Metrics are not available yet in this code base (requested: {", ".join(opts.metrics)}); '
+                         f'run with --metrics=none')
+
+
+def _run(state: TrainingState, abort_fn: Optional[Callable], progress_fn: Optional[Callable]) -> None:
+    opts = state.opts
+    state.log(f'Training for {opts.total_kimg} kimg...')
+    state.start_time = state.tick_start_time = time.time()
+    if progress_fn is not None:
+        progress_fn(state.cur_nimg // 1000, opts.total_kimg)
+    while True:
+        _train_step(state)
+        done = state.cur_nimg >= opts.total_kimg * 1000
+        if not done and state.cur_tick != 0 and state.cur_nimg < state.tick_start_nimg + opts.kimg_per_tick * 1000:
+            continue
+        if abort_fn is not None and abort_fn():
+            done = True
+            state.log('Aborting...')
+        _maintenance(state, done)
+        if progress_fn is not None:
+            progress_fn(state.cur_nimg // 1000, opts.total_kimg)
+        if done:
+            break
+    if state.is_main:
+        state.stats_jsonl.close()
+        if state.stats_tfevents is not None:
+            state.stats_tfevents.close()
+    state.log('Exiting...')
