@@ -1,0 +1,992 @@
+"""Train a StyleGAN2-ADA generator, stock or with the image squeeze connection (`--arch=squeeze`).
+
+Examples:
+
+    # Preview the options of a run without touching the disk:
+    python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256 --arch=squeeze --dry-run
+
+    # Train the squeeze generator on FFHQ 256x256 with 8 GPUs:
+    python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256 --mirror=1 --gpus=8 --arch=squeeze --squeeze-r=8
+
+    # Continue that run where it stopped, in the same directory with the same options, now up to 30000 kimg:
+    python train.py --resume=runs/00003-ffhq256-mirror-paper256-squeeze-r8 --kimg=30000
+
+    # Fine-tune from an official snapshot (a new run that starts from its weights):
+    python train.py --outdir=runs --data=afhqcat.zip --cfg=paper512 --resume=ffhq512 --aug=ada --target=0.7
+
+    # Several processes: `--gpus=N` spawns them here, or let torchrun start them (also across nodes):
+    torchrun --nproc_per_node=4 train.py --outdir=runs --data=ffhq256.zip --cfg=paper256
+
+Structure. `setup_training_options(**opts)` is a pure function from command-line values to
+`(run_desc, args)`: `args` is the kwargs tree of `training.training_loop.training_loop`, with `class_name`
+strings that the loop resolves through `dnnlib.util.construct_class_by_name`. It is written whole to
+`<run_dir>/training_options.json` and printed by `--dry-run`. An option the user did not give is passed as
+None (or left out) and takes its value from `DEFAULTS`, so the builder also knows what was given explicitly;
+`main` passes only the options whose click parameter source is not the default. Presets are the table
+`PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`).
+
+Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`). The pieces, in order:
+    <dataset name>
+    -cond                   --cond=1
+    -subset<N>              --subset=N
+    -mirror                 --mirror=1
+    -<cfg>                  always; `auto` is written with the number of processes: -auto1, -auto8
+                            (--gpus=0 is one CPU process: -auto1)
+    -<arch>                 --arch other than skip: -orig, -resnet, -squeeze
+    -r<r>                   --arch=squeeze (always, default 8): -squeeze-r8
+    -noblend                --squeeze-noblend=1
+    -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
+    -gamma<g:g>             --gamma given
+    -kimg<k>                --kimg given
+    -batch<b>               --batch given
+    -<aug>                  --aug given explicitly (even --aug=ada), as the official script does
+    -p<p:g>                 --p given
+    -target<t:g>            --target given
+    -<augpipe>              --augpipe given explicitly (even --augpipe=bgc)
+    -noresume               --resume=noresume
+    -resume<name>           --resume=<preset>, e.g. -resumeffhq256
+    -resumecustom           --resume=<.pkl path or URL>
+    -freezed<n>             --freezed=n
+Everything else (--gpus, --snap, --metrics, --seed, --workers, --fp32, --nhwc, --nobench, --allow-tf32,
+--device) leaves the description unchanged. Example: `00000-fakedata-paper256-squeeze-r8`.
+
+Resuming. `--resume` takes one of three kinds of value:
+- a preset name (`ffhq256`, ...), a URL, or a `.pkl` path: a new run that starts from those weights (the
+  official meaning): `resume_pkl` is set, `ema_rampup = None` and `ada_kimg = 100`, as the official script does;
+- a run directory holding `training-state.pt`, or such a file itself: the same run continues in its own
+  directory from the full training state (`resume_state`), with the options stored in the state. Only
+  `--kimg`, `--snap`, `--metrics`, `--workers` and `--gpus` (a divisor of the stored batch) may change; other
+  options are ignored with a warning.
+
+Processes. `--gpus=N` runs N processes (one per CUDA device; `torch.multiprocessing.spawn` for N > 1, the
+ranks meeting through a file in a temporary directory). `--gpus=0` is one CPU process; `--device=cpu` runs the
+N processes on the CPU with the gloo backend. Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT set) every process builds the same options, the group forms through `env://`, rank 0 creates the
+run directory and sends its path to the others. Any process count works, not only powers of two.
+"""
+
+import copy
+import datetime
+import json
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+
+import click
+import torch
+
+import dnnlib
+from training.networks import SYNTHESIS_BLOCKS
+
+# ----------------------------------------------------------------------------
+# Constants: presets, defaults, names.
+
+
+class Preset(NamedTuple):
+    """One row of the preset table (the official `--cfg` values)."""
+    ref_gpus:   int             # Number of GPUs the preset was tuned for; batch_gpu = mb // ref_gpus.
+    kimg:       int             # Training length in thousands of real images shown to D.
+    mb:         int             # Total minibatch size.
+    mbstd:      int             # Minibatch-std group size of D.
+    fmaps:      float           # Capacity: channel_base = fmaps * 32768.
+    lrate:      float           # Adam learning rate of G and D.
+    gamma:      float           # R1 weight.
+    ema:        float           # Half-life of G_ema in kimg.
+    ramp:       Optional[float] # EMA ramp-up (fraction of images seen), None = off.
+    map:        int             # Number of mapping-network layers.
+    loss:       Mapping[str, Any] = {}  # Extra loss_kwargs.
+    D:          Mapping[str, Any] = {}  # Extra D_kwargs.
+
+
+PRESETS = {
+    'stylegan2': Preset(8, 25000,  32,  4, 1.0, 0.002,  10.0,   10.0, None, 8),
+    'paper256':  Preset(8, 25000,  64,  8, 0.5, 0.0025, 1.0,    20.0, None, 8),
+    'paper512':  Preset(8, 25000,  64,  8, 1.0, 0.0025, 0.5,    20.0, None, 8),
+    'paper1024': Preset(8, 25000,  32,  4, 1.0, 0.002,  2.0,    10.0, None, 8),
+    'cifar':     Preset(2, 100000, 64, 32, 1.0, 0.0025, 0.01,  500.0, 0.05, 2,
+                        loss=dict(pl_weight=0, style_mixing_prob=0), D=dict(architecture='orig')),
+}
+CFG_NAMES = ('auto',) + tuple(PRESETS)
+
+# Official transfer-learning sources for `--resume=<name>`.
+_RESUME_URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/transfer-learning-source-nets/'
+RESUME_PRESETS = {
+    'ffhq256':      _RESUME_URL_BASE + 'ffhq-res256-mirror-paper256-noaug.pkl',
+    'ffhq512':      _RESUME_URL_BASE + 'ffhq-res512-mirror-stylegan2-noaug.pkl',
+    'ffhq1024':     _RESUME_URL_BASE + 'ffhq-res1024-mirror-stylegan2-noaug.pkl',
+    'celebahq256':  _RESUME_URL_BASE + 'celebahq-res256-mirror-paper256-kimg100000-ada-target0.5.pkl',
+    'lsundog256':   _RESUME_URL_BASE + 'lsundog-res256-paper256-kimg100000-noaug.pkl',
+}
+
+# The augmentation presets of `training/augment.py` (AUGPIPE_SPECS holds their parameters).
+AUGPIPE_NAMES = ('blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc')
+AUG_MODES = ('ada', 'noaug', 'fixed')
+SQUEEZE_TORGB_SOURCES = ('squeeze', 'conv0', 'excite')
+DEVICES = ('auto', 'cuda', 'cpu')
+
+# The value of every option that the user did not give. click shows these as the defaults.
+DEFAULTS = dict(
+    gpus            = 1,
+    device          = 'auto',
+    snap            = 50,
+    metrics         = 'fid50k_full',
+    seed            = 0,
+    cond            = False,
+    mirror          = False,
+    cfg             = 'auto',
+    aug             = 'ada',
+    target          = 0.6,
+    augpipe         = 'bgc',
+    fp32            = False,
+    nhwc            = False,
+    nobench         = False,
+    allow_tf32      = False,
+    workers         = 3,
+    arch            = 'skip',
+    squeeze_r       = 8,
+    squeeze_noblend = False,
+    squeeze_torgb   = 'squeeze',
+)
+
+# Options that may change when a training state is resumed; every other option is fixed by the state.
+STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus')
+# Options that choose how to launch, not what to train: never reported as ignored.
+_LAUNCH_OPTIONS = ('resume', 'device', 'distributed')
+
+# training_loop arguments that differ between the processes of one run; never part of the stored options.
+_PER_PROCESS_KEYS = ('rank', 'device')
+
+SQUEEZE_OPTIONS = ('squeeze_r', 'squeeze_noblend', 'squeeze_torgb')
+TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+STATE_FILE_NAME = 'training-state.pt'
+OPTIONS_FILE_NAME = 'training_options.json'
+DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
+
+# A collective that waits longer than this ends the process group (and so the run) instead of hanging.
+# It must cover the longest stretch one rank may spend alone: writing a snapshot, a slow data-loader start.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=15)
+
+# ----------------------------------------------------------------------------
+# Errors and small helpers.
+
+
+class UserError(click.ClickException):
+    """A problem with the command line or the data; click prints 'Error: <message>' without a traceback."""
+
+
+def _warn(message: str) -> None:
+    click.echo(f'warn: {message}', err=True)
+
+
+def _to_easydict(obj: Any) -> Any:
+    """Nested dicts (e.g. read back from JSON or a state file) as nested EasyDicts."""
+    if isinstance(obj, dict):
+        return dnnlib.EasyDict({key: _to_easydict(value) for key, value in obj.items()})
+    if isinstance(obj, list):
+        return [_to_easydict(value) for value in obj]
+    return obj
+
+
+def parse_metrics(value: Union[None, str, Sequence[str]]) -> List[str]:
+    """'fid50k_full,kid50k_full' -> ['fid50k_full', 'kid50k_full']; 'none' -> []. A list passes through."""
+    if value is None:
+        value = DEFAULTS['metrics']
+    names = value.split(',') if isinstance(value, str) else list(value)
+    names = [name.strip() for name in names if name.strip()]
+    if names == ['none']:
+        return []
+    if 'none' in names:
+        raise UserError('--metrics: "none" cannot be combined with metric names')
+    return names
+
+
+def _metrics_callback(_ctx, _param, value):
+    try:
+        return parse_metrics(value)
+    except UserError as e:
+        raise click.BadParameter(e.message) from None
+
+
+# ----------------------------------------------------------------------------
+# Hooks into modules that other parts of the project provide. Each is one small function, so that the
+# builder stays importable while a module is missing and tests can replace the hook (monkeypatch).
+
+
+def _optional_module(name: str) -> Any:
+    """Import module `name`, or None when it (or its package) does not exist. Other import errors propagate."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + '.')):
+            return None
+        raise
+
+
+def _metric_registry() -> Any:
+    """`metrics.metric_main` (with is_valid_metric / list_valid_metrics), or None while it does not exist."""
+    return _optional_module('metrics.metric_main')
+
+
+def _augpipe_specs() -> Optional[Mapping[str, Mapping[str, Any]]]:
+    """`training.augment.AUGPIPE_SPECS` (preset name -> AugmentPipe kwargs), or None while it does not exist."""
+    module = _optional_module('training.augment')
+    return None if module is None else module.AUGPIPE_SPECS
+
+
+def _checkpoint_module() -> Any:
+    """`training.checkpoint` (find_state_file, read_state_options), or None while it does not exist."""
+    return _optional_module('training.checkpoint')
+
+
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
+    """Open the dataset once and return what the options depend on: name, resolution, has_labels, size.
+
+    Tests replace this function with a stand-in, so that option trees can be built without image files.
+    """
+    try:
+        dataset = dnnlib.util.construct_class_by_name(**training_set_kwargs)
+    except ImportError as e:
+        raise UserError(f'--data: cannot load the dataset class {training_set_kwargs["class_name"]}: {e}') from None
+    except (OSError, ValueError) as e:
+        raise UserError(f'--data: {e}') from None
+    try:
+        return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
+                               size=len(dataset))
+    finally:
+        if hasattr(dataset, 'close'):
+            dataset.close()
+
+
+# ----------------------------------------------------------------------------
+# Devices and processes.
+
+
+def distributed_env(environ: Mapping[str, str]) -> Optional[Dict[str, Any]]:
+    """The torchrun rendezvous described by `environ`, or None when this process was not started that way.
+
+    Returns dict(rank, world_size, local_rank, master_addr, master_port). MASTER_ADDR / MASTER_PORT alone do
+    not count (they are often exported for other reasons); once RANK, WORLD_SIZE or LOCAL_RANK is set, all
+    five variables must be present and valid.
+    """
+    if not any(name in environ for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')):
+        return None
+    missing = [name for name in TORCHRUN_VARS if not environ.get(name)]
+    if missing:
+        raise UserError(f'Incomplete torchrun environment: {", ".join(missing)} not set (a distributed run needs '
+                        f'all of {", ".join(TORCHRUN_VARS)})')
+    values = {}
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT'):
+        try:
+            values[name] = int(environ[name])
+        except ValueError:
+            raise UserError(f'Environment variable {name}={environ[name]!r} is not an integer') from None
+    if values['WORLD_SIZE'] < 1 or not 0 <= values['RANK'] < values['WORLD_SIZE'] or values['LOCAL_RANK'] < 0:
+        raise UserError(f'Inconsistent torchrun environment: RANK={values["RANK"]}, '
+                        f'WORLD_SIZE={values["WORLD_SIZE"]}, LOCAL_RANK={values["LOCAL_RANK"]}')
+    return dict(rank=values['RANK'], world_size=values['WORLD_SIZE'], local_rank=values['LOCAL_RANK'],
+                master_addr=environ['MASTER_ADDR'], master_port=values['MASTER_PORT'])
+
+
+def resolve_launch(
+    gpus:           Optional[int] = None,               # --gpus; None = default (1). 0 = one CPU process.
+    device:         Optional[str] = None,               # --device: auto, cuda or cpu; None = auto.
+    distributed:    Optional[Mapping[str, Any]] = None, # distributed_env() of a torchrun process, or None.
+) -> dnnlib.EasyDict:
+    """How many processes train and on what: EasyDict(num_gpus, device_type). Raises UserError on a mismatch.
+
+    `num_gpus` keeps the training loop's name but counts processes, whatever their device.
+    """
+    device = device or DEFAULTS['device']
+    if device not in DEVICES:
+        raise UserError(f'--device must be one of {", ".join(DEVICES)}; got {device!r}')
+    if distributed is not None:
+        world_size = distributed['world_size']
+        if gpus is not None and gpus != world_size:
+            raise UserError(f'--gpus={gpus} disagrees with torchrun (WORLD_SIZE={world_size}); leave --gpus out '
+                            f'when torchrun starts the processes')
+        num_gpus, local_needed = world_size, distributed['local_rank'] + 1
+    else:
+        gpus = DEFAULTS['gpus'] if gpus is None else gpus
+        if gpus < 0:
+            raise UserError(f'--gpus must be at least 0, got {gpus}')
+        if gpus == 0:
+            if device == 'cuda':
+                raise UserError('--gpus=0 means one CPU process, which contradicts --device=cuda')
+            return dnnlib.EasyDict(num_gpus=1, device_type='cpu')
+        num_gpus = local_needed = gpus
+    if device == 'cpu':
+        return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cpu')
+
+    visible = _cuda_device_count()
+    if visible == 0:
+        if device == 'cuda':
+            raise UserError('--device=cuda, but PyTorch sees no CUDA device')
+        request = f'WORLD_SIZE={num_gpus} (torchrun)' if distributed is not None else f'--gpus={num_gpus}'
+        raise UserError(f'{request} asks for CUDA, but PyTorch sees no CUDA device; use --gpus=0 to train in one '
+                        f'CPU process, or --device=cpu to run {num_gpus} process(es) on the CPU')
+    if local_needed > visible:
+        raise UserError(f'{local_needed} CUDA devices needed on this machine, but only {visible} visible; '
+                        f'lower --gpus (any count works)')
+    return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cuda')
+
+
+def _split_batch(batch_size: int, batch_gpu: int, num_gpus: int, mbstd: Optional[int], hint: str) -> None:
+    """Check that `batch_size` splits into rounds of `batch_gpu` images on each of `num_gpus` processes."""
+    if batch_size % num_gpus != 0:
+        raise UserError(f'The batch size ({batch_size}) must be a multiple of the number of GPUs ({num_gpus}); '
+                        f'{hint}')
+    if batch_gpu < 1 or batch_size % (batch_gpu * num_gpus) != 0:
+        raise UserError(f'The batch size ({batch_size}) must be a multiple of {num_gpus} GPU(s) x {batch_gpu} '
+                        f'images per GPU; {hint}')
+    if mbstd is not None and batch_gpu % min(mbstd, batch_gpu) != 0:
+        raise UserError(f'The minibatch-std group of D ({mbstd}) must divide the per-GPU batch ({batch_gpu}); '
+                        f'{hint}')
+
+
+# ----------------------------------------------------------------------------
+# The option builder.
+
+
+def auto_preset(resolution: int, num_gpus: int) -> Preset:
+    """The official `--cfg=auto` formulas: a preset scaled to the resolution and the number of processes."""
+    mb = max(min(num_gpus * min(4096 // resolution, 32), 64), num_gpus)
+    return Preset(
+        ref_gpus    = num_gpus,
+        kimg        = 25000,
+        mb          = mb,
+        mbstd       = min(mb // num_gpus, 4),
+        fmaps       = 1 if resolution >= 512 else 0.5,
+        lrate       = 0.002 if resolution >= 1024 else 0.0025,
+        gamma       = 0.0002 * (resolution ** 2) / mb,
+        ema         = mb * 10 / 32,
+        ramp        = 0.05,
+        map         = 2,
+    )
+
+
+def _validate_metrics(metrics: List[str]) -> None:
+    if not metrics:
+        return
+    registry = _metric_registry()
+    if registry is None:
+        raise UserError(f'--metrics: metrics are not available yet (metrics/metric_main.py is missing), so '
+                        f'{", ".join(metrics)} cannot be computed; pass --metrics=none')
+    for name in metrics:
+        if not registry.is_valid_metric(name):
+            raise UserError(f'--metrics: unknown metric {name!r}; valid choices: '
+                            f'{", ".join(registry.list_valid_metrics())} (or none)')
+
+
+def _find_state_file(resume: str) -> Optional[str]:
+    """The training-state file that `--resume` names, or None when it names a snapshot (.pkl, URL, preset)."""
+    if resume in RESUME_PRESETS or resume == 'noresume' or dnnlib.util.is_url(resume, allow_file_urls=True):
+        return None
+    if not os.path.exists(resume):
+        raise UserError(f'--resume: "{resume}" does not exist (expected a preset ({", ".join(RESUME_PRESETS)}), '
+                        f'a URL, a .pkl snapshot, a run directory or a {STATE_FILE_NAME} file)')
+    is_dir = os.path.isdir(resume)
+    if not is_dir and resume.lower().endswith('.pkl'):
+        return None
+    checkpoint = _checkpoint_module()
+    if checkpoint is None:
+        raise UserError(f'--resume: resuming a training state ("{resume}") needs training/checkpoint.py, which is '
+                        f'not available yet; pass a .pkl snapshot instead')
+    state_path = checkpoint.find_state_file(resume)
+    if state_path is None:
+        if is_dir:
+            raise UserError(f'--resume: the directory "{resume}" holds no {STATE_FILE_NAME}')
+        raise UserError(f'--resume: "{resume}" is neither a .pkl snapshot nor a training-state file')
+    return state_path
+
+
+def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
+    """Options of a run that continues from its training state (see the module docstring)."""
+    checkpoint = _checkpoint_module()
+    try:
+        stored = checkpoint.read_state_options(state_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f'--resume: cannot read the options stored in "{state_path}": {e}') from None
+    missing = [key for key in ('batch_size', 'batch_gpu', 'num_gpus', 'total_kimg', 'data_loader_kwargs')
+               if not isinstance(stored, Mapping) or key not in stored]
+    if missing:
+        raise UserError(f'--resume: the options stored in "{state_path}" lack {", ".join(missing)}')
+    args = _to_easydict(copy.deepcopy(dict(stored)))
+    # The launcher gives each process its rank and device; a state may have recorded the values of the process
+    # that wrote it.
+    for key in _PER_PROCESS_KEYS:
+        args.pop(key, None)
+
+    ignored = [name for name in given if name not in STATE_OVERRIDES and name not in _LAUNCH_OPTIONS]
+    if ignored:
+        flags = ', '.join('--' + name.replace('_', '-') for name in ignored)
+        _warn(f'{flags} ignored: a resumed training state keeps its own options (only '
+              f'{", ".join("--" + name for name in STATE_OVERRIDES)} may change)')
+
+    if given.get('kimg') is not None:
+        if given['kimg'] < 1:
+            raise UserError(f'--kimg must be at least 1, got {given["kimg"]}')
+        args.total_kimg = given['kimg']
+    if given.get('snap') is not None:
+        if given['snap'] < 1:
+            raise UserError(f'--snap must be at least 1, got {given["snap"]}')
+        args.image_snapshot_ticks = args.network_snapshot_ticks = given['snap']
+    if given.get('metrics') is not None:
+        args.metrics = parse_metrics(given['metrics'])
+        _validate_metrics(args.metrics)
+    if given.get('workers') is not None:
+        args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
+
+    # Without --gpus the stored process count stays (under torchrun, its world size decides).
+    gpus = given.get('gpus')
+    if gpus is None and given.get('distributed') is None:
+        gpus = args.num_gpus
+    launch = resolve_launch(gpus, given.get('device'), given.get('distributed'))
+    if launch.num_gpus != args.num_gpus:
+        # Keep the stored per-GPU batch where it still splits the batch evenly, so that each forward pass
+        # sees the same number of images as before; otherwise give each process an equal share.
+        batch_gpu = args.batch_gpu
+        if args.batch_size % (batch_gpu * launch.num_gpus) != 0:
+            batch_gpu = args.batch_size // launch.num_gpus
+        mbstd = args.get('D_kwargs', {}).get('epilogue_kwargs', {}).get('mbstd_group_size')
+        _split_batch(args.batch_size, batch_gpu, launch.num_gpus, mbstd,
+                     hint=f'the resumed run has batch {args.batch_size}: choose --gpus to divide it')
+        args.num_gpus, args.batch_gpu = launch.num_gpus, batch_gpu
+
+    # The state holds every weight; the snapshot the run once started from has done its job.
+    args.resume_pkl = None
+    args.resume_state = os.path.abspath(state_path)
+    args.run_dir = os.path.dirname(os.path.abspath(state_path))
+    run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
+    return run_desc, args, launch
+
+
+def _data_loader_kwargs(workers: int, base: Optional[Mapping[str, Any]] = None) -> dnnlib.EasyDict:
+    if workers < 0:
+        raise UserError(f'--workers must be at least 0, got {workers}')
+    kwargs = dnnlib.EasyDict(base or dict(pin_memory=True))
+    kwargs.num_workers = workers
+    kwargs.pop('prefetch_factor', None)
+    if workers > 0:
+        kwargs.prefetch_factor = 2  # DataLoader rejects prefetch_factor when there are no worker processes.
+    return kwargs
+
+
+def build_training_plan(
+    data:               Optional[str] = None,       # --data: dataset folder or .zip.
+    gpus:               Optional[int] = None,       # --gpus: number of processes, 0 = one CPU process.
+    device:             Optional[str] = None,       # --device: auto, cuda or cpu.
+    distributed:        Optional[dict] = None,      # distributed_env() under torchrun, else None.
+    snap:               Optional[int] = None,       # --snap: snapshot interval in ticks.
+    metrics:            Any = None,                 # --metrics: list or comma-separated string, 'none' = [].
+    seed:               Optional[int] = None,       # --seed: random seed.
+    cond:               Optional[bool] = None,      # --cond: train with the dataset's labels.
+    subset:             Optional[int] = None,       # --subset: train on this many images.
+    mirror:             Optional[bool] = None,      # --mirror: add x-flipped images.
+    cfg:                Optional[str] = None,       # --cfg: preset name or auto.
+    gamma:              Optional[float] = None,     # --gamma: R1 weight override.
+    kimg:               Optional[int] = None,       # --kimg: training length override.
+    batch:              Optional[int] = None,       # --batch: total batch size override.
+    aug:                Optional[str] = None,       # --aug: ada, noaug or fixed.
+    p:                  Optional[float] = None,     # --p: augmentation probability for --aug=fixed.
+    target:             Optional[float] = None,     # --target: ADA target for --aug=ada.
+    augpipe:            Optional[str] = None,       # --augpipe: augmentation preset.
+    resume:             Optional[str] = None,       # --resume: preset, URL, .pkl, run dir or training state.
+    freezed:            Optional[int] = None,       # --freezed: number of frozen D layers.
+    fp32:               Optional[bool] = None,      # --fp32: no mixed precision.
+    nhwc:               Optional[bool] = None,      # --nhwc: channels-last for fp16 layers.
+    nobench:            Optional[bool] = None,      # --nobench: no cuDNN benchmarking.
+    allow_tf32:         Optional[bool] = None,      # --allow-tf32: allow TF32 matmul / convolutions.
+    workers:            Optional[int] = None,       # --workers: DataLoader worker processes.
+    arch:               Optional[str] = None,       # --arch: synthesis block type (SYNTHESIS_BLOCKS).
+    squeeze_r:          Optional[int] = None,       # --squeeze-r: squeeze ratio r (arch=squeeze).
+    squeeze_noblend:    Optional[bool] = None,      # --squeeze-noblend: ablation, f_o = f_e.
+    squeeze_torgb:      Optional[str] = None,       # --squeeze-torgb: ablation, toRGB input.
+) -> tuple:
+    """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type))."""
+    given = {name: value for name, value in locals().items() if value is not None}
+    opts = dnnlib.EasyDict({**DEFAULTS, **given})
+
+    # A training state continues its own run; nothing below applies to it.
+    state_path = _find_state_file(resume) if resume is not None else None
+    if state_path is not None:
+        return _continue_state(state_path, given)
+
+    launch = resolve_launch(gpus, device, distributed)
+    num_gpus = launch.num_gpus
+    args = dnnlib.EasyDict(
+        training_set_kwargs     = None,
+        data_loader_kwargs      = _data_loader_kwargs(opts.workers),
+        G_kwargs                = None,
+        D_kwargs                = None,
+        G_opt_kwargs            = None,
+        D_opt_kwargs            = None,
+        augment_kwargs          = None,
+        loss_kwargs             = None,
+        metrics                 = parse_metrics(opts.metrics),
+        random_seed             = opts.seed,
+        num_gpus                = num_gpus,
+        batch_size              = None,
+        batch_gpu               = None,
+        ema_kimg                = None,
+        ema_rampup              = None,
+        G_reg_interval          = 4,
+        D_reg_interval          = 16,
+        augment_p               = 0.0,
+        ada_target              = None,
+        ada_kimg                = 500,
+        total_kimg              = None,
+        kimg_per_tick           = 4,
+        image_snapshot_ticks    = opts.snap,
+        network_snapshot_ticks  = opts.snap,
+        resume_pkl              = None,
+        resume_state            = None,
+        cudnn_benchmark         = not opts.nobench,
+        allow_tf32              = bool(opts.allow_tf32),
+    )
+    if opts.snap < 1:
+        raise UserError(f'--snap must be at least 1, got {opts.snap}')
+    _validate_metrics(args.metrics)
+
+    # Dataset.
+    if data is None:
+        raise UserError('--data is required: a dataset folder or .zip archive (see dataset_tool.py)')
+    args.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data,
+                                               use_labels=True, max_size=None, xflip=False, resolution=None,
+                                               random_seed=opts.seed)
+    info = inspect_dataset(args.training_set_kwargs)
+    res = info.resolution
+    if not isinstance(res, int) or res < 4 or res & (res - 1) != 0:
+        raise UserError(f'--data: the images of "{data}" are {res}x{res}; training needs a power of two '
+                        f'(at least 4), e.g. 256 (dataset_tool.py can resize)')
+    args.training_set_kwargs.resolution = res
+    args.training_set_kwargs.max_size = info.size
+    desc = info.name
+    if opts.cond:
+        if not info.has_labels:
+            raise UserError(f'--cond=1 needs labels, but "{data}" has none (dataset.json with "labels")')
+        desc += '-cond'
+    args.training_set_kwargs.use_labels = bool(opts.cond)
+    if subset is not None:
+        if not 1 <= subset <= info.size:
+            raise UserError(f'--subset must be between 1 and the dataset size ({info.size}), got {subset}')
+        desc += f'-subset{subset}'
+        args.training_set_kwargs.max_size = subset
+    if opts.mirror:
+        desc += '-mirror'
+        args.training_set_kwargs.xflip = True
+
+    # Preset.
+    if opts.cfg == 'auto':
+        spec = auto_preset(res, num_gpus)
+        desc += f'-auto{num_gpus}'
+    elif opts.cfg in PRESETS:
+        spec = PRESETS[opts.cfg]
+        desc += f'-{opts.cfg}'
+    else:
+        raise UserError(f'--cfg: unknown preset {opts.cfg!r}; valid choices: {", ".join(CFG_NAMES)}')
+
+    # Synthesis architecture and the squeeze-block ablations.
+    if opts.arch not in SYNTHESIS_BLOCKS:
+        raise UserError(f'--arch: unknown architecture {opts.arch!r}; valid choices: {", ".join(SYNTHESIS_BLOCKS)}')
+    synthesis_kwargs = dnnlib.EasyDict(channel_base=int(spec.fmaps * 32768), channel_max=512, num_fp16_res=4,
+                                       conv_clamp=256, architecture=opts.arch)
+    if opts.arch != DEFAULTS['arch']:
+        desc += f'-{opts.arch}'
+    if opts.arch == 'squeeze':
+        if opts.squeeze_torgb not in SQUEEZE_TORGB_SOURCES:
+            raise UserError(f'--squeeze-torgb must be one of {", ".join(SQUEEZE_TORGB_SOURCES)}; '
+                            f'got {opts.squeeze_torgb!r}')
+        if not isinstance(opts.squeeze_r, int) or opts.squeeze_r < 1:
+            raise UserError(f'--squeeze-r must be a positive integer, got {opts.squeeze_r!r}')
+        synthesis_kwargs.squeeze_r = opts.squeeze_r
+        synthesis_kwargs.squeeze_blend = not opts.squeeze_noblend
+        synthesis_kwargs.squeeze_torgb = opts.squeeze_torgb
+        desc += f'-r{opts.squeeze_r}'
+        if opts.squeeze_noblend:
+            desc += '-noblend'
+        if opts.squeeze_torgb != DEFAULTS['squeeze_torgb']:
+            desc += f'-torgb{opts.squeeze_torgb}'
+    else:
+        for name in SQUEEZE_OPTIONS:
+            if name in given:
+                raise UserError(f'--{name.replace("_", "-")} applies only to --arch=squeeze (got --arch={opts.arch})')
+
+    args.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
+                                    mapping_kwargs=dnnlib.EasyDict(num_layers=spec.map),
+                                    synthesis_kwargs=synthesis_kwargs)
+    args.D_kwargs = dnnlib.EasyDict(class_name='training.networks.Discriminator',
+                                    channel_base=int(spec.fmaps * 32768), channel_max=512, num_fp16_res=4,
+                                    conv_clamp=256, block_kwargs=dnnlib.EasyDict(), mapping_kwargs=dnnlib.EasyDict(),
+                                    epilogue_kwargs=dnnlib.EasyDict(mbstd_group_size=spec.mbstd), **spec.D)
+    args.G_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8)
+    args.D_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8)
+    args.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.StyleGAN2Loss', r1_gamma=spec.gamma, **spec.loss)
+    args.total_kimg = spec.kimg
+    args.batch_size = spec.mb
+    # Presets fix the per-GPU batch for their reference GPU count; with more processes each gets a share.
+    args.batch_gpu = spec.mb // max(spec.ref_gpus, num_gpus)
+    args.ema_kimg = spec.ema
+    args.ema_rampup = spec.ramp
+
+    # Explicit overrides of the preset.
+    if gamma is not None:
+        if gamma < 0:
+            raise UserError(f'--gamma must be non-negative, got {gamma:g}')
+        desc += f'-gamma{gamma:g}'
+        args.loss_kwargs.r1_gamma = gamma
+    if kimg is not None:
+        if kimg < 1:
+            raise UserError(f'--kimg must be at least 1, got {kimg}')
+        desc += f'-kimg{kimg:d}'
+        args.total_kimg = kimg
+    if batch is not None:
+        if batch < 1:
+            raise UserError(f'--batch must be at least 1, got {batch}')
+        if batch % num_gpus != 0:
+            raise UserError(f'--batch={batch} must be a multiple of the number of GPUs ({num_gpus})')
+        desc += f'-batch{batch}'
+        args.batch_size = batch
+        args.batch_gpu = batch // num_gpus
+    _split_batch(args.batch_size, args.batch_gpu, num_gpus, spec.mbstd,
+                 hint='choose --batch (a multiple of --gpus) or another --gpus')
+
+    # Augmentation.
+    if opts.aug not in AUG_MODES:
+        raise UserError(f'--aug must be one of {", ".join(AUG_MODES)}; got {opts.aug!r}')
+    if aug is not None:
+        desc += f'-{aug}'
+    if opts.aug == 'fixed' and p is None:
+        raise UserError('--aug=fixed requires --p (the fixed augmentation probability)')
+    if p is not None:
+        if opts.aug != 'fixed':
+            raise UserError('--p can only be given with --aug=fixed')
+        if not 0 <= p <= 1:
+            raise UserError(f'--p must be between 0 and 1, got {p:g}')
+        desc += f'-p{p:g}'
+        args.augment_p = float(p)
+    if target is not None:
+        if opts.aug != 'ada':
+            raise UserError('--target can only be given with --aug=ada')
+        if not 0 <= target <= 1:
+            raise UserError(f'--target must be between 0 and 1, got {target:g}')
+        desc += f'-target{target:g}'
+    if opts.aug == 'ada':
+        args.ada_target = float(opts.target)
+    if augpipe is not None:
+        if opts.aug == 'noaug':
+            raise UserError('--augpipe cannot be given with --aug=noaug')
+        desc += f'-{augpipe}'
+    if opts.aug != 'noaug':
+        if opts.augpipe not in AUGPIPE_NAMES:
+            raise UserError(f'--augpipe must be one of {", ".join(AUGPIPE_NAMES)}; got {opts.augpipe!r}')
+        specs = _augpipe_specs()
+        if specs is None:
+            raise UserError(f'--aug={opts.aug} needs training/augment.py, which is not available yet; '
+                            f'pass --aug=noaug')
+        args.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **specs[opts.augpipe])
+
+    # Transfer learning from a snapshot: a new run that starts from its weights.
+    if resume == 'noresume':
+        desc += '-noresume'
+    elif resume in RESUME_PRESETS:
+        desc += f'-resume{resume}'
+        args.resume_pkl = RESUME_PRESETS[resume]
+    elif resume is not None:
+        desc += '-resumecustom'
+        args.resume_pkl = resume
+    if args.resume_pkl is not None:
+        args.ada_kimg = 100      # Let ADA react faster at the start of a transfer.
+        args.ema_rampup = None   # The loaded G_ema is already a good average.
+
+    if freezed is not None:
+        if freezed < 0:
+            raise UserError(f'--freezed must be non-negative, got {freezed}')
+        desc += f'-freezed{freezed:d}'
+        args.D_kwargs.block_kwargs.freeze_layers = freezed
+
+    # Performance switches: not part of the description.
+    if opts.fp32:
+        args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
+        args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
+    if opts.nhwc:
+        args.G_kwargs.synthesis_kwargs.fp16_channels_last = args.D_kwargs.block_kwargs.fp16_channels_last = True
+
+    return desc, args, launch
+
+
+def setup_training_options(**opts) -> tuple:
+    """Command-line values -> (run_desc, args) where `training_loop(run_dir=..., **args)` trains.
+
+    Keywords are the option names of `build_training_plan` (the click option names with '_' for '-'); one
+    left out or None takes its value from DEFAULTS. Raises UserError for inconsistent options.
+    """
+    run_desc, args, _launch = build_training_plan(**opts)
+    return run_desc, args
+
+
+# ----------------------------------------------------------------------------
+# Run directories.
+
+
+def next_run_dir(outdir: str, run_desc: str) -> str:
+    """`<outdir>/<NNNNN>-<run_desc>`, numbered one past the largest numeric prefix already in `outdir`."""
+    run_ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.match(r'^(\d+)', name)
+            if match is not None and os.path.isdir(os.path.join(outdir, name)):
+                run_ids.append(int(match.group(1)))
+    run_id = max(run_ids, default=-1) + 1
+    return os.path.join(outdir, f'{run_id:05d}-{run_desc}')
+
+
+def write_options(args: Mapping[str, Any], run_dir: str) -> str:
+    """Write `training_options.json` (through a temporary file, so a crash never leaves half of it)."""
+    path = os.path.join(run_dir, OPTIONS_FILE_NAME)
+    tmp_path = path + '.tmp'
+    with open(tmp_path, 'w') as f:
+        json.dump(args, f, indent=2)
+        f.write('\n')
+    os.replace(tmp_path, path)
+    return path
+
+
+def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> str:
+    """Create the run directory of a new run (or check that of a resumed state), set args.run_dir, write options."""
+    if args.get('run_dir') is not None:
+        if not os.path.isdir(args.run_dir):
+            raise UserError(f'The run directory "{args.run_dir}" of the resumed state does not exist')
+    else:
+        if outdir is None:
+            raise UserError('--outdir is required: the directory that receives the run directory')
+        os.makedirs(outdir, exist_ok=True)
+        args.run_dir = next_run_dir(outdir, run_desc)
+        try:
+            os.makedirs(args.run_dir, exist_ok=False)
+        except FileExistsError:
+            raise UserError(f'The run directory "{args.run_dir}" already exists; refusing to overwrite it') from None
+    write_options(args, args.run_dir)
+    return args.run_dir
+
+
+def describe(args: Mapping[str, Any], run_dir: str, device_type: str) -> str:
+    """The options tree as JSON plus a short summary (what --dry-run prints and a real run logs)."""
+    data = args.get('training_set_kwargs') or {}
+    synthesis = (args.get('G_kwargs') or {}).get('synthesis_kwargs') or {}
+    lines = [
+        'Training options:',
+        json.dumps(args, indent=2),
+        '',
+        f'Output directory:   {run_dir}',
+        f'Training data:      {data.get("path")}',
+        f'Training duration:  {args.get("total_kimg")} kimg',
+        f'Processes:          {args.get("num_gpus")} ({device_type})',
+        f'Batch:              {args.get("batch_size")} ({args.get("batch_gpu")} per process and round)',
+        f'Image resolution:   {data.get("resolution")}',
+        f'Conditional model:  {data.get("use_labels")}',
+        f'Dataset x-flips:    {data.get("xflip")}',
+        f'Synthesis blocks:   {synthesis.get("architecture", "skip")}',
+    ]
+    if args.get('resume_state'):
+        lines.append(f'Resuming state:     {args["resume_state"]}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Launching.
+
+
+def _rank_device(device_type: str, local_rank: int) -> torch.device:
+    return torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
+
+
+def _init_process_group(rank: int, world_size: int, device: torch.device, init_method: str) -> None:
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
+                                         init_method=init_method, rank=rank, world_size=world_size,
+                                         timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch.device, loop: str) -> None:
+    """One process of a run whose process group (if any) is ready: logging, statistics, the training loop."""
+    from torch_utils import custom_ops, training_stats
+
+    logger = None
+    if rank == 0:
+        logger = dnnlib.util.Logger(file_name=os.path.join(args['run_dir'], 'log.txt'), file_mode='a',
+                                    should_flush=True)
+    else:
+        custom_ops.verbosity = 'none'  # One message per plugin build is enough.
+    try:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        training_stats.init_multiprocessing(rank=rank, sync_device=device if world_size > 1 else None)
+        training_loop = dnnlib.util.get_obj_by_name(loop)
+        training_loop(rank=rank, device=device, **args)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_type: str, init_file: str,
+                  loop: str) -> None:
+    """Entry point of a process started by torch.multiprocessing.spawn."""
+    device = _rank_device(device_type, rank)
+    if device.type == 'cpu':
+        # CPU ranks share the cores; each using all of them only slows every one down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    _init_process_group(rank, world_size, device, f'file://{init_file}')
+    try:
+        _run_rank(rank, world_size, args, device, loop)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP) -> None:
+    """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
+
+    One process runs here; more are spawned, meeting through a file in a fresh temporary directory. If one
+    rank raises, torch.multiprocessing.spawn terminates the others and raises here. `loop` is a dotted name
+    (spawned processes import it), so tests can substitute a small function.
+    """
+    assert args.get('run_dir') is not None, 'launch_training() needs args.run_dir'
+    world_size = args['num_gpus']
+    if world_size == 1:
+        _run_rank(0, 1, args, _rank_device(device_type, 0), loop)
+        return
+    with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
+        init_file = os.path.abspath(os.path.join(temp_dir, '.torch_distributed_init'))
+        torch.multiprocessing.spawn(fn=_spawned_rank, args=(world_size, args, device_type, init_file, loop),
+                                    nprocs=world_size, join=True)
+
+
+def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
+                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> None:
+    """This process's share of a torchrun launch: rank 0 prepares the run directory and shares its path."""
+    rank, world_size = dist['rank'], dist['world_size']
+    device = _rank_device(device_type, dist['local_rank'])
+    if world_size == 1:
+        prepare_run_dir(args, outdir, run_desc)
+        _run_rank(0, 1, args, device, loop)
+        return
+    _init_process_group(rank, world_size, device, 'env://')
+    try:
+        message = [None, None]  # [run_dir, error]: every rank learns whether rank 0 succeeded.
+        if rank == 0:
+            try:
+                message[0] = prepare_run_dir(args, outdir, run_desc)
+            except (UserError, OSError) as e:
+                message[1] = e.message if isinstance(e, UserError) else str(e)
+        torch.distributed.broadcast_object_list(message, src=0)
+        if message[1] is not None:
+            raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
+        args.run_dir = message[0]
+        _run_rank(rank, world_size, args, device, loop)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _bool_option(*names: str, help: str):
+    """A boolean option that accepts --name, --name=1, --name=true, --name=0, ... (the official spelling is =1)."""
+    return click.option(*names, type=bool, metavar='BOOL', is_flag=False, flag_value=True,
+                        default=DEFAULTS[names[0].lstrip('-').replace('-', '_')], show_default=True, help=help)
+
+
+@click.command()
+@click.pass_context
+# General options.
+@click.option('--outdir', type=click.Path(file_okay=False), help='Where to make the run directory (new runs)')
+@click.option('--gpus', type=click.IntRange(min=0), default=DEFAULTS['gpus'], show_default=True,
+              help='Number of processes (GPUs); 0 = train on the CPU')
+@click.option('--device', type=click.Choice(DEVICES), default=DEFAULTS['device'], show_default=True,
+              help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
+@click.option('--snap', type=click.IntRange(min=1), default=DEFAULTS['snap'], show_default=True,
+              help='Ticks between image and network snapshots')
+@click.option('--metrics', callback=_metrics_callback, default=DEFAULTS['metrics'], show_default=True,
+              help='Comma-separated list of metrics, or "none"')
+@click.option('--seed', type=click.IntRange(min=0, max=2 ** 32 - 1), default=DEFAULTS['seed'], show_default=True,
+              help='Random seed')
+@click.option('-n', '--dry-run', is_flag=True, help='Show the options tree and the run directory; create nothing')
+# Dataset.
+@click.option('--data', help='Dataset folder or .zip (as dataset_tool.py writes them)')
+@_bool_option('--cond', help='Condition G and D on the dataset labels (dataset.json)')
+@click.option('--subset', type=click.IntRange(min=1), help='Use only this many images, drawn at random with --seed')
+@_bool_option('--mirror', help='Also train on left-right mirrored copies')
+# Base configuration.
+@click.option('--cfg', type=click.Choice(CFG_NAMES), default=DEFAULTS['cfg'], show_default=True,
+              help='Preset (batch, learning rate, gamma, capacity, ...)')
+@click.option('--gamma', type=click.FloatRange(min=0), help='R1 weight gamma (replaces the preset value)')
+@click.option('--kimg', type=click.IntRange(min=1), help='Training length in kimg (replaces the preset value)')
+@click.option('--batch', type=click.IntRange(min=1), help='Total batch over all processes (replaces the preset value)')
+@click.option('--arch', type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'], show_default=True,
+              help='Generator synthesis block')
+@click.option('--squeeze-r', type=click.IntRange(min=1), default=DEFAULTS['squeeze_r'], show_default=True,
+              help='Squeeze ratio r (--arch=squeeze)')
+@_bool_option('--squeeze-noblend', help='Ablation: no feature blending, pass f_e on (--arch=squeeze)')
+@click.option('--squeeze-torgb', type=click.Choice(SQUEEZE_TORGB_SOURCES), default=DEFAULTS['squeeze_torgb'],
+              show_default=True, help='Ablation: the features toRGB reads (--arch=squeeze)')
+# Augmentation.
+@click.option('--aug', type=click.Choice(AUG_MODES), default=DEFAULTS['aug'], show_default=True,
+              help='ada: adaptive p; fixed: constant --p; noaug: none')
+@click.option('--p', type=click.FloatRange(min=0, max=1), help='The constant probability of --aug=fixed')
+@click.option('--target', type=click.FloatRange(min=0, max=1), default=DEFAULTS['target'], show_default=True,
+              help='Overfitting heuristic r_t that --aug=ada steers towards')
+@click.option('--augpipe', type=click.Choice(AUGPIPE_NAMES), default=DEFAULTS['augpipe'], show_default=True,
+              help='Which transforms the augmentation applies (preset name)')
+# Transfer learning and resuming.
+@click.option('--resume', help=f'Start from a snapshot ({", ".join(RESUME_PRESETS)}, .pkl path or URL), or '
+              f'continue a run (its directory or {STATE_FILE_NAME})')
+@click.option('--freezed', type=click.IntRange(min=0), help='Keep the D layers below this index fixed (transfer learning)')
+# Performance.
+@_bool_option('--fp32', help='Float32 everywhere: no fp16 layers, no activation clamping')
+@_bool_option('--nhwc', help='Channels-last memory format for the fp16 layers')
+@_bool_option('--nobench', help='Do not let cuDNN time its algorithms (cudnn.benchmark off)')
+@_bool_option('--allow-tf32', help='Let matmuls and convolutions run in TF32 on recent GPUs')
+@click.option('--workers', type=click.IntRange(min=0), default=DEFAULTS['workers'], show_default=True,
+              help='Data-loading worker processes per training process')
+def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) -> None:
+    """Train a StyleGAN2-ADA generator (stock blocks or the image squeeze connection).
+
+    The run goes to <outdir>/<NNNNN>-<description>/ (training_options.json, log.txt, images, snapshots,
+    statistics). See the docstring of train.py for the run description and the resume rules.
+    """
+    source = click.core.ParameterSource
+    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) != source.DEFAULT}
+    dist = distributed_env(os.environ)
+    run_desc, args, launch = build_training_plan(distributed=dist, **given)
+    is_resumed_state = args.get('resume_state') is not None
+    if is_resumed_state and outdir is not None:
+        _warn('--outdir ignored: a resumed training state continues in its own directory')
+    is_main = dist is None or dist['rank'] == 0
+
+    if dry_run:
+        if is_main:
+            run_dir = args.run_dir if is_resumed_state else next_run_dir(outdir or '<outdir>', run_desc)
+            click.echo(describe(args, run_dir, launch.device_type))
+            click.echo('\nDry run; exiting.')
+        return
+
+    if dist is not None:
+        launch_torchrun(args, outdir, run_desc, launch.device_type, dist)
+        return
+    run_dir = prepare_run_dir(args, outdir, run_desc)
+    click.echo(describe(args, run_dir, launch.device_type))
+    click.echo('\nLaunching processes...')
+    launch_training(args, launch.device_type)
+
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
