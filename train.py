@@ -36,6 +36,8 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
     -r<r>                   --arch=squeeze (always, default 8): -squeeze-r8
     -noblend                --squeeze-noblend=1
     -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
+    -cbase<n> -cmax<n>      --cbase, --cmax given (network capacity)
+    -map<n>                 --map given
     -gamma<g:g>             --gamma given
     -kimg<k>                --kimg given
     -batch<b>               --batch given
@@ -47,7 +49,7 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
     -resume<name>           --resume=<preset>, e.g. -resumeffhq256
     -resumecustom           --resume=<.pkl path or URL>
     -freezed<n>             --freezed=n
-Everything else (--gpus, --snap, --metrics, --seed, --workers, --fp32, --nhwc, --nobench, --allow-tf32,
+Everything else (--gpus, --snap, --tick, --metrics, --seed, --workers, --fp32, --nhwc, --nobench, --allow-tf32,
 --device) leaves the description unchanged. Example: `00000-fakedata-paper256-squeeze-r8`.
 
 Resuming. `--resume` takes one of three kinds of value:
@@ -55,7 +57,7 @@ Resuming. `--resume` takes one of three kinds of value:
   official meaning): `resume_pkl` is set, `ema_rampup = None` and `ada_kimg = 100`, as the official script does;
 - a run directory holding `training-state.pt`, or such a file itself: the same run continues in its own
   directory from the full training state (`resume_state`), with the options stored in the state. Only
-  `--kimg`, `--snap`, `--metrics`, `--workers` and `--gpus` (a divisor of the stored batch) may change; other
+  `--kimg`, `--snap`, `--tick`, `--metrics`, `--workers` and `--gpus` (a divisor of the stored batch) may change; other
   options are ignored with a warning.
 
 Processes. `--gpus=N` runs N processes (one per CUDA device; `torch.multiprocessing.spawn` for N > 1, the
@@ -150,7 +152,7 @@ DEFAULTS = dict(
 )
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
-STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus')
+STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick')
 # Options that choose how to launch, not what to train: never reported as ignored.
 _LAUNCH_OPTIONS = ('resume', 'device', 'distributed')
 
@@ -429,8 +431,8 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
               f'{", ".join("--" + name for name in STATE_OVERRIDES)} may change)')
 
     if given.get('kimg') is not None:
-        if given['kimg'] < 1:
-            raise UserError(f'--kimg must be at least 1, got {given["kimg"]}')
+        if given['kimg'] <= 0:
+            raise UserError(f'--kimg must be positive, got {given["kimg"]:g}')
         args.total_kimg = given['kimg']
     if given.get('snap') is not None:
         if given['snap'] < 1:
@@ -441,6 +443,8 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
         _validate_metrics(args.metrics)
     if given.get('workers') is not None:
         args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
+    if given.get('tick') is not None:
+        args.kimg_per_tick = given['tick']
 
     # Without --gpus the stored process count stays (under torchrun, its world size decides).
     gpus = given.get('gpus')
@@ -507,6 +511,10 @@ def build_training_plan(
     squeeze_r:          Optional[int] = None,       # --squeeze-r: squeeze ratio r (arch=squeeze).
     squeeze_noblend:    Optional[bool] = None,      # --squeeze-noblend: ablation, f_o = f_e.
     squeeze_torgb:      Optional[str] = None,       # --squeeze-torgb: ablation, toRGB input.
+    cbase:              Optional[int] = None,       # --cbase: channel_base override (capacity).
+    cmax:               Optional[int] = None,       # --cmax: channel_max override.
+    map:                Optional[int] = None,       # --map: mapping-network depth override.
+    tick:               Optional[float] = None,     # --tick: kimg per tick (progress line, snapshot unit).
 ) -> tuple:
     """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type))."""
     given = {name: value for name, value in locals().items() if value is not None}
@@ -634,16 +642,28 @@ def build_training_plan(
     args.ema_kimg = spec.ema
     args.ema_rampup = spec.ramp
 
-    # Explicit overrides of the preset.
+    # Explicit overrides of the preset. Capacity flags (named as in StyleGAN3's train.py) make small networks
+    # for CPU runs and quick experiments possible.
+    if cbase is not None:
+        desc += f'-cbase{cbase:d}'
+        args.G_kwargs.synthesis_kwargs.channel_base = args.D_kwargs.channel_base = cbase
+    if cmax is not None:
+        desc += f'-cmax{cmax:d}'
+        args.G_kwargs.synthesis_kwargs.channel_max = args.D_kwargs.channel_max = cmax
+    if map is not None:
+        desc += f'-map{map:d}'
+        args.G_kwargs.mapping_kwargs.num_layers = map
+    if tick is not None:
+        args.kimg_per_tick = tick
     if gamma is not None:
         if gamma < 0:
             raise UserError(f'--gamma must be non-negative, got {gamma:g}')
         desc += f'-gamma{gamma:g}'
         args.loss_kwargs.r1_gamma = gamma
     if kimg is not None:
-        if kimg < 1:
-            raise UserError(f'--kimg must be at least 1, got {kimg}')
-        desc += f'-kimg{kimg:d}'
+        if kimg <= 0:
+            raise UserError(f'--kimg must be positive, got {kimg:g}')
+        desc += f'-kimg{kimg:g}'
         args.total_kimg = kimg
     if batch is not None:
         if batch < 1:
@@ -927,8 +947,14 @@ def _bool_option(*names: str, help: str):
 @click.option('--cfg', type=click.Choice(CFG_NAMES), default=DEFAULTS['cfg'], show_default=True,
               help='Preset (batch, learning rate, gamma, capacity, ...)')
 @click.option('--gamma', type=click.FloatRange(min=0), help='R1 weight gamma (replaces the preset value)')
-@click.option('--kimg', type=click.IntRange(min=1), help='Training length in kimg (replaces the preset value)')
+@click.option('--kimg', type=click.FloatRange(min=0, min_open=True),
+              help='Training length in kimg (replaces the preset value; fractions allowed for short tests)')
 @click.option('--batch', type=click.IntRange(min=1), help='Total batch over all processes (replaces the preset value)')
+@click.option('--cbase', type=click.IntRange(min=1), help='Capacity multiplier channel_base (replaces the preset value)')
+@click.option('--cmax', type=click.IntRange(min=1), help='Max. feature maps per layer (replaces the preset value 512)')
+@click.option('--map', type=click.IntRange(min=1), help='Mapping network depth (replaces the preset value)')
+@click.option('--tick', type=click.FloatRange(min=0, min_open=True), help='kimg per tick (progress line, snapshot '
+              'unit)  [default: 4]')
 @click.option('--arch', type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'], show_default=True,
               help='Generator synthesis block')
 @click.option('--squeeze-r', type=click.IntRange(min=1), default=DEFAULTS['squeeze_r'], show_default=True,

@@ -192,11 +192,12 @@ def _configure_torch(opts, device: torch.device) -> None:
     grid_sample_gradfix.enabled = True
 
 
-def _load_data(opts, rank: int, start_nimg: int):
+def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
     training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
     sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
                                    seed=opts.random_seed, start_index=start_nimg)
     loader_kwargs = dict(opts.data_loader_kwargs)
+    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
     if loader_kwargs.get('num_workers', 0) == 0:
         loader_kwargs.pop('prefetch_factor', None)  # DataLoader rejects it without workers.
     loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
@@ -265,7 +266,7 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
                                                                      tick_start_nimg=0)
     _seed_everything(_step_seed(opts.random_seed, rank, 0, purpose=1))
     _configure_torch(opts, device)
-    training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'])
+    training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'], device=device)
     G, D, G_ema, augment_pipe = _build_networks(opts, training_set, device)
     state = TrainingState(opts=opts, device=device, rank=rank, training_set=training_set,
                           data_iterator=data_iterator, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe,

@@ -1,0 +1,91 @@
+"""train.py end to end on the CPU: dataset_tool -> train.py -> every file of SPEC §3 -> generate.py; continuing
+the run from its directory; and a two-process (gloo) run through `--gpus=2 --device=cpu`."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dataset_tool
+import generate
+import train
+from training import checkpoint
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+# A small network and two training steps of 8 images per tick.
+TINY_FLAGS = ['--cfg=cifar', '--cbase=256', '--cmax=16', '--map=2', '--batch=8', '--gpus=0', '--metrics=none',
+              '--workers=0', '--kimg=0.016', '--tick=0.008', '--snap=1', '--aug=ada', '--augpipe=bgc']
+
+
+@pytest.fixture(scope='module')
+def dataset_zip(tmp_path_factory):
+    root = tmp_path_factory.mktemp('e2e')
+    images = root / 'images'
+    images.mkdir()
+    rnd = np.random.RandomState(0)
+    labels = []
+    for i in range(16):
+        PIL.Image.fromarray((rnd.rand(16, 16, 3) * 255).astype(np.uint8)).save(images / f'{i:02d}.png')
+        labels.append([f'{i:02d}.png', i % 2])
+    (images / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    result = CliRunner().invoke(dataset_tool.main, [f'--source={images}', f'--dest={root / "tiny.zip"}'])
+    assert result.exit_code == 0, result.output
+    return str(root / 'tiny.zip')
+
+
+def _run_train(args):
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize('arch_flags', [['--arch=skip'], ['--arch=squeeze', '--squeeze-r=4']])
+def test_train_writes_every_file_and_generate_reads_the_snapshot(tmp_path, dataset_zip, arch_flags):
+    _run_train([f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}', '--cond=1', *TINY_FLAGS, *arch_flags])
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    expected_desc = 'tiny-cond-cifar' + ('-squeeze-r4' if 'squeeze' in arch_flags[0] else '')
+    assert run_dir.name == f'00000-{expected_desc}-cbase256-cmax16-map2-kimg0.016-batch8-ada-bgc'
+    files = set(os.listdir(run_dir))
+    assert {'training_options.json', 'log.txt', 'reals.png', 'fakes_init.png', 'fakes000000.png',
+            'network-snapshot-000000.pkl', 'stats.jsonl', checkpoint.STATE_FILE_NAME} <= files
+
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['G_kwargs']['synthesis_kwargs']['architecture'] == arch_flags[0].split('=')[1]
+    assert 'tick 1' in (run_dir / 'log.txt').read_text()  # The status lines go to the log.
+    lines = (run_dir / 'stats.jsonl').read_text().splitlines()
+    assert len(lines) == 2 and 'Loss/D/loss' in json.loads(lines[-1])
+
+    result = CliRunner().invoke(generate.main, [f'--network={run_dir / "network-snapshot-000000.pkl"}',
+                                                '--seeds=0-1', '--class=1', f'--outdir={tmp_path / "out"}'])
+    assert result.exit_code == 0, result.output
+    with PIL.Image.open(tmp_path / 'out' / 'seed0001.png') as image:
+        assert image.size == (16, 16) and image.mode == 'RGB'
+
+
+def test_resume_continues_the_run_in_its_directory(tmp_path, dataset_zip):
+    _run_train([f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}', *TINY_FLAGS, '--arch=squeeze'])
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    first = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert first['progress']['cur_nimg'] == 16
+    _run_train([f'--resume={run_dir}', '--kimg=0.032', '--gpus=0'])
+    assert list((tmp_path / 'runs').iterdir()) == [run_dir]  # No new run directory.
+    second = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert second['progress']['cur_nimg'] == 32
+    assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == 4  # Appended, not replaced.
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(tmp_path, dataset_zip):
+    flags = [f for f in TINY_FLAGS if not f.startswith('--gpus')]
+    _run_train([f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}', *flags, '--gpus=2', '--device=cpu'])
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['num_gpus'] == 2 and options['batch_gpu'] == 4
+    state = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert state['progress']['cur_nimg'] == 16
+    assert all(torch.isfinite(t).all() for t in state['networks']['G_ema'].values())
