@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# From a fresh checkout to a trained generator and samples, on a CPU-only machine, in one command:
+#
+#     bash quickstart.sh [OUTDIR]          (default OUTDIR: quickstart/)
+#
+# 1. installs the CPU build of PyTorch and the requirements;
+# 2. converts 10,000 Fashion-MNIST images (Debian's dataset-fashion-mnist package; installed here when
+#    possible) into a dataset zip, or, where that package is not available, a generated toy dataset of shapes;
+# 3. trains a small conditional squeeze generator (--arch=squeeze --squeeze-r=8) on the CPU for
+#    QUICKSTART_KIMG kimg (default 4: about 4-5 minutes on two cores);
+# 4. writes samples of three classes with generate.py.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+OUT="${1:-quickstart}"
+KIMG="${QUICKSTART_KIMG:-4}"
+
+echo "== 1/4 Installing PyTorch (CPU build) and the requirements"
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -r requirements.txt
+
+echo "== 2/4 Preparing the dataset"
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || true
+fi
+mkdir -p "$OUT"
+if [ -f "$FMNIST" ]; then
+    DATA="$OUT/fashion-mnist-10k.zip"
+    [ -f "$DATA" ] || python dataset_tool.py --source="$FMNIST" --dest="$DATA" --max-images=10000
+else
+    echo "Fashion-MNIST is not available here (Debian package dataset-fashion-mnist); using a generated toy"
+    echo "dataset of grayscale shapes in three classes instead."
+    DATA="$OUT/toy-shapes.zip"
+    if [ ! -f "$DATA" ]; then
+        rm -rf "$OUT/toy-shapes"
+        python tools/toy_dataset.py --outdir="$OUT/toy-shapes" --count=3000 --resolution=32
+        python dataset_tool.py --source="$OUT/toy-shapes" --dest="$DATA"
+    fi
+fi
+
+echo "== 3/4 Training a small squeeze generator on the CPU for $KIMG kimg"
+python train.py --outdir="$OUT/runs" --data="$DATA" --cond=1 --cfg=cifar --arch=squeeze --squeeze-r=8 \
+    --cbase=4096 --cmax=128 --batch=16 --gpus=0 --kimg="$KIMG" --tick=1 --snap=1 --metrics=none --workers=1
+RUN=$(ls -d "$OUT"/runs/*/ | sort | tail -1)
+PKL=$(ls "$RUN"network-snapshot-*.pkl | sort | tail -1)
+
+echo "== 4/4 Sampling classes 0, 1 and 2 from $PKL"
+for CLASS in 0 1 2; do
+    python generate.py --network="$PKL" --seeds=0-7 --class=$CLASS --trunc=1 --outdir="$OUT/samples/class$CLASS"
+done
+
+echo
+echo "Done. Run directory: $RUN"
+echo "  reals.png, fakes_init.png, fakes<kimg>.png   image grids (one row per class)"
+echo "  network-snapshot-<kimg>.pkl, training-state.pt, stats.jsonl, log.txt, training_options.json"
+echo "Samples: $OUT/samples/class{0,1,2}/seed0000.png ..."
