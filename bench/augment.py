@@ -17,9 +17,7 @@ Each time is the median over the timed iterations of one batch after warm-up, at
 
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Dict, List, Sequence
 
 import click
@@ -27,28 +25,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import median_seconds  # noqa: E402
 from training import augment  # noqa: E402
 
 # ----------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _time_pass(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Median wall time of `fn()` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_benchmark(presets: Sequence[str], resolutions: Sequence[int], batch: int = 8, p: float = 0.6,
@@ -68,10 +50,10 @@ def run_benchmark(presets: Sequence[str], resolutions: Sequence[int], batch: int
             row = dict(preset=preset, res=res, batch=batch, fwd_ips=None, r1_ips=None)
             if mode in ('fwd', 'both'):
                 with torch.no_grad():
-                    seconds = _time_pass(lambda: pipe(images), device, iters, warmup)  # noqa: B023
+                    seconds = median_seconds(lambda: pipe(images), device, iters, warmup)  # noqa: B023
                 row['fwd_ips'] = batch / seconds
             if mode in ('r1', 'both'):
-                seconds = _time_pass(lambda: _r1_pass(pipe, images), device, iters, warmup)  # noqa: B023
+                seconds = median_seconds(lambda: _r1_pass(pipe, images), device, iters, warmup)  # noqa: B023
                 row['r1_ips'] = batch / seconds
             rows.append(row)
     return rows

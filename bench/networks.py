@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import median_seconds  # noqa: E402
 from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from training import networks  # noqa: E402
 
@@ -218,22 +218,6 @@ def count_macs(G: torch.nn.Module) -> dict:
 # Timing.
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(step: Callable[[], None], device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 @contextlib.contextmanager
@@ -263,7 +247,7 @@ def time_forward(G, device, batch, iters, warmup) -> float:
     def step():
         with torch.no_grad():
             G(z, c, noise_mode='const')
-    return _median_ms(step, device, iters, warmup)
+    return median_seconds(step, device, iters, warmup) * 1e3
 
 
 def time_train(G, D, device, batch, iters, warmup) -> float:
@@ -283,7 +267,7 @@ def time_train(G, D, device, batch, iters, warmup) -> float:
         F.softplus(-fake_logits).mean().backward()
         real_logits = D(reals, c)
         F.softplus(-real_logits).mean().backward()
-    return _median_ms(step, device, iters, warmup)
+    return median_seconds(step, device, iters, warmup) * 1e3
 
 # ----------------------------------------------------------------------------
 # The benchmark as a pure function (tests call it), and the tables.
