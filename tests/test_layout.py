@@ -111,8 +111,11 @@ def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(REPO_ROOT, 'README.md')).read()
     ci = open(os.path.join(REPO_ROOT, '.ci', 'run')).read()
     block = re.search(r'```bash\n(.*?)```', readme, re.S).group(1)
-    command = [line for line in block.splitlines() if line.strip() and not line.startswith('#')][0]
-    install, test = [part.strip() for part in command.split('&&')]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith('#')]
+    # Exactly two set-up commands up front: the end-to-end quickstart, then the tests.
+    assert len(commands) == 2, commands
+    assert commands[0] == 'bash quickstart.sh' and os.path.isfile(os.path.join(REPO_ROOT, 'quickstart.sh'))
+    install, test = [part.strip() for part in commands[1].split('&&')]
     assert test in ci, f'.ci/run does not run the README test command "{test}"'
     assert install.replace('pip install', 'python -m pip install --quiet --disable-pip-version-check') \
         .replace('torch==2.13.0', '"torch==2.13.0"') in ci
