@@ -1,0 +1,225 @@
+"""Compute quality metrics of a trained generator.
+
+Examples:
+
+    # FID of a snapshot against its training set (read from the run's training_options.json or the snapshot);
+    # the result is also appended to <run_dir>/metric-fid50k_full.jsonl:
+    python calc_metrics.py --network=runs/00000-ffhq256-paper256/network-snapshot-001000.pkl
+
+    # Several metrics of a pretrained network against a given dataset, with 4 GPUs:
+    python calc_metrics.py --metrics=fid50k_full,pr50k3_full,ppl2_wend --network=ffhq.pkl --data=ffhq256.zip --mirror=1 --gpus=4
+
+    # Offline machine: the detectors inception-2015-12-05.pt and vgg16.pt lie in a local folder:
+    python calc_metrics.py --network=net.pkl --data=data.zip --detector-dir=/data/detectors
+
+The network may be an official or our own `.pkl` snapshot, a weights-only `.pt` file or a URL of either
+(training/legacy.py). Valid metrics: fid50k_full, kid50k_full, pr50k3_full, ppl2_wend, is50k and the legacy
+fid50k, kid50k, pr50k3, ppl_zfull, ppl_wfull, ppl_zend, ppl_wend.
+"""
+
+import json
+import os
+import tempfile
+from typing import Any, List, Optional
+
+import click
+import torch
+
+import dnnlib
+from metrics import metric_main, metric_utils
+from training import legacy
+
+OPTIONS_FILE_NAME = 'training_options.json'  # Marks a run directory; holds training_set_kwargs.
+DEVICES = ('auto', 'cpu', 'cuda')
+
+# ----------------------------------------------------------------------------
+# Pure helpers.
+
+
+def parse_metric_list(text: Any) -> List[str]:
+    """'fid50k_full,kid50k_full' -> ['fid50k_full', 'kid50k_full']; unknown names raise click.BadParameter."""
+    names = [name.strip() for name in (text.split(',') if isinstance(text, str) else text) if name.strip()]
+    if not names:
+        raise click.BadParameter(f'no metric given; valid metrics: {", ".join(metric_main.list_valid_metrics())}')
+    for name in names:
+        if not metric_main.is_valid_metric(name):
+            raise click.BadParameter(f'unknown metric {name!r}; valid metrics: '
+                                     f'{", ".join(metric_main.list_valid_metrics())}')
+    return names
+
+
+def find_run_dir(network: str) -> Optional[str]:
+    """The directory of a local snapshot if it is a run directory (holds training_options.json), else None."""
+    if dnnlib.util.is_url(network, allow_file_urls=True):
+        if not network.startswith('file://'):
+            return None
+        network = dnnlib.util.file_url_to_path(network)
+    folder = os.path.dirname(os.path.abspath(network))
+    return folder if os.path.isfile(os.path.join(folder, OPTIONS_FILE_NAME)) else None
+
+
+def load_snapshot(network: str) -> dict:
+    try:
+        with dnnlib.util.open_url(network) as f:
+            return legacy.load_network_pkl(f)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--network: cannot load "{network}": {e}') from None
+
+
+def dataset_kwargs_for(network: str, snapshot: dict, data: Optional[str], mirror: Optional[bool],
+                       G: Any) -> dnnlib.EasyDict:
+    """The dataset to compare against: `--data` if given, else the training set recorded in the run's
+    training_options.json, else the one stored in the snapshot. Resolution and labels follow G."""
+    if data is not None:
+        kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data)
+    else:
+        kwargs = None
+        run_dir = find_run_dir(network)
+        if run_dir is not None:
+            with open(os.path.join(run_dir, OPTIONS_FILE_NAME)) as f:
+                kwargs = json.load(f).get('training_set_kwargs')
+        if kwargs is None:
+            kwargs = snapshot.get('training_set_kwargs')
+        if kwargs is None:
+            raise click.ClickException('--data is required: the snapshot records no training set and it does not '
+                                       f'sit in a run directory with {OPTIONS_FILE_NAME}')
+        kwargs = dnnlib.EasyDict(kwargs)
+    kwargs.resolution = G.img_resolution
+    kwargs.use_labels = G.c_dim != 0
+    if mirror is not None:
+        kwargs.xflip = bool(mirror)
+    try:
+        dataset = dnnlib.util.construct_class_by_name(**kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise click.ClickException(f'Cannot open the dataset {kwargs.get("path")!r}: {e}') from None
+    if dataset.num_channels != G.img_channels:
+        raise click.ClickException(f'The dataset has {dataset.num_channels} channel(s), the generator '
+                                   f'{G.img_channels}')
+    if G.c_dim != 0 and dataset.label_dim != G.c_dim:
+        raise click.ClickException(f'The dataset has {dataset.label_dim}-D labels, the generator expects {G.c_dim}')
+    return kwargs
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise click.BadParameter(f'--device must be one of {", ".join(DEVICES)}, got {device!r}')
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but PyTorch sees no CUDA device')
+    return device
+
+# ----------------------------------------------------------------------------
+# One process.
+
+
+def _run_rank(rank: int, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List[dict]:
+    device = torch.device('cuda', rank) if args.device_type == 'cuda' else torch.device('cpu')
+    if args.num_gpus > 1:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method=f'file://{os.path.join(temp_dir, "init")}',
+                                             rank=rank, world_size=args.num_gpus)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_gpus))
+    # TF32 would change the metrics' numbers on Ampere and later GPUs.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        G = args.G if args.G is not None else load_snapshot(args.network)['G_ema']
+        results = []
+        for metric in args.metrics:
+            if rank == 0 and args.verbose:
+                print(f'Calculating {metric}...', flush=True)
+            result = metric_main.calc_metric(metric, G=G, dataset_kwargs=args.dataset_kwargs, num_gpus=args.num_gpus,
+                                             rank=rank, device=device, detector_dir=args.detector_dir,
+                                             progress=metric_utils.ProgressMonitor(verbose=args.verbose and rank == 0))
+            if rank == 0:
+                metric_main.report_metric(result, run_dir=args.run_dir, snapshot_pkl=args.snapshot_pkl)
+            results.append(result)
+        if rank == 0 and temp_dir is not None:
+            with open(os.path.join(temp_dir, 'results.json'), 'w') as f:
+                json.dump(results, f)
+        return results
+    finally:
+        if args.num_gpus > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _spawned_rank(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> None:
+    _run_rank(rank, args, temp_dir)
+
+# ----------------------------------------------------------------------------
+
+
+def calc_metrics(
+    network:        str,                        # Snapshot path or URL.
+    metrics:        Any = 'fid50k_full',        # Metric names (list or comma-separated string).
+    data:           Optional[str] = None,       # Dataset path; None = the run's / snapshot's training set.
+    mirror:         Optional[bool] = None,      # Include x-flips of the dataset; None = as recorded.
+    gpus:           int = 1,                    # Number of processes.
+    verbose:        bool = True,                # Progress lines.
+    detector_dir:   Optional[str] = None,       # Folder with local detector files; None = $STYLEGAN_DETECTOR_DIR.
+    device:         str = 'auto',               # auto, cpu or cuda.
+) -> List[dnnlib.EasyDict]:
+    """Compute the metrics and report each (stdout, and metric-<name>.jsonl in the run directory if the snapshot
+    sits in one). Returns the result dicts."""
+    metrics = parse_metric_list(metrics)
+    if gpus < 1:
+        raise click.BadParameter(f'--gpus must be at least 1, got {gpus}')
+    device_type = resolve_device(device)
+    if device_type == 'cuda' and gpus > torch.cuda.device_count():
+        raise click.ClickException(f'--gpus={gpus}, but only {torch.cuda.device_count()} CUDA device(s) are visible')
+    snapshot = load_snapshot(network)
+    G = snapshot.get('G_ema')
+    if G is None:
+        raise click.ClickException(f'--network: "{network}" holds no G_ema')
+    run_dir = find_run_dir(network)
+    args = dnnlib.EasyDict(
+        network         = network,
+        metrics         = metrics,
+        dataset_kwargs  = dataset_kwargs_for(network, snapshot, data, mirror, G),
+        num_gpus        = gpus,
+        verbose         = verbose,
+        detector_dir    = detector_dir,
+        device_type     = device_type,
+        run_dir         = run_dir,
+        snapshot_pkl    = network,
+        G               = G if gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
+    )
+    if gpus == 1:
+        return _run_rank(0, args, None)
+    with tempfile.TemporaryDirectory() as temp_dir:
+        torch.multiprocessing.spawn(fn=_spawned_rank, args=(args, temp_dir), nprocs=gpus)
+        with open(os.path.join(temp_dir, 'results.json')) as f:
+            return [dnnlib.EasyDict(result, results=dnnlib.EasyDict(result['results'])) for result in json.load(f)]
+
+
+@click.command()
+@click.option('--network', 'network', required=True, metavar='PATH|URL', help='Network snapshot (.pkl or .pt)')
+@click.option('--metrics', default='fid50k_full', show_default=True, metavar='LIST',
+              help=f'Comma-separated list or "none" [one of: {", ".join(metric_main.list_valid_metrics())}]')
+@click.option('--data', metavar='PATH', help='Dataset to evaluate against [default: the training set of the snapshot]')
+@click.option('--mirror', type=bool, metavar='BOOL', help='Include x-flips of the dataset [default: as recorded]')
+@click.option('--gpus', type=click.IntRange(min=1), default=1, show_default=True, help='Number of processes')
+@click.option('--verbose', type=bool, default=True, show_default=True, metavar='BOOL', help='Print progress')
+@click.option('--detector-dir', metavar='DIR', default=None,
+              help=f'Folder with inception-2015-12-05.pt and vgg16.pt [default: ${metric_utils.DETECTOR_DIR_ENV} or download]')
+@click.option('--device', type=click.Choice(DEVICES), default='auto', show_default=True, help='Where to compute')
+def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device):
+    """Calculate quality metrics for a trained network snapshot.
+
+    The results are printed as JSON lines and, when the snapshot lies in a training run directory (one with
+    training_options.json), appended to metric-<name>.jsonl there.
+    """
+    if metrics.strip() == 'none':
+        return
+    try:
+        calc_metrics(network=network, metrics=metrics, data=data, mirror=mirror, gpus=gpus, verbose=verbose,
+                     detector_dir=detector_dir, device=device)
+    except metric_utils.DetectorNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == '__main__':
+    main()
