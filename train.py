@@ -849,7 +849,12 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
             torch.cuda.set_device(device)
         training_stats.init_multiprocessing(rank=rank, sync_device=device if world_size > 1 else None)
         training_loop = dnnlib.util.get_obj_by_name(loop)
-        training_loop(rank=rank, device=device, **args)
+        extra = dict()
+        if args.get('metrics'):
+            # The loop (package `training`) may not import `metrics`; the script hands the evaluator in.
+            from metrics import metric_main
+            extra['metric_fn'] = metric_main.run_training_metrics
+        training_loop(rank=rank, device=device, **args, **extra)
     finally:
         if logger is not None:
             logger.close()

@@ -89,3 +89,27 @@ def test_two_cpu_processes(tmp_path, dataset_zip):
     state = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
     assert state['progress']['cur_nimg'] == 16
     assert all(torch.isfinite(t).all() for t in state['networks']['G_ema'].values())
+
+
+def test_train_evaluates_requested_metrics(tmp_path, dataset_zip):
+    from metrics import metric_main
+
+    def tiny_test_metric(opts):
+        return dict(tiny_test_metric=float(opts.G.img_resolution))
+    metric_main.register_metric(tiny_test_metric)
+    try:
+        flags = [f for f in TINY_FLAGS if not f.startswith('--metrics')]
+        _run_train([f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}', *flags, '--metrics=tiny_test_metric'])
+    finally:
+        metric_main.unregister_metric('tiny_test_metric')
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    lines = (run_dir / 'metric-tiny_test_metric.jsonl').read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])['results'] == {'tiny_test_metric': 16.0}
+
+
+def test_unknown_metric_is_refused_before_training(tmp_path, dataset_zip):
+    flags = [f for f in TINY_FLAGS if not f.startswith('--metrics')]
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}', *flags,
+                                             '--metrics=fid50k_fulll'])
+    assert result.exit_code != 0 and "unknown metric 'fid50k_fulll'" in result.output
+    assert not (tmp_path / 'runs').exists()

@@ -208,9 +208,34 @@ def test_nonfinite_losses_stop_training_with_the_last_snapshot_intact(tmp_path, 
     assert record['progress']['cur_nimg'] == BATCH
 
 
-def test_metrics_request_gives_a_clear_message(tmp_path, data_dir):
+def test_metrics_request_without_an_evaluator_gives_a_clear_message(tmp_path, data_dir):
     with pytest.raises(ValueError, match='--metrics=none'):
         _train(tmp_path / 'run', data_dir, steps=1, metrics=['fid50k_full'])
+
+
+def test_metrics_are_evaluated_at_every_snapshot(tmp_path, data_dir):
+    # The real evaluator of the metrics package, with a detector-free metric registered for the test.
+    from metrics import metric_main
+
+    def mean_pixel_test_metric(opts):
+        G = opts.G.to(opts.device)
+        z = torch.randn([4, G.z_dim], generator=torch.Generator().manual_seed(0))
+        c = torch.eye(G.c_dim)[torch.zeros(4, dtype=torch.long)] if G.c_dim else torch.zeros([4, 0])
+        return dict(mean_pixel_test_metric=float(G(z, c, noise_mode='const').mean()))
+    metric_main.register_metric(mean_pixel_test_metric)
+    try:
+        _train(tmp_path / 'run', data_dir, steps=3, metrics=['mean_pixel_test_metric'],
+               metric_fn=metric_main.run_training_metrics)
+    finally:
+        metric_main.unregister_metric('mean_pixel_test_metric')
+    with open(tmp_path / 'run' / 'metric-mean_pixel_test_metric.jsonl') as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 2  # Snapshots after ticks 0 and 1.
+    assert {'results', 'metric', 'total_time', 'total_time_str', 'num_gpus', 'snapshot_pkl', 'timestamp'} <= set(lines[0])
+    assert lines[0]['snapshot_pkl'] == 'network-snapshot-000000.pkl'
+    with open(tmp_path / 'run' / 'stats.jsonl') as f:
+        stats = [json.loads(line) for line in f]
+    assert 'Metrics/mean_pixel_test_metric' in stats[-1]
 
 
 def _two_rank_worker(rank, world_size, run_dir, data):

@@ -159,6 +159,7 @@ class TrainingState:
     stats_jsonl:        Any = None
     stats_tfevents:     Any = None
     last_snapshot:      Optional[str] = None
+    metric_fn:          Optional[Callable] = None
 
     @property
     def is_main(self) -> bool:
@@ -495,11 +496,26 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
                 misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
             module = copy.deepcopy(module).eval().requires_grad_(False).cpu()
         snapshot[name] = module
+    path = os.path.join(opts.run_dir, f'network-snapshot-{kimg:06d}.pkl')
     if state.is_main:
-        path = os.path.join(opts.run_dir, f'network-snapshot-{kimg:06d}.pkl')
         legacy.save_network_pkl(snapshot, path)
         checkpoint.save_training_state(os.path.join(opts.run_dir, checkpoint.STATE_FILE_NAME), _state_record(state))
         state.last_snapshot = path
+    if opts.metrics and state.metric_fn is not None:
+        _evaluate_metrics(state, snapshot['G_ema'], path)
+
+
+def _evaluate_metrics(state: TrainingState, G_ema, snapshot_pkl: str) -> None:
+    """Every rank takes part (the work is sharded); rank 0 appends metric-<name>.jsonl and the results also go
+    into stats.jsonl / TensorBoard as Metrics/<name>."""
+    opts = state.opts
+    state.log(f'Evaluating metrics {", ".join(opts.metrics)}...')
+    results = state.metric_fn(metrics=opts.metrics, G_ema=G_ema.to(state.device),
+                              dataset_kwargs=dict(opts.training_set_kwargs), num_gpus=opts.num_gpus, rank=state.rank,
+                              device=state.device, run_dir=opts.run_dir, snapshot_pkl=snapshot_pkl)
+    for result in results or []:
+        for name, value in result['results'].items():
+            training_stats.report0(f'Metrics/{name}', value)
 
 
 def _write_stats(state: TrainingState) -> None:
@@ -573,9 +589,11 @@ def training_loop(
     progress_fn             = None,     # Callable(cur_kimg, total_kimg) called once per tick.
     device                  = None,     # torch.device; None = cuda:rank if CUDA is available, else cpu.
     image_grid_max          = (32, 32), # Largest grid of reals.png / fakes*.png (columns, rows).
+    metric_fn               = None,     # Callable that evaluates `metrics` at snapshots (see below).
 ) -> 'TrainingState':
     """Train; returns the final state (networks, counters), which tests inspect."""
-    opts = dnnlib.EasyDict({k: v for k, v in locals().items() if k not in ('abort_fn', 'progress_fn')})
+    # Callables are not options: they are neither recorded in the training state nor in training_options.json.
+    opts = dnnlib.EasyDict({k: v for k, v in locals().items() if k not in ('abort_fn', 'progress_fn', 'metric_fn')})
     for key in ('training_set_kwargs', 'data_loader_kwargs', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs',
                 'D_opt_kwargs', 'loss_kwargs'):
         opts[key] = dnnlib.EasyDict(opts[key] or {})
@@ -584,7 +602,9 @@ def training_loop(
     if device is None:
         device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
     opts.device = None  # Not part of the recorded options; a resumed run may use another device.
+    _check_metrics(opts, metric_fn)
     state = _setup(opts, rank, torch.device(device))
+    state.metric_fn = metric_fn
     _run(state, abort_fn, progress_fn)
     return state
 
@@ -593,10 +613,14 @@ def _check_options(opts) -> None:
     if opts.batch_size % (opts.batch_gpu * opts.num_gpus) != 0:
         raise ValueError(f'batch_size ({opts.batch_size}) must be a multiple of batch_gpu * num_gpus '
                          f'({opts.batch_gpu} * {opts.num_gpus})')
-    if opts.metrics:
-        # Metrics arrive with the metrics package (a later stage); until then a request must not fail hours in.
-        raise ValueError(f'Metrics are not available yet in this code base (requested: {", ".join(opts.metrics)}); '
-                         f'run with --metrics=none')
+
+
+def _check_metrics(opts, metric_fn) -> None:
+    # The metrics package sits above `training` in the layer order, so the loop cannot import it: train.py
+    # passes `metrics.metric_main.run_training_metrics` in. Without it a request must fail now, not hours in.
+    if opts.metrics and metric_fn is None:
+        raise ValueError(f'Metrics were requested ({", ".join(opts.metrics)}) but no metric_fn was given; '
+                         f'pass metric_fn=metrics.metric_main.run_training_metrics, or metrics=[] (--metrics=none)')
 
 
 def _run(state: TrainingState, abort_fn: Optional[Callable], progress_fn: Optional[Callable]) -> None:
