@@ -170,6 +170,18 @@ def is50k(opts):
     return dict(is50k_mean=mean, is50k_std=std)
 
 # ----------------------------------------------------------------------------
+# Quick check (ours, not an official metric).
+
+
+@register_metric
+def fid2k(opts):
+    """FID of 2,000 generated against the first 2,000 dataset images: minutes on a CPU, for smoke tests such as
+    the quickstart. FID is biased upward at small sample counts, so this is not comparable with fid50k."""
+    opts.dataset_kwargs.update(max_size=None)
+    fid = frechet_inception_distance.compute_fid(opts, max_real=2000, num_gen=2000)
+    return dict(fid2k=fid)
+
+# ----------------------------------------------------------------------------
 # Legacy metrics (StyleGAN / StyleGAN2 papers).
 
 

@@ -417,6 +417,7 @@ def test_registry_lists_the_official_metrics():
     ('fid50k_full', (frechet_inception_distance, 'compute_fid'), dict(max_real=None, num_gen=50000),
      ['fid50k_full'], False),
     ('fid50k', (frechet_inception_distance, 'compute_fid'), dict(max_real=50000, num_gen=50000), ['fid50k'], True),
+    ('fid2k', (frechet_inception_distance, 'compute_fid'), dict(max_real=2000, num_gen=2000), ['fid2k'], True),
     ('kid50k_full', (kernel_inception_distance, 'compute_kid'),
      dict(max_real=1000000, num_gen=50000, num_subsets=100, max_subset_size=1000), ['kid50k_full'], False),
     ('pr50k3_full', (precision_recall, 'compute_pr'), dict(max_real=200000, num_gen=50000, nhood_size=3),
