@@ -1012,8 +1012,11 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
         launch_torchrun(args, outdir, run_desc, launch.device_type, dist)
         return
     run_dir = prepare_run_dir(args, outdir, run_desc)
-    click.echo(describe(args, run_dir, launch.device_type))
+    summary = describe(args, run_dir, launch.device_type)
+    click.echo(summary)
     click.echo('\nLaunching processes...')
+    with open(os.path.join(run_dir, 'log.txt'), 'a') as f:  # The processes append their own lines after it.
+        f.write(summary + '\n\nLaunching processes...\n')
     launch_training(args, launch.device_type)
 
 

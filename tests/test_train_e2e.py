@@ -56,7 +56,8 @@ def test_train_writes_every_file_and_generate_reads_the_snapshot(tmp_path, datas
 
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['G_kwargs']['synthesis_kwargs']['architecture'] == arch_flags[0].split('=')[1]
-    assert 'tick 1' in (run_dir / 'log.txt').read_text()  # The status lines go to the log.
+    log = (run_dir / 'log.txt').read_text()
+    assert 'tick 1' in log and '"G_kwargs"' in log  # The options summary and the status lines.
     lines = (run_dir / 'stats.jsonl').read_text().splitlines()
     assert len(lines) == 2 and 'Loss/D/loss' in json.loads(lines[-1])
 

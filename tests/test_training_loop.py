@@ -111,6 +111,13 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
     assert record['progress']['cur_nimg'] == 3 * BATCH
 
 
+def test_global_switches_are_restored(tmp_path, data_dir):
+    from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
+    before = (conv2d_gradfix.enabled, grid_sample_gradfix.enabled)
+    _train(tmp_path / 'run', data_dir, steps=1)
+    assert (conv2d_gradfix.enabled, grid_sample_gradfix.enabled) == before
+
+
 def _final_tensors(state):
     tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
     tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})

@@ -11,12 +11,13 @@ else that evolves (networks, optimizer moments, ADA p and its pending statistics
 counters). A run resumed from a state therefore continues bitwise like the uninterrupted run on the CPU.
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import numpy as np
 import PIL.Image
@@ -183,14 +184,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _configure_torch(opts, device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = opts.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = opts.allow_tf32
-        torch.backends.cudnn.allow_tf32 = opts.allow_tf32
-    # Our conv/grid_sample wrappers: weight gradients can be skipped in the regularization passes.
-    conv2d_gradfix.enabled = True
-    grid_sample_gradfix.enabled = True
+@contextlib.contextmanager
+def _torch_settings(opts, device: torch.device) -> Iterator[None]:
+    """The global switches training needs, restored afterwards (also on errors), so that a process which
+    trains and then does something else (tests, notebooks) is left as it was."""
+    saved = (conv2d_gradfix.enabled, grid_sample_gradfix.enabled, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = opts.allow_tf32
+            torch.backends.cudnn.allow_tf32 = opts.allow_tf32
+        # Our conv/grid_sample wrappers: weight gradients can be skipped in the regularization passes.
+        conv2d_gradfix.enabled = True
+        grid_sample_gradfix.enabled = True
+        yield
+    finally:
+        (conv2d_gradfix.enabled, grid_sample_gradfix.enabled, torch.backends.cudnn.benchmark,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
 
 
 def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
@@ -266,7 +277,6 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     progress = resume_record['progress'] if resume_record else dict(cur_nimg=0, cur_tick=0, batch_idx=0,
                                                                      tick_start_nimg=0)
     _seed_everything(_step_seed(opts.random_seed, rank, 0, purpose=1))
-    _configure_torch(opts, device)
     training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'], device=device)
     G, D, G_ema, augment_pipe = _build_networks(opts, training_set, device)
     state = TrainingState(opts=opts, device=device, rank=rank, training_set=training_set,
@@ -603,9 +613,11 @@ def training_loop(
         device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
     opts.device = None  # Not part of the recorded options; a resumed run may use another device.
     _check_metrics(opts, metric_fn)
-    state = _setup(opts, rank, torch.device(device))
-    state.metric_fn = metric_fn
-    _run(state, abort_fn, progress_fn)
+    device = torch.device(device)
+    with _torch_settings(opts, device):
+        state = _setup(opts, rank, device)
+        state.metric_fn = metric_fn
+        _run(state, abort_fn, progress_fn)
     return state
 
 
