@@ -3,6 +3,8 @@ the run from its directory; and a two-process (gloo) run through `--gpus=2 --dev
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -16,6 +18,8 @@ import train
 from training import checkpoint
 
 pytestmark = pytest.mark.usefixtures('one_thread')
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small network and two training steps of 8 images per tick.
 TINY_FLAGS = ['--cfg=cifar', '--cbase=256', '--cmax=16', '--map=2', '--batch=8', '--gpus=0', '--metrics=none',
@@ -114,3 +118,20 @@ def test_unknown_metric_is_refused_before_training(tmp_path, dataset_zip):
                                              '--metrics=fid50k_fulll'])
     assert result.exit_code != 0 and "unknown metric 'fid50k_fulll'" in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.slow
+def test_torchrun_on_the_cpu(tmp_path, dataset_zip):
+    # The multi-node path: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; rank 0 makes the run dir.
+    flags = [f for f in TINY_FLAGS if not f.startswith('--gpus')]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO_ROOT, 'train.py'), f'--outdir={tmp_path / "runs"}', f'--data={dataset_zip}',
+           '--device=cpu', *flags]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO_ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['num_gpus'] == 2
+    state = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert state['progress']['cur_nimg'] == 16

@@ -14,6 +14,7 @@ counters). A run resumed from a state therefore continues bitwise like the unint
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -254,10 +255,17 @@ def _distribute(state: TrainingState):
     device_ids = [state.device] if state.device.type == 'cuda' else None
     for name, module in list(modules.items()):
         module.requires_grad_(True)
-        modules[name] = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
-                                                                  broadcast_buffers=False)
+        modules[name] = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **_no_buffer_sync())
         module.requires_grad_(False)
     return modules
+
+
+def _no_buffer_sync() -> dict:
+    """DDP option for "do not broadcast buffers at every forward pass" (each rank keeps its own w_avg, as in the
+    official code). Newer PyTorch names it forward_sync_buffers and deprecates broadcast_buffers; decided by the
+    signature, not the version. A sync at construction is harmless: the buffers were just broadcast anyway."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return dict(forward_sync_buffers=False) if 'forward_sync_buffers' in parameters else dict(broadcast_buffers=False)
 
 
 def _build_phases(opts, G, D) -> List[PhaseRuntime]:
