@@ -79,7 +79,9 @@ import click
 import torch
 
 import dnnlib
-from training.networks import SYNTHESIS_BLOCKS
+from training.augment import AUGPIPE_SPECS
+from training.checkpoint import STATE_FILE_NAME
+from training.networks import SQUEEZE_TORGB_SOURCES, SYNTHESIS_BLOCKS
 
 # ----------------------------------------------------------------------------
 # Constants: presets, defaults, names.
@@ -122,9 +124,8 @@ RESUME_PRESETS = {
 }
 
 # The augmentation presets of `training/augment.py` (AUGPIPE_SPECS holds their parameters).
-AUGPIPE_NAMES = ('blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc')
+AUGPIPE_NAMES = tuple(AUGPIPE_SPECS)
 AUG_MODES = ('ada', 'noaug', 'fixed')
-SQUEEZE_TORGB_SOURCES = ('squeeze', 'conv0', 'excite')
 DEVICES = ('auto', 'cuda', 'cpu')
 
 # The value of every option that the user did not give. click shows these as the defaults.
@@ -161,7 +162,6 @@ _PER_PROCESS_KEYS = ('rank', 'device')
 
 SQUEEZE_OPTIONS = ('squeeze_r', 'squeeze_noblend', 'squeeze_torgb')
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
-STATE_FILE_NAME = 'training-state.pt'
 OPTIONS_FILE_NAME = 'training_options.json'
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
 

@@ -472,14 +472,16 @@ class _SynthesisBlockBase(torch.nn.Module):
         return x, dtype, fused_modconv
 
     def _add_rgb(self, img, rgb, dtype):
-        """img <- upsample(img) + rgb; the image path stays in float32 whatever the block computes in."""
+        """img <- upsample(img) + rgb, where either may be None (no image yet / no toRGB in this block); the
+        image path stays in float32 whatever the block computes in."""
         out_dtype = _output_dtype(dtype)
+        if img is not None:
+            misc.assert_shape(img, [None, self.img_channels, self.resolution // 2, self.resolution // 2])
+            img = upfirdn2d.upsample2d(img.to(out_dtype), self.resample_filter)
+        if rgb is None:
+            return img
         rgb = rgb.to(dtype=out_dtype, memory_format=torch.contiguous_format)
-        if img is None:
-            return rgb
-        misc.assert_shape(img, [None, self.img_channels, self.resolution // 2, self.resolution // 2])
-        img = upfirdn2d.upsample2d(img.to(out_dtype), self.resample_filter)
-        return img.add_(rgb)
+        return rgb if img is None else img.add_(rgb)
 
     def extra_repr(self):
         return (f'resolution={self.resolution:d}, in_channels={self.in_channels:d}, '
@@ -543,12 +545,8 @@ class SynthesisBlock(_SynthesisBlockBase):
             x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
             x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
 
-        if self.num_torgb:
-            rgb = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
-            img = self._add_rgb(img, rgb, dtype)
-        elif img is not None:
-            misc.assert_shape(img, [None, self.img_channels, self.resolution // 2, self.resolution // 2])
-            img = upfirdn2d.upsample2d(img, self.resample_filter)
+        rgb = self.torgb(x, next(w_iter), fused_modconv=fused_modconv) if self.num_torgb else None
+        img = self._add_rgb(img, rgb, dtype)
         assert x.dtype == dtype
         return x, img
 

@@ -180,11 +180,6 @@ def _step_seed(random_seed: int, rank: int, batch_idx: int, purpose: int = 0) ->
     return int(np.random.SeedSequence([random_seed, rank, batch_idx, purpose]).generate_state(1)[0])
 
 
-def _seed_everything(seed: int) -> None:
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def _torch_settings(opts, device: torch.device) -> Iterator[None]:
     """The global switches training needs, restored afterwards (also on errors), so that a process which
@@ -284,7 +279,7 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     resume_record = checkpoint.load_training_state(opts.resume_state) if opts.resume_state else None
     progress = resume_record['progress'] if resume_record else dict(cur_nimg=0, cur_tick=0, batch_idx=0,
                                                                      tick_start_nimg=0)
-    _seed_everything(_step_seed(opts.random_seed, rank, 0, purpose=1))
+    misc.set_random_seed(_step_seed(opts.random_seed, rank, 0, purpose=1))
     training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'], device=device)
     G, D, G_ema, augment_pipe = _build_networks(opts, training_set, device)
     state = TrainingState(opts=opts, device=device, rank=rank, training_set=training_set,
@@ -442,7 +437,7 @@ def _update_ema(state: TrainingState) -> None:
 
 
 def _train_step(state: TrainingState) -> None:
-    _seed_everything(_step_seed(state.opts.random_seed, state.rank, state.batch_idx))
+    misc.set_random_seed(_step_seed(state.opts.random_seed, state.rank, state.batch_idx))
     with torch.autograd.profiler.record_function('data_fetch'):
         real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(state)
     for phase, gen_z, gen_c in zip(state.phases, all_gen_z, all_gen_c, strict=True):
@@ -506,21 +501,27 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
                         grid_size=state.grid_size)
     if not (opts.network_snapshot_ticks and (done or state.cur_tick % opts.network_snapshot_ticks == 0)):
         return
-    snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
-    for name in ('G', 'D', 'G_ema', 'augment_pipe'):
-        module = getattr(state, name)
-        if module is not None:
-            if opts.num_gpus > 1:
+    modules = {name: getattr(state, name) for name in ('G', 'D', 'G_ema', 'augment_pipe')}
+    if opts.num_gpus > 1:
+        for module in modules.values():
+            if module is not None:
                 misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
-            module = copy.deepcopy(module).eval().requires_grad_(False).cpu()
-        snapshot[name] = module
     path = os.path.join(opts.run_dir, f'network-snapshot-{kimg:06d}.pkl')
     if state.is_main:
+        snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
+        snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
         legacy.save_network_pkl(snapshot, path)
         checkpoint.save_training_state(os.path.join(opts.run_dir, checkpoint.STATE_FILE_NAME), _state_record(state))
         state.last_snapshot = path
     if opts.metrics and state.metric_fn is not None:
-        _evaluate_metrics(state, snapshot['G_ema'], path)
+        # Rank 0 evaluates the copy it just saved; the others make their own.
+        G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.G_ema)
+        _evaluate_metrics(state, G_ema, path)
+
+
+def _snapshot_copy(module):
+    """What a snapshot holds: an eval-mode copy on the CPU without gradients (None stays None)."""
+    return None if module is None else copy.deepcopy(module).eval().requires_grad_(False).cpu()
 
 
 def _evaluate_metrics(state: TrainingState, G_ema, snapshot_pkl: str) -> None:
