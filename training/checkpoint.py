@@ -37,12 +37,14 @@ def save_training_state(path: str, state: dict) -> None:
     dnnlib.util.write_atomically(path, lambda f: torch.save(record, f))
 
 
-def load_training_state(path: str) -> dict:
-    """Read and check a training state (weights_only: no code from the file runs)."""
+def load_training_state(path: str, mmap: bool = False) -> dict:
+    """Read and check a training state (weights_only: no code from the file runs). With `mmap`, tensors are
+    mapped from the file rather than read, which makes checking a state or reading its options cheap even
+    when the file holds gigabytes of weights and optimizer moments."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'No training state at "{path}"')
     try:
-        record = torch.load(path, map_location='cpu', weights_only=True)
+        record = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for files that are not torch.save archives.
         raise ValueError(f'"{path}" is not a training state: torch.load(weights_only=True) failed '
                          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
@@ -72,7 +74,7 @@ def find_state_file(path: str) -> Optional[str]:
             if f.read(2) != b'PK':  # torch.save archives are zip files.
                 return None
         try:
-            load_training_state(path)
+            load_training_state(path, mmap=True)
         except ValueError:
             return None
         return path
@@ -81,7 +83,7 @@ def find_state_file(path: str) -> Optional[str]:
 
 def read_state_options(state_path: str) -> dict:
     """The training_loop kwargs stored in a training state."""
-    return load_training_state(state_path)['options']
+    return load_training_state(state_path, mmap=True)['options']
 
 # ----------------------------------------------------------------------------
 # Random number generators.
