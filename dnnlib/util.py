@@ -3,11 +3,13 @@
 Nothing here imports torch: this is the bottom layer of the package stack.
 """
 
+import errno
 import hashlib
 import importlib
 import io
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -289,51 +291,228 @@ def url_cache_path(url: str, cache_dir: Optional[str] = None) -> str:
 
 
 class DownloadError(IOError):
-    """A URL could not be fetched; the message says where to put the file by hand."""
+    """A URL could not be fetched; the message says where to put the file by hand.
+
+    `attempts` is the number of requests made, `transient` whether the last error was of a kind that can go
+    away by itself (a server error, a connection lost in the middle of a transfer)."""
+
+    def __init__(self, message: str, attempts: int = 1, transient: bool = False):
+        super().__init__(message)
+        self.attempts = attempts
+        self.transient = transient
 
 
-def _download(url: str, num_attempts: int, retry_delay: float, timeout: float, verbose: bool) -> bytes:
-    # Imported here so that importing dnnlib stays cheap and works without requests installed.
+# Seconds between two updates of the progress line on a terminal, and between two progress lines elsewhere (a log
+# file gets one line each time, so updates there are rare).
+PROGRESS_INTERVAL_TTY = 0.5
+PROGRESS_INTERVAL_LOG = 30.0
+
+# errno values of a connect() that cannot succeed from this machine however often it is tried.
+_UNREACHABLE_ERRNOS = {getattr(errno, name): text for name, text in [
+    ('ENETUNREACH', 'the network is unreachable'), ('EHOSTUNREACH', 'there is no route to the host'),
+    ('ENETDOWN', 'the network is down'), ('EHOSTDOWN', 'the host is down'),
+] if hasattr(errno, name)}
+
+
+class _IncompleteDownload(Exception):
+    """The server closed the transfer early, or sent nothing."""
+
+
+def _exception_chain(error: BaseException) -> list:
+    """`error` and every exception behind it: causes, contexts, and the errors that urllib3 keeps in `.reason`
+    or in its arguments (requests wraps urllib3's errors, which wrap the socket's)."""
+    seen, stack = [], [error]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        stack += [e.__cause__, e.__context__, getattr(e, 'reason', None), *e.args]
+    return seen
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Three significant digits in powers of 1000: '512 B', '1.05 kB', '45.6 MB', '363 MB', '1.23 GB'."""
+    for unit, scale in [('GB', 1e9), ('MB', 1e6), ('kB', 1e3)]:
+        if num_bytes >= scale:
+            value = num_bytes / scale
+            return f'{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}'
+    return f'{int(num_bytes)} B'
+
+
+def classify_download_error(error: BaseException, url: str) -> tuple:
+    """(reason, transient) for an error of requests (or of the download itself).
+
+    Not transient, so not retried: the host name does not resolve, the connection is refused, there is no
+    route to the host or no network, the host does not answer the connection at all (connect timeout), a
+    proxy cannot be reached, TLS fails, a 4xx answer other than 408/429. An offline machine meets the first
+    few at once, and waiting minutes between retries would not change them. Transient: 5xx, 408 and 429
+    answers, a read timeout or a connection lost in the middle of a transfer, a truncated or empty body.
+    """
+    import requests  # Imported here so that importing dnnlib stays cheap.
+
+    host = urllib.parse.urlparse(url).hostname or url
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        status = error.response.status_code
+        reason = f'the server answered HTTP {status} {error.response.reason or ""}'.rstrip()
+        return reason, status >= 500 or status in (408, 429)
+    if isinstance(error, _IncompleteDownload):
+        return str(error), True
+    if isinstance(error, requests.exceptions.ProxyError):
+        return f'the proxy cannot be reached or refused the connection to {host}', False
+    if isinstance(error, requests.exceptions.SSLError):
+        return f'the TLS connection to {host} failed ({error.__class__.__name__})', False
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return f'{host} did not accept a connection (connect timeout)', False
+    for e in _exception_chain(error):
+        if isinstance(e, socket.gaierror):
+            return f'the host name "{host}" cannot be resolved (no network or no name server)', False
+        if isinstance(e, ConnectionRefusedError):
+            return f'{host} refused the connection', False
+        if isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS:
+            return f'{_UNREACHABLE_ERRNOS[e.errno]} ({host})', False
+    if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                          requests.exceptions.MissingSchema)):
+        return f'invalid URL ({error})', False
+    # requests reports a read timeout during the body as a ConnectionError wrapping urllib3's timeout.
+    if isinstance(error, requests.exceptions.Timeout) or any(isinstance(e, TimeoutError)
+                                                             for e in _exception_chain(error)):
+        return f'{host} stopped sending data (read timeout)', True
+    # Connection resets and protocol errors in the middle of a transfer.
+    return f'the transfer from {host} failed ({error.__class__.__name__}: {str(error)[:200]})', True
+
+
+class _DownloadProgress:
+    """Progress of one download: bytes so far (of the total, when the server sends it) and the rate. On a
+    terminal it is one line, rewritten in place; elsewhere (a log file) it prints a line every
+    PROGRESS_INTERVAL_LOG seconds, so that logs do not fill with updates."""
+
+    def __init__(self, total: Optional[int], stream: Any = None):
+        self.total = total
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, 'isatty', lambda: False)())
+        self.interval = PROGRESS_INTERVAL_TTY if self.tty else PROGRESS_INTERVAL_LOG
+        self.start_time = time.time()
+        self.last_time = self.start_time
+        self.line_width = 0  # Length of the line now on the terminal (0 = none open).
+
+    def _status(self, received: int) -> str:
+        elapsed = time.time() - self.start_time
+        rate = received / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            text = f'  {format_bytes(received)} of {format_bytes(self.total)} ({100 * received / self.total:.0f}%)'
+        else:
+            text = f'  {format_bytes(received)}'
+        text += f', {format_bytes(rate)}/s'
+        if self.total and rate > 0 and received < self.total:
+            text += f', {format_time((self.total - received) / rate)} left'
+        return text
+
+    def _show(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write('\r' + text.ljust(self.line_width) + ('\n' if final else ''))
+            self.line_width = 0 if final else len(text)
+        else:
+            self.stream.write(text + '\n')
+        self.stream.flush()
+
+    def update(self, received: int) -> None:
+        now = time.time()
+        if now - self.last_time >= self.interval:
+            self.last_time = now
+            self._show(self._status(received), final=False)
+
+    def finish(self, received: int) -> None:
+        elapsed = time.time() - self.start_time
+        rate = received / elapsed if elapsed > 0 else 0.0
+        self._show(f'  {format_bytes(received)} in {format_time(elapsed)} ({format_bytes(rate)}/s), done.', final=True)
+
+    def abort(self) -> None:
+        """End an open terminal line, so that the next message starts on a line of its own."""
+        if self.tty and self.line_width:
+            self.stream.write('\n')
+            self.stream.flush()
+            self.line_width = 0
+
+
+def _fetch(url: str, dest: Any, timeouts: tuple, verbose: bool) -> None:
+    """One request: stream the body of `url` into the file object `dest`."""
     import requests
 
-    last_error = None
-    for attempt in range(num_attempts):
+    # 'identity': no compressed transfer, so the byte count can be checked against Content-Length.
+    with requests.get(url, stream=True, timeout=timeouts, headers={'Accept-Encoding': 'identity'}) as response:
+        response.raise_for_status()
+        total = response.headers.get('Content-Length')
+        total = int(total) if total is not None and total.isdigit() else None
+        if response.headers.get('Content-Encoding', 'identity') != 'identity':
+            total = None  # Content-Length counts the encoded bytes; iter_content yields decoded ones.
+        progress = _DownloadProgress(total) if verbose else None
+        received = 0
         try:
-            with requests.get(url, timeout=timeout) as response:
-                response.raise_for_status()
-                data = response.content
-                if len(data) == 0:
-                    raise OSError('empty response')
-                return data
-        except (requests.RequestException, OSError) as e:
-            last_error = e
-            status = getattr(getattr(e, 'response', None), 'status_code', None)
-            # A 4xx other than 408/429 will not get better by asking again.
-            if status is not None and 400 <= status < 500 and status not in (408, 429):
-                break
-            if attempt + 1 < num_attempts:
-                if verbose:
-                    print(f'Download of {url} failed ({e}); retrying ({attempt + 2}/{num_attempts})...', flush=True)
-                time.sleep(retry_delay * (2 ** attempt))
-    raise DownloadError(f'{url}: {last_error}')
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                dest.write(chunk)
+                received += len(chunk)
+                if progress is not None:
+                    progress.update(received)
+            if total is not None and received != total:
+                raise _IncompleteDownload(f'the server sent {received} of {total} bytes')
+            if received == 0:
+                raise _IncompleteDownload('the server sent an empty file')
+        except BaseException:
+            if progress is not None:
+                progress.abort()
+            raise
+        if progress is not None:
+            progress.finish(received)
+
+
+def _download(
+    url:            str,            # http(s) URL.
+    dest:           Any,            # Writable, seekable binary file object; rewritten from the start on each try.
+    num_attempts:   int,            # Most requests to make; only transient errors are retried.
+    retry_delay:    float,          # Seconds before the first retry; doubles on each retry.
+    timeout:        float,          # Seconds without data before a transfer counts as stalled.
+    connect_timeout: float,         # Seconds to wait for the connection to open.
+    verbose:        bool,           # Print the progress and the retries.
+) -> None:
+    import requests
+
+    for attempt in range(1, num_attempts + 1):
+        dest.seek(0)
+        dest.truncate()
+        try:
+            _fetch(url, dest, timeouts=(connect_timeout, timeout), verbose=verbose)
+            return
+        except (requests.RequestException, _IncompleteDownload) as e:
+            reason, transient = classify_download_error(e, url)
+            if not transient or attempt == num_attempts:
+                raise DownloadError(reason, attempts=attempt, transient=transient) from None
+            delay = retry_delay * 2 ** (attempt - 1)
+            if verbose:
+                print(f'Download of {url} failed: {reason}; retrying in {format_time(delay)} '
+                      f'(attempt {attempt + 1} of {num_attempts})', flush=True)
+            time.sleep(delay)
 
 
 def open_url(
     url:            str,                    # Local path, file:// URL or http(s):// URL.
     cache_dir:      Optional[str] = None,   # Download cache; default make_cache_dir_path('downloads').
-    num_attempts:   int = 10,               # Tries before giving up on an http(s) download.
-    verbose:        bool = True,            # Print a line while downloading.
+    num_attempts:   int = 10,               # Most requests for an http(s) download; only transient errors are retried.
+    verbose:        bool = True,            # Print the download's progress (bytes, rate) and its retries.
     return_filename: bool = False,          # Return the local file path instead of an open file.
     cache:          bool = True,            # Keep downloads on disk and reuse them.
     retry_delay:    float = 1.0,            # Seconds before the first retry; doubles on each retry.
-    timeout:        float = 30.0,           # Seconds to wait for the server on each attempt.
+    timeout:        float = 30.0,           # Seconds without data from the server before a transfer counts as stalled.
+    connect_timeout: float = 10.0,          # Seconds to wait for the server to accept the connection.
 ) -> Any:
     """Open a local file or a URL for binary reading.
 
     http(s) downloads are kept in the cache under a name derived from a hash of the URL, written to a
     temporary file and renamed into place, so an interrupted download never leaves a truncated copy that
-    later runs would trust. Without network access the error names the exact path where a copy of the
-    file can be placed by hand.
+    later runs would trust. A host that cannot be reached (no DNS, connection refused, no route, no answer)
+    fails at the first attempt; server errors and transfers broken off midway are retried with exponential
+    back-off (see classify_download_error). The error names the exact path where a copy of the file can be
+    placed by hand.
     """
     if not isinstance(url, str) or not url:
         raise ValueError(f'open_url() needs a path or URL, got {url!r}')
@@ -359,28 +538,26 @@ def open_url(
         return cache_path if return_filename else open(cache_path, 'rb')
 
     if verbose:
-        print(f'Downloading {url} ...', end='', flush=True)
+        print(f'Downloading {url}', flush=True)
+    download = dict(num_attempts=num_attempts, retry_delay=retry_delay, timeout=timeout,
+                    connect_timeout=connect_timeout, verbose=verbose)
     try:
-        data = _download(url, num_attempts=num_attempts, retry_delay=retry_delay, timeout=timeout, verbose=verbose)
+        if not cache:
+            buffer = io.BytesIO()
+            _download(url, dest=buffer, **download)
+            buffer.seek(0)
+            return buffer
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        # The temporary file is renamed over cache_path only after a complete download, and removed otherwise.
+        write_atomically(cache_path, lambda f: _download(url, dest=f, **download))
     except DownloadError as e:
-        if verbose:
-            print(' failed.', flush=True)
-        raise DownloadError(
-            f'Could not download {url} after {num_attempts} attempt(s): {e}.\n'
-            f'If this machine is offline, fetch the file elsewhere and place it at:\n  {cache_path}\n'
-            f'(the cache root can be moved with the DNNLIB_CACHE_DIR environment variable).') from None
-    if verbose:
-        print(' done.', flush=True)
-
-    if not cache:
-        return io.BytesIO(data)
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    temp_path = f'{cache_path}.tmp-{uuid.uuid4().hex}'
-    try:
-        with open(temp_path, 'wb') as f:
-            f.write(data)
-        os.replace(temp_path, cache_path)  # Atomic: readers see the old state or the whole file.
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+        attempts = getattr(e, 'attempts', 1)
+        tries = f' (after {attempts} attempts)' if attempts > 1 else ''
+        if cache:
+            where = (f'If this machine is offline, fetch the file elsewhere and place it at:\n  {cache_path}\n'
+                     f'(the cache root can be moved with the DNNLIB_CACHE_DIR environment variable).')
+        else:
+            where = 'If this machine is offline, fetch the file elsewhere and pass its local path instead of the URL.'
+        raise DownloadError(f'Could not download {url}: {e}{tries}.\n{where}', attempts=attempts,
+                            transient=getattr(e, 'transient', False)) from None
     return cache_path if return_filename else open(cache_path, 'rb')

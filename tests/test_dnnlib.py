@@ -1,6 +1,7 @@
 """dnnlib: EasyDict, Logger, cache directory, format_time, objects by name, open_url."""
 
 import copy
+import errno
 import http.server
 import io
 import math
@@ -9,6 +10,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 
 import pytest
 
@@ -192,7 +194,9 @@ def test_is_url():
 
 
 class _Server:
-    """A tiny HTTP server whose responses the test scripts: a list of (status, body, truncate) per request."""
+    """A tiny HTTP server whose responses the test scripts: a list of (status, body, truncate, stall) per request.
+    `truncate` sends half the body and closes the connection; `stall` waits that many seconds after half the
+    body before sending the rest."""
 
     def __init__(self):
         self.requests = []
@@ -202,13 +206,23 @@ class _Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 -- name fixed by BaseHTTPRequestHandler.
                 server.requests.append(self.path)
-                status, body, truncate = server.script.pop(0) if server.script else (200, b'payload', False)
+                status, body, truncate, stall = (list(server.script.pop(0)) + [0.0])[:4] if server.script else \
+                    (200, b'payload', False, 0.0)
                 self.send_response(status)
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if truncate else body)
-                if truncate:
-                    self.close_connection = True
+                try:
+                    if truncate or stall:
+                        self.wfile.write(body[:len(body) // 2])
+                        self.wfile.flush()
+                    if stall:
+                        time.sleep(stall)
+                    if truncate:
+                        self.close_connection = True
+                    else:
+                        self.wfile.write(body[len(body) // 2:] if stall else body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # The client gave up on a stalled transfer.
 
             def log_message(self, *args):
                 pass
@@ -304,3 +318,133 @@ def test_open_url_without_cache(server, tmp_path):
 def test_open_url_verbose_progress(server, tmp_path, capsys):
     util.open_url(server.url + '/f', cache_dir=str(tmp_path)).close()
     assert 'Downloading' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------
+# open_url: an unreachable host fails at once; only what can be transient is retried; progress.
+
+FAILS_FAST_SECONDS = 20  # "Seconds, not minutes": the old back-off over 10 attempts waited about 8.5 minutes.
+
+
+def _open_with_defaults(url, tmp_path, monkeypatch):
+    """open_url with its default attempts, back-off and verbosity; returns (DownloadError, seconds taken). A
+    back-off sleep fails the test at once instead of waiting for it (the defaults would wait minutes)."""
+    def no_back_off(seconds):
+        raise AssertionError(f'open_url backs off ({seconds} s) for an error that cannot go away')
+    monkeypatch.setattr(util.time, 'sleep', no_back_off)
+    start = time.monotonic()
+    with pytest.raises(util.DownloadError) as info:
+        util.open_url(url, cache_dir=str(tmp_path / 'cache'))
+    return info.value, time.monotonic() - start
+
+
+def test_unresolvable_host_fails_at_once_with_the_message(tmp_path, monkeypatch, capsys):
+    url = 'http://nonexistent.invalid/x.pkl'  # .invalid never resolves (RFC 6761).
+    error, seconds = _open_with_defaults(url, tmp_path, monkeypatch)
+    message = str(error)
+    assert seconds < FAILS_FAST_SECONDS
+    assert error.attempts == 1 and not error.transient
+    assert 'nonexistent.invalid' in message and 'cannot be resolved' in message and 'offline' in message
+    assert util.url_cache_path(url, str(tmp_path / 'cache')) in message
+    assert 'retrying' not in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / 'cache') or os.listdir(tmp_path / 'cache') == []
+
+
+def test_closed_port_fails_at_once_with_the_message(tmp_path, monkeypatch):
+    url = f'http://127.0.0.1:{_unused_port()}/pretrained/ffhq.pkl'
+    error, seconds = _open_with_defaults(url, tmp_path, monkeypatch)
+    assert seconds < FAILS_FAST_SECONDS
+    assert error.attempts == 1 and 'refused' in str(error)
+    assert util.url_cache_path(url, str(tmp_path / 'cache')) in str(error)
+
+
+@pytest.mark.parametrize('socket_error, expected', [
+    (OSError(errno.ENETUNREACH, 'Network is unreachable'), 'network is unreachable'),
+    (OSError(errno.EHOSTUNREACH, 'No route to host'), 'no route to the host'),
+    (socket.timeout('timed out'), 'did not accept a connection'),
+])
+def test_no_route_and_no_answer_are_not_retried(socket_error, expected, tmp_path, monkeypatch):
+    # What connect() raises on a machine without a route, or whose packets are dropped, fed in where urllib3 opens
+    # its sockets, so the error travels through urllib3 and requests as a real one does.
+    import urllib3.util.connection
+    calls = []
+
+    def connect(*args, **kwargs):
+        calls.append(args)
+        raise socket_error
+    monkeypatch.setattr(urllib3.util.connection, 'create_connection', connect)
+    error, seconds = _open_with_defaults(f'http://127.0.0.1:{_unused_port()}/f.pkl', tmp_path, monkeypatch)
+    assert expected in str(error) and error.attempts == 1 and len(calls) == 1
+    assert seconds < FAILS_FAST_SECONDS
+
+
+def test_server_errors_and_rate_limits_are_retried_with_back_off(server, tmp_path, monkeypatch, capsys):
+    delays = []
+    monkeypatch.setattr(util.time, 'sleep', delays.append)
+    server.script = [(503, b'busy', False), (429, b'slow down', False), (500, b'oops', False), (200, b'done', False)]
+    with util.open_url(server.url + '/f', cache_dir=str(tmp_path), retry_delay=0.5) as f:
+        assert f.read() == b'done'
+    assert delays == [0.5, 1.0, 2.0] and len(server.requests) == 4
+    out = capsys.readouterr().out
+    assert 'HTTP 503' in out and 'HTTP 429' in out and 'retrying' in out
+    # When the attempts run out, the error says how many there were and what the server answered.
+    server.script = [(502, b'bad gateway', False)] * 3
+    with pytest.raises(util.DownloadError, match='HTTP 502') as info:
+        util.open_url(server.url + '/g', cache_dir=str(tmp_path), num_attempts=3, verbose=False)
+    assert info.value.attempts == 3 and info.value.transient and 'after 3 attempts' in str(info.value)
+
+
+def test_a_transfer_broken_off_midway_is_retried(server, tmp_path):
+    body = bytes(range(256)) * 40
+    server.script = [(200, body, True), (200, body, False)]
+    path = util.open_url(server.url + '/net.pkl', cache_dir=str(tmp_path), retry_delay=0.01, return_filename=True,
+                         verbose=False)
+    assert open(path, 'rb').read() == body and len(server.requests) == 2
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # No temporary file left behind.
+
+
+def test_a_stalled_transfer_is_retried(server, tmp_path):
+    server.script = [(200, b'x' * 1000, False, 3.0), (200, b'y' * 1000, False)]
+    with util.open_url(server.url + '/f', cache_dir=str(tmp_path), retry_delay=0.01, timeout=0.3,
+                       verbose=False) as f:
+        assert f.read() == b'y' * 1000
+    assert len(server.requests) == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_updating_line_on_a_terminal(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(util, 'PROGRESS_INTERVAL_TTY', 0.0)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stdout', terminal)
+    server.script = [(200, b'z' * 400000, False)]
+    url = server.url + '/big.pkl'
+    util.open_url(url, cache_dir=str(tmp_path)).close()
+    header, progress, rest = terminal.getvalue().split('\n')
+    assert header == f'Downloading {url}' and rest == ''
+    updates = progress.split('\r')[1:]
+    assert len(updates) >= 3  # 400 kB arrive in 64 kB chunks: one rewrite of the line per chunk here.
+    assert all('of 400 kB' in update and '/s' in update for update in updates[:-1])
+    assert updates[-1].startswith('  400 kB in ') and updates[-1].rstrip().endswith('done.')  # Spaces clear the old text.
+
+
+def test_progress_in_a_log_is_whole_lines(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(util, 'PROGRESS_INTERVAL_LOG', 0.0)
+    server.script = [(200, b'z' * 200000, False)]
+    util.open_url(server.url + '/big.pkl', cache_dir=str(tmp_path)).close()
+    out = capsys.readouterr().out
+    assert '\r' not in out
+    lines = out.splitlines()
+    assert lines[0].startswith('Downloading ') and lines[-1].endswith('done.')
+    assert any('of 200 kB' in line and '/s' in line for line in lines[1:-1])
+
+
+@pytest.mark.parametrize('num_bytes, expected', [
+    (0, '0 B'), (999, '999 B'), (1000, '1.00 kB'), (65536, '65.5 kB'), (400000, '400 kB'), (2.5e6, '2.50 MB'),
+    (363e6, '363 MB'), (1.23e9, '1.23 GB'),
+])
+def test_format_bytes(num_bytes, expected):
+    assert util.format_bytes(num_bytes) == expected
