@@ -9,6 +9,10 @@ import scipy.linalg
 
 from . import metric_utils
 
+# The feature network this metric runs (Inception-v3 pool3 features); metric_main registers it with the metric so that
+# check_metrics_ready() can find the file before a training run starts.
+DETECTOR_URL = metric_utils.INCEPTION_URL
+
 # Added to both covariances when their product has no finite square root (e.g. singular, from fewer samples
 # than feature dimensions).
 SQRTM_EPS = 1e-6
@@ -34,10 +38,10 @@ def compute_fid(opts: metric_utils.MetricOptions, max_real: Optional[int], num_g
     The value is computed on rank 0; other ranks return NaN (calc_metric broadcasts rank 0's result)."""
     detector_kwargs = dict(return_features=True)  # Inception pool3 features, 2048-D.
     mu_real, sigma_real = metric_utils.compute_feature_stats_for_dataset(
-        opts, detector_url=metric_utils.INCEPTION_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
+        opts, detector_url=DETECTOR_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
         max_items=max_real, capture_mean_cov=True).get_mean_cov()
     mu_gen, sigma_gen = metric_utils.compute_feature_stats_for_generator(
-        opts, detector_url=metric_utils.INCEPTION_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
+        opts, detector_url=DETECTOR_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
         capture_mean_cov=True, max_items=num_gen).get_mean_cov()
     if opts.rank != 0:
         return float('nan')

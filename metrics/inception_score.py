@@ -6,6 +6,10 @@ import scipy.special
 
 from . import metric_utils
 
+# The feature network this metric runs (Inception-v3 class probabilities); metric_main registers it with the metric so that
+# check_metrics_ready() can find the file before a training run starts.
+DETECTOR_URL = metric_utils.INCEPTION_URL
+
 
 def as_probabilities(outputs: np.ndarray) -> np.ndarray:
     """Detector outputs -> class probabilities. The official Inception module returns softmax probabilities
@@ -36,7 +40,7 @@ def compute_is(opts: metric_utils.MetricOptions, num_gen: int, num_splits: int =
     # The original TensorFlow IS code computed the softmax without the output layer's bias.
     detector_kwargs = dict(no_output_bias=True)
     outputs = metric_utils.compute_feature_stats_for_generator(
-        opts, detector_url=metric_utils.INCEPTION_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
+        opts, detector_url=DETECTOR_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
         capture_all=True, max_items=num_gen).get_all()
     if opts.rank != 0:
         return float('nan'), float('nan')

@@ -8,6 +8,10 @@ import numpy as np
 
 from . import metric_utils
 
+# The feature network this metric runs (Inception-v3 pool3 features); metric_main registers it with the metric so that
+# check_metrics_ready() can find the file before a training run starts.
+DETECTOR_URL = metric_utils.INCEPTION_URL
+
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """k(x_i, y_j) = (x_i·y_j / d + 1)³ for all pairs of rows."""
@@ -45,10 +49,10 @@ def compute_kid(opts: metric_utils.MetricOptions, max_real: Optional[int], num_g
     """KID between the first `max_real` dataset images and `num_gen` generated ones (rank 0; NaN elsewhere)."""
     detector_kwargs = dict(return_features=True)
     real_features = metric_utils.compute_feature_stats_for_dataset(
-        opts, detector_url=metric_utils.INCEPTION_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
+        opts, detector_url=DETECTOR_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
         max_items=max_real, capture_all=True).get_all()
     gen_features = metric_utils.compute_feature_stats_for_generator(
-        opts, detector_url=metric_utils.INCEPTION_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
+        opts, detector_url=DETECTOR_URL, detector_kwargs=detector_kwargs, batch_size=batch_size,
         capture_all=True, max_items=num_gen).get_all()
     if opts.rank != 0:
         return float('nan')

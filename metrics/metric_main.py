@@ -12,7 +12,7 @@ was configured) and, for PPL, the cropped face region.
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,18 +28,29 @@ from . import (
 )
 
 _metric_dict: Dict[str, Callable] = dict()  # Name -> metric function.
+_metric_detectors: Dict[str, tuple] = dict()  # Name -> URLs of the feature networks the metric runs.
 
 
-def register_metric(fn: Callable) -> Callable:
-    """Decorator: make `fn(opts) -> dict` available under its function name."""
+def register_metric(fn: Optional[Callable] = None, *, detectors: Sequence[str] = ()) -> Callable:
+    """Decorator: make `fn(opts) -> dict` available under its function name.
+
+    `detectors` are the URLs of the feature networks the metric runs (each metric module's DETECTOR_URL), so
+    that check_metrics_ready() can find their files before a run starts. Use as `@register_metric`,
+    `register_metric(fn)` (as in the official code) or `@register_metric(detectors=[...])`.
+    """
+    if fn is None:
+        return lambda fn: register_metric(fn, detectors=detectors)
     assert callable(fn)
+    assert not isinstance(detectors, str), 'detectors is a list of URLs'
     _metric_dict[fn.__name__] = fn
+    _metric_detectors[fn.__name__] = tuple(detectors)
     return fn
 
 
 def unregister_metric(name: str) -> None:
     """Remove a metric (tests that register their own)."""
     _metric_dict.pop(name, None)
+    _metric_detectors.pop(name, None)
 
 
 def is_valid_metric(metric: str) -> bool:
@@ -48,6 +59,51 @@ def is_valid_metric(metric: str) -> bool:
 
 def list_valid_metrics() -> List[str]:
     return list(_metric_dict.keys())
+
+
+def _check_names(metrics: Sequence[str]) -> None:
+    unknown = [metric for metric in metrics if not is_valid_metric(metric)]
+    if unknown:
+        raise ValueError(f'Unknown metric(s) {", ".join(map(repr, unknown))}; valid metrics: '
+                         f'{", ".join(list_valid_metrics())}')
+
+
+def metric_detectors(metric: str) -> List[str]:
+    """URLs of the feature networks that `metric` runs."""
+    _check_names([metric])
+    return list(_metric_detectors[metric])
+
+
+def check_metrics_ready(
+    metrics:        List[str],              # Metric names, e.g. the list of train.py's --metrics.
+    detector_dir:   Optional[str] = None,   # Folder with local copies of the detectors; None = $STYLEGAN_DETECTOR_DIR.
+) -> None:
+    """Make sure that the feature network file of every metric in `metrics` is on this machine: in
+    detector_dir, in the download cache, or downloaded now (an unreachable host fails in seconds).
+
+    Meant for the start of a run, before its directory exists, so that an offline machine without the files
+    stops at once instead of after the first tick. Raises ValueError for an unknown metric name, and one
+    metric_utils.DetectorNotFoundError for all missing files, naming the metrics that need each, the exact
+    paths where it can be placed and the --detector-dir / $STYLEGAN_DETECTOR_DIR options.
+    """
+    _check_names(metrics)
+    needed_by = dict()  # Detector URL -> metric names, in the order first needed.
+    for metric in metrics:
+        for url in _metric_detectors[metric]:
+            needed_by.setdefault(url, [])
+            if metric not in needed_by[url]:
+                needed_by[url].append(metric)
+    problems, where = [], []
+    for url, names in needed_by.items():
+        try:
+            metric_utils.detector_path(url, detector_dir, verbose=True)
+        except metric_utils.DetectorNotFoundError as e:
+            problems.append(metric_utils.missing_detector_message(url, e.reason or str(e), e.where, needed_by=names,
+                                                                  options_hint=False))
+            where += e.where
+    if problems:
+        message = '\n'.join(problems + [metric_utils.DETECTOR_OPTIONS_HINT])
+        raise metric_utils.DetectorNotFoundError(message, where=where)
 
 
 def _broadcast_results(opts: metric_utils.MetricOptions, results: dict) -> dict:
@@ -65,8 +121,7 @@ def _broadcast_results(opts: metric_utils.MetricOptions, results: dict) -> dict:
 
 def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
     """Compute `metric` with MetricOptions(**kwargs); every rank of a multi-process run must call this."""
-    if not is_valid_metric(metric):
-        raise ValueError(f'Unknown metric {metric!r}; valid metrics: {", ".join(list_valid_metrics())}')
+    _check_names([metric])
     opts = metric_utils.MetricOptions(**kwargs)
     start_time = time.time()
     results = _metric_dict[metric](opts)
@@ -133,14 +188,14 @@ def _full_dataset(opts: metric_utils.MetricOptions) -> None:
     opts.dataset_kwargs.update(max_size=None, xflip=False)
 
 
-@register_metric
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
 def fid50k_full(opts):
     _full_dataset(opts)
     fid = frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=50000)
     return dict(fid50k_full=fid)
 
 
-@register_metric
+@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL])
 def kid50k_full(opts):
     _full_dataset(opts)
     kid = kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=50000, num_subsets=100,
@@ -148,7 +203,7 @@ def kid50k_full(opts):
     return dict(kid50k_full=kid)
 
 
-@register_metric
+@register_metric(detectors=[precision_recall.DETECTOR_URL])
 def pr50k3_full(opts):
     _full_dataset(opts)
     precision, recall = precision_recall.compute_pr(opts, max_real=200000, num_gen=50000, nhood_size=3,
@@ -156,14 +211,14 @@ def pr50k3_full(opts):
     return dict(pr50k3_full_precision=precision, pr50k3_full_recall=recall)
 
 
-@register_metric
+@register_metric(detectors=[perceptual_path_length.DETECTOR_URL])
 def ppl2_wend(opts):
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=50000, epsilon=1e-4, space='w', sampling='end',
                                              crop=False, batch_size=2)
     return dict(ppl2_wend=ppl)
 
 
-@register_metric
+@register_metric(detectors=[inception_score.DETECTOR_URL])
 def is50k(opts):
     _full_dataset(opts)
     mean, std = inception_score.compute_is(opts, num_gen=50000, num_splits=10)
@@ -173,7 +228,7 @@ def is50k(opts):
 # Quick check (ours, not an official metric).
 
 
-@register_metric
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
 def fid2k(opts):
     """FID of 2,000 generated against the first 2,000 dataset images: minutes on a CPU, for smoke tests such as
     the quickstart. FID is biased upward at small sample counts, so this is not comparable with fid50k."""
@@ -185,14 +240,14 @@ def fid2k(opts):
 # Legacy metrics (StyleGAN / StyleGAN2 papers).
 
 
-@register_metric
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
 def fid50k(opts):
     opts.dataset_kwargs.update(max_size=None)
     fid = frechet_inception_distance.compute_fid(opts, max_real=50000, num_gen=50000)
     return dict(fid50k=fid)
 
 
-@register_metric
+@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL])
 def kid50k(opts):
     opts.dataset_kwargs.update(max_size=None)
     kid = kernel_inception_distance.compute_kid(opts, max_real=50000, num_gen=50000, num_subsets=100,
@@ -200,7 +255,7 @@ def kid50k(opts):
     return dict(kid50k=kid)
 
 
-@register_metric
+@register_metric(detectors=[precision_recall.DETECTOR_URL])
 def pr50k3(opts):
     opts.dataset_kwargs.update(max_size=None)
     precision, recall = precision_recall.compute_pr(opts, max_real=50000, num_gen=50000, nhood_size=3,
@@ -208,28 +263,28 @@ def pr50k3(opts):
     return dict(pr50k3_precision=precision, pr50k3_recall=recall)
 
 
-@register_metric
+@register_metric(detectors=[perceptual_path_length.DETECTOR_URL])
 def ppl_zfull(opts):
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=50000, epsilon=1e-4, space='z', sampling='full',
                                              crop=True, batch_size=2)
     return dict(ppl_zfull=ppl)
 
 
-@register_metric
+@register_metric(detectors=[perceptual_path_length.DETECTOR_URL])
 def ppl_wfull(opts):
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=50000, epsilon=1e-4, space='w', sampling='full',
                                              crop=True, batch_size=2)
     return dict(ppl_wfull=ppl)
 
 
-@register_metric
+@register_metric(detectors=[perceptual_path_length.DETECTOR_URL])
 def ppl_zend(opts):
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=50000, epsilon=1e-4, space='z', sampling='end',
                                              crop=True, batch_size=2)
     return dict(ppl_zend=ppl)
 
 
-@register_metric
+@register_metric(detectors=[perceptual_path_length.DETECTOR_URL])
 def ppl_wend(opts):
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=50000, epsilon=1e-4, space='w', sampling='end',
                                              crop=True, batch_size=2)

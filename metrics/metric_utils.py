@@ -15,6 +15,7 @@ import os
 import time
 import urllib.parse
 import warnings
+import zipfile
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -26,7 +27,7 @@ DETECTOR_URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pret
 INCEPTION_URL = DETECTOR_URL_BASE + 'inception-2015-12-05.pt'  # Inception-v3 as used by the TF FID/IS code.
 VGG16_URL = DETECTOR_URL_BASE + 'vgg16.pt'                     # VGG16 with LPIPS linear layers.
 DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'                     # Folder holding local copies of the detectors.
-DOWNLOAD_ATTEMPTS = 3                                          # An offline machine should fail fast, not retry for minutes.
+DOWNLOAD_ATTEMPTS = 3                                          # Tries on server errors (unreachable hosts fail at once).
 
 # ----------------------------------------------------------------------------
 # Options shared by every metric.
@@ -110,7 +111,14 @@ class ProgressMonitor:
 
 
 class DetectorNotFoundError(FileNotFoundError):
-    """A feature detector file is neither in the detector folder nor downloadable; the message says where to put it."""
+    """A feature detector file is neither in the detector folder nor downloadable; the message says where to put it.
+    `url`, `reason` and `where` (the paths where a copy can be placed) are kept for callers that word their own."""
+
+    def __init__(self, message: str, url: Optional[str] = None, reason: Optional[str] = None, where: tuple = ()):
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
+        self.where = tuple(where)
 
 
 _detector_cache = dict()  # (url, device, detector folder) -> loaded TorchScript module.
@@ -140,37 +148,76 @@ def _detector_dir(detector_dir: Optional[str]) -> Optional[str]:
 def detector_path(url: str, detector_dir: Optional[str] = None, verbose: bool = False) -> str:
     """Local file of the detector `url`: `<detector_dir>/<file name>` if present (detector_dir defaults to
     $STYLEGAN_DETECTOR_DIR), else the download cache (fetched if missing). Raises DetectorNotFoundError naming
-    the places where a copy of the file can be put."""
+    the places where a copy of the file can be put, also when the file found is not a TorchScript archive."""
     folder = _detector_dir(detector_dir)
     file_name = detector_file_name(url)
-    if folder is not None:
-        candidate = os.path.join(folder, file_name)
-        if os.path.isfile(candidate):
-            return candidate
+    where = [os.path.join(folder, file_name)] if folder is not None else []
+    if folder is not None and os.path.isfile(where[0]):
+        return _checked_detector_file(where[0], url, where)
     if not dnnlib.util.is_url(url, allow_file_urls=True):
         if os.path.isfile(url):
-            return url
-        where = [os.path.join(folder, file_name)] if folder is not None else []
-        raise DetectorNotFoundError(_missing_detector_message(url, str(f'no file "{url}"'), where))
+            return _checked_detector_file(url, url, where)
+        raise missing_detector_error(url, f'no file "{url}"', where)
+    if not url.startswith('file://'):
+        where.append(dnnlib.util.url_cache_path(url))
     try:
-        return dnnlib.util.open_url(url, return_filename=True, num_attempts=DOWNLOAD_ATTEMPTS, verbose=verbose)
+        path = dnnlib.util.open_url(url, return_filename=True, num_attempts=DOWNLOAD_ATTEMPTS, verbose=verbose)
     except OSError as e:  # DownloadError and FileNotFoundError (file:// URLs) are both OSErrors.
-        where = [os.path.join(folder, file_name)] if folder is not None else []
-        if not url.startswith('file://'):
-            where.append(dnnlib.util.url_cache_path(url))
         reason = str(e).splitlines()[0]
-        raise DetectorNotFoundError(_missing_detector_message(url, reason, where, folder_given=folder is not None)) from None
+        if folder is not None and not os.path.isdir(folder):
+            reason += f' (and the detector folder "{folder}" does not exist)'
+        raise missing_detector_error(url, reason, where) from None
+    return _checked_detector_file(path, url, where)
 
 
-def _missing_detector_message(url: str, reason: str, where: list, folder_given: bool = True) -> str:
+def _checked_detector_file(path: str, url: str, where: list) -> str:
+    # TorchScript files are zip archives; anything else (an HTML error page saved under the detector's name,
+    # a file cut short) would otherwise surface later as an obscure error of torch.jit.load.
+    if not zipfile.is_zipfile(path):
+        raise missing_detector_error(
+            url, f'"{path}" is not a TorchScript file (not a zip archive; cut short, or another file?)', where)
+    return path
+
+
+def missing_detector_error(url: str, reason: str, where: list) -> DetectorNotFoundError:
+    return DetectorNotFoundError(missing_detector_message(url, reason, where), url=url, reason=reason, where=where)
+
+
+def missing_detector_message(url: str, reason: str, where: list, needed_by: Optional[list] = None,
+                             options_hint: bool = True) -> str:
+    """What to do about a missing detector: `reason`, where to place a copy (`where`) and, with `options_hint`,
+    the --detector-dir / $STYLEGAN_DETECTOR_DIR options. `needed_by` names the metrics that need it."""
     file_name = detector_file_name(url)
-    lines = [f'Feature detector "{file_name}" is not available: {reason}',
-             f'Download {url} on a machine with network access and place it at:']
+    if needed_by:
+        verb = 'needs' if len(needed_by) == 1 else 'need'
+        lines = [f'{", ".join(needed_by)} {verb} the feature detector "{file_name}", which is not available: {reason}']
+    else:
+        lines = [f'Feature detector "{file_name}" is not available: {reason}']
+    lines.append(f'Download {url} on a machine with network access and place it at:')
     lines += [f'  {path}' for path in where]
-    if not folder_given:
-        lines.append(f'or put it into a folder of your choice and point --detector-dir (calc_metrics.py) or the '
-                     f'{DETECTOR_DIR_ENV} environment variable at that folder.')
+    if options_hint:
+        lines.append(DETECTOR_OPTIONS_HINT)
     return '\n'.join(lines)
+
+
+DETECTOR_OPTIONS_HINT = (f'or put the file into a folder of your choice and pass that folder as --detector-dir (or set '
+                         f'the {DETECTOR_DIR_ENV} environment variable to it).')
+
+
+_digest_cache = dict()  # (real path, size, mtime_ns) -> sha256 hex digest.
+
+
+def detector_digest(path: str) -> str:
+    """sha256 of the file at `path`, computed once per process for each (path, size, modification time)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digest_cache:
+        sha256 = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                sha256.update(block)
+        _digest_cache[key] = sha256.hexdigest()
+    return _digest_cache[key]
 
 
 def get_feature_detector(
@@ -348,10 +395,16 @@ def default_data_loader_kwargs(device: torch.device) -> dict:
 
 
 def dataset_stats_cache_file(opts: MetricOptions, dataset_name: str, detector_url: str, detector_kwargs: dict,
-                             max_items: Optional[int], stats_kwargs: dict) -> str:
-    """Cache file of dataset statistics, named by an md5 of everything that determines them."""
+                             max_items: Optional[int], stats_kwargs: dict, detector_file: Optional[str] = None) -> str:
+    """Cache file of dataset statistics, named by an md5 of everything that determines them: the dataset options,
+    the detector (its URL and the sha256 of the local file behind it, so that another network placed under the
+    same name gets other statistics), its call options, the item limit and the statistics kept.
+    `detector_file` is the detector's local file; None looks it up with detector_path()."""
+    if detector_file is None:
+        detector_file = detector_path(detector_url, opts.detector_dir)
     key = json.dumps(dict(dataset_kwargs=opts.dataset_kwargs, detector_url=detector_url,
-                          detector_kwargs=detector_kwargs, max_items=max_items, stats_kwargs=stats_kwargs),
+                          detector_sha256=detector_digest(detector_file), detector_kwargs=detector_kwargs,
+                          max_items=max_items, stats_kwargs=stats_kwargs),
                      sort_keys=True, default=repr)
     md5 = hashlib.md5(key.encode('utf-8')).hexdigest()
     return dnnlib.make_cache_dir_path('gan-metrics', f'{dataset_name}-{detector_name(detector_url)}-{md5}.npz')
@@ -383,17 +436,19 @@ def compute_feature_stats_for_dataset(
     if data_loader_kwargs is None:
         data_loader_kwargs = default_data_loader_kwargs(opts.device)
 
+    num_items = len(dataset) if max_items is None else min(len(dataset), max_items)
+    progress = opts.progress.sub(tag='dataset features', num_items=num_items)
+    # The detector comes first, even when the statistics are cached: the cache key holds its file's digest, and
+    # get_feature_detector lets rank 0 download it alone.
+    detector = get_feature_detector(detector_url, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
+                                    verbose=progress.verbose, detector_dir=opts.detector_dir)
     cache_file = None
     if opts.cache:
         cache_file = dataset_stats_cache_file(opts, dataset.name, detector_url, detector_kwargs, max_items, stats_kwargs)
         if _broadcast_flag(opts, opts.rank == 0 and os.path.isfile(cache_file)):
             return FeatureStats.load(cache_file)
 
-    num_items = len(dataset) if max_items is None else min(len(dataset), max_items)
     stats = FeatureStats(max_items=num_items, **stats_kwargs)
-    progress = opts.progress.sub(tag='dataset features', num_items=num_items)
-    detector = get_feature_detector(detector_url, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
-                                    verbose=progress.verbose, detector_dir=opts.detector_dir)
     loader = torch.utils.data.DataLoader(dataset, sampler=rank_items(num_items, opts.num_gpus, opts.rank),
                                          batch_size=batch_size, **data_loader_kwargs)
     with torch.no_grad():

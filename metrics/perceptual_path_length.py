@@ -16,6 +16,10 @@ import dnnlib
 
 from . import metric_utils
 
+# The feature network this metric runs (VGG16 LPIPS distances); metric_main registers it with the metric so that
+# check_metrics_ready() can find the file before a training run starts.
+DETECTOR_URL = metric_utils.VGG16_URL
+
 SPACES = ('z', 'w')
 SAMPLINGS = ('full', 'end')
 
@@ -92,9 +96,8 @@ def compute_ppl(opts: metric_utils.MetricOptions, num_samples: int, epsilon: flo
         raise ValueError(f'PPL space must be one of {", ".join(SPACES)}, got {space!r}')
     if sampling not in SAMPLINGS:
         raise ValueError(f'PPL sampling must be one of {", ".join(SAMPLINGS)}, got {sampling!r}')
-    vgg16 = metric_utils.get_feature_detector(metric_utils.VGG16_URL, device=opts.device, num_gpus=opts.num_gpus,
-                                              rank=opts.rank, verbose=opts.progress.verbose,
-                                              detector_dir=opts.detector_dir)
+    vgg16 = metric_utils.get_feature_detector(DETECTOR_URL, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
+                                              verbose=opts.progress.verbose, detector_dir=opts.detector_dir)
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     dataset = dnnlib.util.construct_class_by_name(**opts.dataset_kwargs)
     sampler = metric_utils.LatentSampler(G, dataset, seed=seed)

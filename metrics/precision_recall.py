@@ -13,6 +13,10 @@ import torch
 
 from . import metric_utils
 
+# The feature network this metric runs (VGG16 features); metric_main registers it with the metric so that
+# check_metrics_ready() can find the file before a training run starts.
+DETECTOR_URL = metric_utils.VGG16_URL
+
 
 def _column_batches(num_cols: int, col_batch_size: int, num_gpus: int, rank: int) -> list:
     """Column ranges [start, stop) of this rank. Every rank gets the same number of slots (None = padding), so
@@ -101,7 +105,7 @@ def precision_recall(real_features: torch.Tensor, gen_features: torch.Tensor, nh
 def compute_pr(opts: metric_utils.MetricOptions, max_real: Optional[int], num_gen: int, nhood_size: int = 3,
                row_batch_size: int = 10000, col_batch_size: int = 10000, batch_size: int = 64) -> tuple:
     """(precision, recall) of `num_gen` generated images against the first `max_real` dataset images."""
-    detector_url = metric_utils.VGG16_URL
+    detector_url = DETECTOR_URL
     detector_kwargs = dict(return_features=True)
     real_features = metric_utils.compute_feature_stats_for_dataset(
         opts, detector_url=detector_url, detector_kwargs=detector_kwargs, batch_size=batch_size,

@@ -4,6 +4,7 @@ the registry, calc_metrics.py, two processes) with stand-in feature detectors wr
 import json
 import os
 import pickle
+import time
 import warnings
 
 import numpy as np
@@ -284,6 +285,143 @@ def test_missing_detector_names_the_paths(tmp_path, monkeypatch):
     with pytest.raises(metric_utils.DetectorNotFoundError, match='STYLEGAN_DETECTOR_DIR'):
         metric_utils.detector_path(metric_utils.VGG16_URL)
 
+def _no_network(url, **_kwargs):
+    raise dnnlib.util.DownloadError(f'{url}: no network in this test')
+
+
+def test_detector_that_is_not_torchscript_is_refused(tmp_path):
+    (tmp_path / 'vgg16.pt').write_text('<html>Sign in to download</html>')
+    with pytest.raises(metric_utils.DetectorNotFoundError, match='not a TorchScript file') as info:
+        metric_utils.detector_path(metric_utils.VGG16_URL, detector_dir=str(tmp_path))
+    assert str(tmp_path / 'vgg16.pt') in str(info.value)
+
+
+def test_detector_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    path = tmp_path / 'inception-2015-12-05.pt'
+    path.write_bytes(b'first version')
+    hashed = []
+    sha256 = metric_utils.hashlib.sha256
+    monkeypatch.setattr(metric_utils.hashlib, 'sha256', lambda *args: hashed.append(1) or sha256(*args))
+    first = metric_utils.detector_digest(str(path))
+    assert first == sha256(b'first version').hexdigest()
+    assert metric_utils.detector_digest(str(path)) == first and len(hashed) == 1
+    # Replaced by another file: another size and modification time, so it is hashed again.
+    path.write_bytes(b'second version, longer')
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    assert metric_utils.detector_digest(str(path)) == sha256(b'second version, longer').hexdigest()
+    assert len(hashed) == 2
+
+
+def test_dataset_stats_cache_key_includes_the_detector_file(G, dataset_dir, tmp_path):
+    # Two different networks under the same URL (and file name), in two folders; and a copy of the first.
+    folder_a = write_detectors(tmp_path / 'a')
+    folder_b = str(tmp_path / 'b')
+    os.makedirs(folder_b)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', category=DeprecationWarning)
+        torch.jit.script(StandInDetector(3)).save(os.path.join(folder_b, 'inception-2015-12-05.pt'))
+    folder_copy = str(tmp_path / 'copy')
+    os.makedirs(folder_copy)
+    with open(os.path.join(folder_a, 'inception-2015-12-05.pt'), 'rb') as src:
+        with open(os.path.join(folder_copy, 'inception-2015-12-05.pt'), 'wb') as dst:
+            dst.write(src.read())
+
+    def cache_file(folder):
+        opts = make_opts(G, dataset_dir, folder)
+        return metric_utils.dataset_stats_cache_file(opts, 'tiny', metric_utils.INCEPTION_URL,
+                                                     dict(return_features=True), None, dict(capture_all=True))
+    assert cache_file(folder_a) != cache_file(folder_b)
+    assert cache_file(folder_a) == cache_file(folder_a) == cache_file(folder_copy)  # The content counts, not the path.
+    assert os.path.basename(cache_file(folder_a)).startswith('tiny-inception-2015-12-05-')
+    # End to end: statistics cached with one network are not served for the other.
+    kwargs = dict(detector_url=metric_utils.INCEPTION_URL, detector_kwargs=dict(return_features=True), batch_size=8,
+                  capture_all=True)
+    features_a = metric_utils.compute_feature_stats_for_dataset(make_opts(G, dataset_dir, folder_a), **kwargs).get_all()
+    features_b = metric_utils.compute_feature_stats_for_dataset(make_opts(G, dataset_dir, folder_b), **kwargs).get_all()
+    assert os.path.isfile(cache_file(folder_a)) and os.path.isfile(cache_file(folder_b))
+    assert not np.allclose(features_a, features_b)
+
+# ----------------------------------------------------------------------------
+# Feature networks checked before a run starts.
+
+OFFICIAL_METRICS = ['fid50k_full', 'kid50k_full', 'pr50k3_full', 'is50k', 'ppl2_wend', 'fid50k', 'kid50k', 'pr50k3',
+                    'ppl_zfull', 'ppl_wfull', 'ppl_zend', 'ppl_wend', 'fid2k']
+
+
+class _DetectorRequested(Exception):
+    pass
+
+
+@pytest.mark.parametrize('metric', OFFICIAL_METRICS)
+def test_declared_detectors_are_the_ones_the_metric_runs(metric, dataset_dir, monkeypatch):
+    # Run the metric until it asks for its first feature network: that request must be what it declares.
+    # (Every metric here runs one network; the stop keeps the 50k-sample protocols from running.)
+    requested = []
+
+    def record(url, **_kwargs):
+        requested.append(url)
+        raise _DetectorRequested
+    monkeypatch.setattr(metric_utils, 'get_feature_detector', record)
+    with pytest.raises(_DetectorRequested):
+        metric_main.calc_metric(metric, G=make_generator(), dataset_kwargs=dataset_kwargs_of(dataset_dir), device='cpu',
+                                cache=False)
+    assert requested == metric_main.metric_detectors(metric)
+    expected = metric_utils.VGG16_URL if metric.startswith(('pr', 'ppl')) else metric_utils.INCEPTION_URL
+    assert requested == [expected]
+
+
+def test_check_metrics_ready_with_the_detectors_at_hand(detector_dir, monkeypatch):
+    monkeypatch.setattr(dnnlib.util, '_download', _no_network)
+    monkeypatch.delenv(metric_utils.DETECTOR_DIR_ENV, raising=False)
+    assert metric_main.check_metrics_ready(OFFICIAL_METRICS, detector_dir=detector_dir) is None
+    assert metric_main.check_metrics_ready([], detector_dir=None) is None
+    monkeypatch.setenv(metric_utils.DETECTOR_DIR_ENV, detector_dir)
+    metric_main.check_metrics_ready(['fid50k_full', 'pr50k3_full'])
+
+
+def test_check_metrics_ready_names_every_missing_file_and_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setattr(dnnlib.util, '_download', _no_network)
+    monkeypatch.delenv(metric_utils.DETECTOR_DIR_ENV, raising=False)
+    folder = str(tmp_path / 'detectors')
+    with pytest.raises(metric_utils.DetectorNotFoundError) as info:
+        metric_main.check_metrics_ready(['fid50k_full', 'kid50k_full', 'pr50k3_full'], detector_dir=folder)
+    message = str(info.value)
+    assert 'fid50k_full, kid50k_full need the feature detector "inception-2015-12-05.pt"' in message
+    assert 'pr50k3_full needs the feature detector "vgg16.pt"' in message
+    paths = [os.path.join(folder, 'inception-2015-12-05.pt'), dnnlib.util.url_cache_path(metric_utils.INCEPTION_URL),
+             os.path.join(folder, 'vgg16.pt'), dnnlib.util.url_cache_path(metric_utils.VGG16_URL)]
+    assert all(f'\n  {path}\n' in message + '\n' for path in paths) and list(info.value.where) == paths
+    assert message.count('--detector-dir') == 1 and 'STYLEGAN_DETECTOR_DIR' in message
+    assert 'does not exist' in message  # The folder given was never created.
+    # With Inception at hand, only VGG16 is missing.
+    write_detectors(folder)
+    os.remove(os.path.join(folder, 'vgg16.pt'))
+    metric_main.check_metrics_ready(['fid50k_full', 'is50k'], detector_dir=folder)
+    with pytest.raises(metric_utils.DetectorNotFoundError) as info:
+        metric_main.check_metrics_ready(['fid50k_full', 'ppl2_wend'], detector_dir=folder)
+    assert 'vgg16.pt' in str(info.value) and 'inception' not in str(info.value)
+    with pytest.raises(ValueError, match='fid50k_full') as info:
+        metric_main.check_metrics_ready(['fid50k_full', 'fid50'])
+    assert "'fid50'" in str(info.value)
+
+
+def test_check_metrics_ready_fails_fast_on_an_unreachable_host(tmp_path, monkeypatch):
+    # The real download path: the detector URL's host does not resolve (.invalid never does).
+    url = 'http://nonexistent.invalid/metrics/detector-for-test.pt'
+    monkeypatch.delenv(metric_utils.DETECTOR_DIR_ENV, raising=False)
+    metric_main.register_metric(_tiny_fid, detectors=[url])
+    try:
+        start = time.monotonic()
+        with pytest.raises(metric_utils.DetectorNotFoundError) as info:
+            metric_main.check_metrics_ready(['_tiny_fid'], detector_dir=str(tmp_path))
+        assert time.monotonic() - start < 20
+    finally:
+        metric_main.unregister_metric('_tiny_fid')
+    message = str(info.value)
+    assert 'cannot be resolved' in message and os.path.join(str(tmp_path), 'detector-for-test.pt') in message
+    assert dnnlib.util.url_cache_path(url) in message
+
+
 # ----------------------------------------------------------------------------
 # Pipeline with the stand-in detectors.
 
@@ -461,7 +599,12 @@ def test_report_metric_appends_a_json_line(tmp_path, tiny_metric, capsys):
     assert json.loads(line)['snapshot_pkl'] == '/elsewhere/net.pkl'
 
 
-def test_run_training_metrics(G, dataset_dir, detector_dir, tmp_path, tiny_metric):
+def test_run_training_metrics(G, dataset_dir, detector_dir, tmp_path, tiny_metric, monkeypatch):
+    # No download and no $STYLEGAN_DETECTOR_DIR: the detectors can only come from the detector_dir passed through.
+    monkeypatch.setattr(dnnlib.util, '_download', _no_network)
+    monkeypatch.delenv(metric_utils.DETECTOR_DIR_ENV, raising=False)
+    with pytest.raises(metric_utils.DetectorNotFoundError):
+        metric_main.run_training_metrics([tiny_metric], G, dataset_kwargs_of(dataset_dir), device='cpu')
     results = metric_main.run_training_metrics([tiny_metric], G, dataset_kwargs_of(dataset_dir), num_gpus=1, rank=0,
                                                device='cpu', run_dir=str(tmp_path),
                                                snapshot_pkl=str(tmp_path / 'network-snapshot-000000.pkl'),
