@@ -37,7 +37,9 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
     -noblend                --squeeze-noblend=1
     -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
     -cbase<n> -cmax<n>      --cbase, --cmax given (network capacity)
-    -map<n>                 --map given
+    -map<n>                 --map-depth (or its alias --map) given
+    -glr<g:g> -dlr<d:g>     --glr, --dlr given
+    -mbstd<n>               --mbstd-group given
     -gamma<g:g>             --gamma given
     -kimg<k>                --kimg given
     -batch<b>               --batch given
@@ -49,8 +51,9 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
     -resume<name>           --resume=<preset>, e.g. -resumeffhq256
     -resumecustom           --resume=<.pkl path or URL>
     -freezed<n>             --freezed=n
-Everything else (--gpus, --snap, --tick, --metrics, --seed, --workers, --fp32, --nhwc, --nobench, --allow-tf32,
---device) leaves the description unchanged. Example: `00000-fakedata-paper256-squeeze-r8`.
+    -<desc>                 --desc given (StyleGAN3's flag), last
+Everything else (--gpus, --batch-gpu, --snap, --tick, --metrics, --seed, --workers, --fp32, --nhwc, --nobench,
+--allow-tf32, --device, --detector-dir) leaves the description unchanged. Example: `00000-fakedata-paper256-squeeze-r8`.
 
 Resuming. `--resume` takes one of three kinds of value:
 - a preset name (`ffhq256`, ...), a URL, or a `.pkl` path: a new run that starts from those weights (the
@@ -70,6 +73,7 @@ run directory and sends its path to the others. Any process count works, not onl
 import copy
 import datetime
 import json
+import math
 import os
 import re
 import tempfile
@@ -153,9 +157,9 @@ DEFAULTS = dict(
 )
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
-STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick')
+STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir')
 # Options that choose how to launch, not what to train: never reported as ignored.
-_LAUNCH_OPTIONS = ('resume', 'device', 'distributed')
+_LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices')
 
 # training_loop arguments that differ between the processes of one run; never part of the stored options.
 _PER_PROCESS_KEYS = ('rank', 'device')
@@ -163,6 +167,7 @@ _PER_PROCESS_KEYS = ('rank', 'device')
 SQUEEZE_OPTIONS = ('squeeze_r', 'squeeze_noblend', 'squeeze_torgb')
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 OPTIONS_FILE_NAME = 'training_options.json'
+LOG_FILE_NAME = 'log.txt'
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
 
 # A collective that waits longer than this ends the process group (and so the run) instead of hanging.
@@ -175,6 +180,10 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=15)
 
 class UserError(click.ClickException):
     """A problem with the command line or the data; click prints 'Error: <message>' without a traceback."""
+
+
+class RunFailed(UserError):
+    """The training processes stopped with an error; the message is the one line the user sees."""
 
 
 def _warn(message: str) -> None:
@@ -208,6 +217,23 @@ def _metrics_callback(_ctx, _param, value):
         return parse_metrics(value)
     except UserError as e:
         raise click.BadParameter(e.message) from None
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf. FloatRange alone lets `--gamma=nan` through (every
+    comparison with nan is false), and a nan R1 weight silently disables the regularization."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
+def _check_finite(name: str, value: Optional[float]) -> None:
+    """The builder's own check, for callers that bypass the click types (tests, notebooks)."""
+    if value is not None and not math.isfinite(value):
+        raise UserError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
 
 
 # ----------------------------------------------------------------------------
@@ -246,8 +272,62 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def check_metrics_ready(metrics: Sequence[str], detector_dir: Optional[str]) -> None:
+    """Find (or fetch) the feature network of every metric now, so that an offline machine without the file
+    fails before the run directory exists instead of after the first tick. Tests replace this hook."""
+    if not metrics:
+        return
+    from metrics import metric_main
+    try:
+        metric_main.check_metrics_ready(list(metrics), detector_dir=detector_dir)
+    except OSError as e:  # DetectorNotFoundError, DownloadError
+        raise UserError(f'--metrics: {e}') from None
+
+
+def inspect_snapshot(path_or_url: str) -> dnnlib.EasyDict:
+    """Load the snapshot `--resume` names and return what must fit the run: EasyDict(networks={name:
+    EasyDict(img_resolution, img_channels, c_dim)}). Tests replace this hook.
+
+    Everything that can go wrong with a resume target (missing, truncated, not a snapshot, unreachable URL)
+    is reported here, before the run directory exists. The training loop loads the file again; a download is
+    cached, so that costs a second read of the file, not a second download.
+    """
+    from training import legacy
+    try:
+        with dnnlib.util.open_url(path_or_url) as f:
+            data = legacy.load_network_pkl(f)
+    except Exception as e:  # Unpickling an arbitrary file can raise anything; the message is what matters.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'--resume: cannot use "{path_or_url}": {first_line}') from None
+    networks = dnnlib.EasyDict()
+    for name in ('G', 'D', 'G_ema'):
+        net = data.get(name)
+        if isinstance(net, torch.nn.Module):
+            networks[name] = dnnlib.EasyDict({key: getattr(net, key, None)
+                                              for key in ('img_resolution', 'img_channels', 'c_dim')})
+    return dnnlib.EasyDict(networks=networks)
+
+
+def _check_resume_fits(resume_pkl: str, info: Mapping[str, Any]) -> None:
+    """A snapshot can seed a run of another architecture or conditioning (the weights that fit are copied),
+    but not one of another image size or channel count: those mismatches cannot be meant."""
+    snapshot = inspect_snapshot(resume_pkl)
+    if not snapshot.networks:
+        raise UserError(f'--resume: "{resume_pkl}" holds none of the networks G, D, G_ema')
+    for name, net in snapshot.networks.items():
+        if net.img_resolution is not None and net.img_resolution != info.resolution:
+            raise UserError(f'--resume: {name} of "{resume_pkl}" makes {net.img_resolution}x{net.img_resolution} '
+                            f'images, but the training data is {info.resolution}x{info.resolution}; resize the '
+                            f'dataset (dataset_tool.py --width --height) or resume from a matching snapshot')
+        channels = info.get('num_channels')
+        if net.img_channels is not None and channels is not None and net.img_channels != channels:
+            raise UserError(f'--resume: {name} of "{resume_pkl}" has {net.img_channels} image channel(s), but the '
+                            f'training data has {channels}')
+
+
 def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
-    """Open the dataset once and return what the options depend on: name, resolution, has_labels, size.
+    """Open the dataset once and return what the options depend on: name, resolution, has_labels, size,
+    num_channels.
 
     Tests replace this function with a stand-in, so that option trees can be built without image files.
     """
@@ -259,7 +339,7 @@ def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
         raise UserError(f'--data: {e}') from None
     try:
         return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
-                               size=len(dataset))
+                               size=len(dataset), num_channels=dataset.num_channels)
     finally:
         if hasattr(dataset, 'close'):
             dataset.close()
@@ -299,10 +379,12 @@ def resolve_launch(
     gpus:           Optional[int] = None,               # --gpus; None = default (1). 0 = one CPU process.
     device:         Optional[str] = None,               # --device: auto, cuda or cpu; None = auto.
     distributed:    Optional[Mapping[str, Any]] = None, # distributed_env() of a torchrun process, or None.
+    probe_devices:  bool = True,                        # Check that the CUDA devices exist (False: --dry-run).
 ) -> dnnlib.EasyDict:
     """How many processes train and on what: EasyDict(num_gpus, device_type). Raises UserError on a mismatch.
 
-    `num_gpus` keeps the training loop's name but counts processes, whatever their device.
+    `num_gpus` keeps the training loop's name but counts processes, whatever their device. Without
+    `probe_devices`, a CUDA request is taken at its word: a login node without GPUs can prepare a GPU job.
     """
     device = device or DEFAULTS['device']
     if device not in DEVICES:
@@ -324,6 +406,8 @@ def resolve_launch(
         num_gpus = local_needed = gpus
     if device == 'cpu':
         return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cpu')
+    if not probe_devices:
+        return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cuda')
 
     visible = _cuda_device_count()
     if visible == 0:
@@ -431,6 +515,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
               f'{", ".join("--" + name for name in STATE_OVERRIDES)} may change)')
 
     if given.get('kimg') is not None:
+        _check_finite('kimg', given['kimg'])
         if given['kimg'] <= 0:
             raise UserError(f'--kimg must be positive, got {given["kimg"]:g}')
         args.total_kimg = given['kimg']
@@ -444,23 +529,41 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     if given.get('workers') is not None:
         args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
     if given.get('tick') is not None:
+        _check_finite('tick', given['tick'])
         args.kimg_per_tick = given['tick']
+    if given.get('detector_dir') is not None:
+        args.detector_dir = given['detector_dir']
 
-    # Without --gpus the stored process count stays (under torchrun, its world size decides).
+    # The stored data must still be there: a dataset moved since the run started is reported now, not by the
+    # data loader after the networks are built.
+    try:
+        inspect_dataset(args.training_set_kwargs)
+    except UserError as e:
+        raise UserError(f'--resume: the training data of this run cannot be read: {e.message.removeprefix("--data: ")}'
+                        ) from None
+
+    # Without --gpus the stored process count stays (under torchrun, its world size decides); without
+    # --device the run continues on the kind of device it ran on (a CPU run stays on the CPU).
     gpus = given.get('gpus')
     if gpus is None and given.get('distributed') is None:
         gpus = args.num_gpus
-    launch = resolve_launch(gpus, given.get('device'), given.get('distributed'))
-    if launch.num_gpus != args.num_gpus:
+    device = given.get('device')
+    if device is None and args.get('device_type') == 'cpu':
+        device = 'cpu'
+    launch = resolve_launch(gpus, device, given.get('distributed'), probe_devices=False)
+    batch_gpu = given.get('batch_gpu') or args.batch_gpu
+    if launch.num_gpus != args.num_gpus and given.get('batch_gpu') is None:
         # Keep the stored per-GPU batch where it still splits the batch evenly, so that each forward pass
         # sees the same number of images as before; otherwise give each process an equal share.
-        batch_gpu = args.batch_gpu
         if args.batch_size % (batch_gpu * launch.num_gpus) != 0:
             batch_gpu = args.batch_size // launch.num_gpus
-        mbstd = args.get('D_kwargs', {}).get('epilogue_kwargs', {}).get('mbstd_group_size')
-        _split_batch(args.batch_size, batch_gpu, launch.num_gpus, mbstd,
-                     hint=f'the resumed run has batch {args.batch_size}: choose --gpus to divide it')
-        args.num_gpus, args.batch_gpu = launch.num_gpus, batch_gpu
+    mbstd = args.get('D_kwargs', {}).get('epilogue_kwargs', {}).get('mbstd_group_size')
+    _split_batch(args.batch_size, batch_gpu, launch.num_gpus, mbstd,
+                 hint=f'the resumed run has batch {args.batch_size}: choose --gpus and --batch-gpu to divide it')
+    args.num_gpus, args.batch_gpu, args.device_type = launch.num_gpus, batch_gpu, launch.device_type
+    check_metrics_ready(args.metrics, args.get('detector_dir'))
+    if given.get('check_devices', True):
+        resolve_launch(gpus, device, given.get('distributed'))
 
     # The state holds every weight; the snapshot the run once started from has done its job.
     args.resume_pkl = None
@@ -513,19 +616,31 @@ def build_training_plan(
     squeeze_torgb:      Optional[str] = None,       # --squeeze-torgb: ablation, toRGB input.
     cbase:              Optional[int] = None,       # --cbase: channel_base override (capacity).
     cmax:               Optional[int] = None,       # --cmax: channel_max override.
-    map:                Optional[int] = None,       # --map: mapping-network depth override.
+    map_depth:          Optional[int] = None,       # --map-depth (alias --map): mapping-network depth override.
     tick:               Optional[float] = None,     # --tick: kimg per tick (progress line, snapshot unit).
+    batch_gpu:          Optional[int] = None,       # --batch-gpu: images per process and round (accumulation).
+    glr:                Optional[float] = None,     # --glr: G learning rate override.
+    dlr:                Optional[float] = None,     # --dlr: D learning rate override.
+    mbstd_group:        Optional[int] = None,       # --mbstd-group: minibatch-std group size override.
+    desc:               Optional[str] = None,       # --desc: extra text for the run directory name.
+    detector_dir:       Optional[str] = None,       # --detector-dir: folder with the metrics' feature networks.
+    check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
 ) -> tuple:
-    """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type))."""
+    """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type)).
+
+    Data and option errors come before device errors: a wrong --data is reported as such on any machine.
+    """
     given = {name: value for name, value in locals().items() if value is not None}
     opts = dnnlib.EasyDict({**DEFAULTS, **given})
+    for name in ('gamma', 'kimg', 'p', 'target', 'tick', 'glr', 'dlr'):
+        _check_finite(name, given.get(name))
 
     # A training state continues its own run; nothing below applies to it.
     state_path = _find_state_file(resume) if resume is not None else None
     if state_path is not None:
         return _continue_state(state_path, given)
 
-    launch = resolve_launch(gpus, device, distributed)
+    launch = resolve_launch(gpus, device, distributed, probe_devices=False)
     num_gpus = launch.num_gpus
     args = dnnlib.EasyDict(
         training_set_kwargs     = None,
@@ -556,6 +671,8 @@ def build_training_plan(
         resume_state            = None,
         cudnn_benchmark         = not opts.nobench,
         allow_tf32              = bool(opts.allow_tf32),
+        device_type             = launch.device_type,
+        detector_dir            = detector_dir,
     )
     if opts.snap < 1:
         raise UserError(f'--snap must be at least 1, got {opts.snap}')
@@ -574,28 +691,28 @@ def build_training_plan(
                         f'(at least 4), e.g. 256 (dataset_tool.py can resize)')
     args.training_set_kwargs.resolution = res
     args.training_set_kwargs.max_size = info.size
-    desc = info.name
+    run_desc = info.name
     if opts.cond:
         if not info.has_labels:
             raise UserError(f'--cond=1 needs labels, but "{data}" has none (dataset.json with "labels")')
-        desc += '-cond'
+        run_desc += '-cond'
     args.training_set_kwargs.use_labels = bool(opts.cond)
     if subset is not None:
         if not 1 <= subset <= info.size:
             raise UserError(f'--subset must be between 1 and the dataset size ({info.size}), got {subset}')
-        desc += f'-subset{subset}'
+        run_desc += f'-subset{subset}'
         args.training_set_kwargs.max_size = subset
     if opts.mirror:
-        desc += '-mirror'
+        run_desc += '-mirror'
         args.training_set_kwargs.xflip = True
 
     # Preset.
     if opts.cfg == 'auto':
         spec = auto_preset(res, num_gpus)
-        desc += f'-auto{num_gpus}'
+        run_desc += f'-auto{num_gpus}'
     elif opts.cfg in PRESETS:
         spec = PRESETS[opts.cfg]
-        desc += f'-{opts.cfg}'
+        run_desc += f'-{opts.cfg}'
     else:
         raise UserError(f'--cfg: unknown preset {opts.cfg!r}; valid choices: {", ".join(CFG_NAMES)}')
 
@@ -605,7 +722,7 @@ def build_training_plan(
     synthesis_kwargs = dnnlib.EasyDict(channel_base=int(spec.fmaps * 32768), channel_max=512, num_fp16_res=4,
                                        conv_clamp=256, architecture=opts.arch)
     if opts.arch != DEFAULTS['arch']:
-        desc += f'-{opts.arch}'
+        run_desc += f'-{opts.arch}'
     if opts.arch == 'squeeze':
         if opts.squeeze_torgb not in SQUEEZE_TORGB_SOURCES:
             raise UserError(f'--squeeze-torgb must be one of {", ".join(SQUEEZE_TORGB_SOURCES)}; '
@@ -615,11 +732,11 @@ def build_training_plan(
         synthesis_kwargs.squeeze_r = opts.squeeze_r
         synthesis_kwargs.squeeze_blend = not opts.squeeze_noblend
         synthesis_kwargs.squeeze_torgb = opts.squeeze_torgb
-        desc += f'-r{opts.squeeze_r}'
+        run_desc += f'-r{opts.squeeze_r}'
         if opts.squeeze_noblend:
-            desc += '-noblend'
+            run_desc += '-noblend'
         if opts.squeeze_torgb != DEFAULTS['squeeze_torgb']:
-            desc += f'-torgb{opts.squeeze_torgb}'
+            run_desc += f'-torgb{opts.squeeze_torgb}'
     else:
         for name in SQUEEZE_OPTIONS:
             if name in given:
@@ -645,42 +762,66 @@ def build_training_plan(
     # Explicit overrides of the preset. Capacity flags (named as in StyleGAN3's train.py) make small networks
     # for CPU runs and quick experiments possible.
     if cbase is not None:
-        desc += f'-cbase{cbase:d}'
+        run_desc += f'-cbase{cbase:d}'
         args.G_kwargs.synthesis_kwargs.channel_base = args.D_kwargs.channel_base = cbase
     if cmax is not None:
-        desc += f'-cmax{cmax:d}'
+        run_desc += f'-cmax{cmax:d}'
         args.G_kwargs.synthesis_kwargs.channel_max = args.D_kwargs.channel_max = cmax
-    if map is not None:
-        desc += f'-map{map:d}'
-        args.G_kwargs.mapping_kwargs.num_layers = map
+    if map_depth is not None:
+        run_desc += f'-map{map_depth:d}'
+        args.G_kwargs.mapping_kwargs.num_layers = map_depth
     if tick is not None:
+        if tick <= 0:
+            raise UserError(f'--tick must be positive, got {tick:g}')
         args.kimg_per_tick = tick
+    if glr is not None:
+        if glr <= 0:
+            raise UserError(f'--glr must be positive, got {glr:g}')
+        run_desc += f'-glr{glr:g}'
+        args.G_opt_kwargs.lr = glr
+    if dlr is not None:
+        if dlr <= 0:
+            raise UserError(f'--dlr must be positive, got {dlr:g}')
+        run_desc += f'-dlr{dlr:g}'
+        args.D_opt_kwargs.lr = dlr
+    mbstd = spec.mbstd
+    if mbstd_group is not None:
+        if mbstd_group < 1:
+            raise UserError(f'--mbstd-group must be at least 1, got {mbstd_group}')
+        run_desc += f'-mbstd{mbstd_group}'
+        mbstd = args.D_kwargs.epilogue_kwargs.mbstd_group_size = mbstd_group
     if gamma is not None:
         if gamma < 0:
             raise UserError(f'--gamma must be non-negative, got {gamma:g}')
-        desc += f'-gamma{gamma:g}'
+        run_desc += f'-gamma{gamma:g}'
         args.loss_kwargs.r1_gamma = gamma
     if kimg is not None:
         if kimg <= 0:
             raise UserError(f'--kimg must be positive, got {kimg:g}')
-        desc += f'-kimg{kimg:g}'
+        run_desc += f'-kimg{kimg:g}'
         args.total_kimg = kimg
     if batch is not None:
         if batch < 1:
             raise UserError(f'--batch must be at least 1, got {batch}')
         if batch % num_gpus != 0:
             raise UserError(f'--batch={batch} must be a multiple of the number of GPUs ({num_gpus})')
-        desc += f'-batch{batch}'
+        run_desc += f'-batch{batch}'
         args.batch_size = batch
         args.batch_gpu = batch // num_gpus
-    _split_batch(args.batch_size, args.batch_gpu, num_gpus, spec.mbstd,
-                 hint='choose --batch (a multiple of --gpus) or another --gpus')
+    if batch_gpu is not None:
+        # Not part of the description: it changes memory use, not the result (up to float rounding).
+        if batch_gpu < 1:
+            raise UserError(f'--batch-gpu must be at least 1, got {batch_gpu}')
+        args.batch_gpu = batch_gpu
+    _split_batch(args.batch_size, args.batch_gpu, num_gpus, mbstd,
+                 hint='choose --batch (a multiple of --gpus), --batch-gpu (a divisor of the per-GPU batch) '
+                      'or another --gpus')
 
     # Augmentation.
     if opts.aug not in AUG_MODES:
         raise UserError(f'--aug must be one of {", ".join(AUG_MODES)}; got {opts.aug!r}')
     if aug is not None:
-        desc += f'-{aug}'
+        run_desc += f'-{aug}'
     if opts.aug == 'fixed' and p is None:
         raise UserError('--aug=fixed requires --p (the fixed augmentation probability)')
     if p is not None:
@@ -688,20 +829,20 @@ def build_training_plan(
             raise UserError('--p can only be given with --aug=fixed')
         if not 0 <= p <= 1:
             raise UserError(f'--p must be between 0 and 1, got {p:g}')
-        desc += f'-p{p:g}'
+        run_desc += f'-p{p:g}'
         args.augment_p = float(p)
     if target is not None:
         if opts.aug != 'ada':
             raise UserError('--target can only be given with --aug=ada')
         if not 0 <= target <= 1:
             raise UserError(f'--target must be between 0 and 1, got {target:g}')
-        desc += f'-target{target:g}'
+        run_desc += f'-target{target:g}'
     if opts.aug == 'ada':
         args.ada_target = float(opts.target)
     if augpipe is not None:
         if opts.aug == 'noaug':
             raise UserError('--augpipe cannot be given with --aug=noaug')
-        desc += f'-{augpipe}'
+        run_desc += f'-{augpipe}'
     if opts.aug != 'noaug':
         if opts.augpipe not in AUGPIPE_NAMES:
             raise UserError(f'--augpipe must be one of {", ".join(AUGPIPE_NAMES)}; got {opts.augpipe!r}')
@@ -713,22 +854,29 @@ def build_training_plan(
 
     # Transfer learning from a snapshot: a new run that starts from its weights.
     if resume == 'noresume':
-        desc += '-noresume'
+        run_desc += '-noresume'
     elif resume in RESUME_PRESETS:
-        desc += f'-resume{resume}'
+        run_desc += f'-resume{resume}'
         args.resume_pkl = RESUME_PRESETS[resume]
     elif resume is not None:
-        desc += '-resumecustom'
+        run_desc += '-resumecustom'
         args.resume_pkl = resume
     if args.resume_pkl is not None:
+        _check_resume_fits(args.resume_pkl, info)
         args.ada_kimg = 100      # Let ADA react faster at the start of a transfer.
         args.ema_rampup = None   # The loaded G_ema is already a good average.
 
     if freezed is not None:
         if freezed < 0:
             raise UserError(f'--freezed must be non-negative, got {freezed}')
-        desc += f'-freezed{freezed:d}'
+        run_desc += f'-freezed{freezed:d}'
         args.D_kwargs.block_kwargs.freeze_layers = freezed
+
+    if desc is not None:
+        if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
+            raise UserError(f'--desc may hold letters, digits and _.+=- only (it becomes part of a directory name), '
+                            f'got {desc!r}')
+        run_desc += f'-{desc}'
 
     # Performance switches: not part of the description.
     if opts.fp32:
@@ -737,7 +885,10 @@ def build_training_plan(
     if opts.nhwc:
         args.G_kwargs.synthesis_kwargs.fp16_channels_last = args.D_kwargs.block_kwargs.fp16_channels_last = True
 
-    return desc, args, launch
+    check_metrics_ready(args.metrics, detector_dir)
+    if check_devices:
+        resolve_launch(gpus, device, distributed)
+    return run_desc, args, launch
 
 
 def setup_training_options(**opts) -> tuple:
@@ -777,14 +928,28 @@ def write_options(args: Mapping[str, Any], run_dir: str) -> str:
     return path
 
 
+def check_outdir(outdir: Optional[str]) -> None:
+    """Fail now if the run directory could not be made under `outdir`: its nearest existing ancestor must be a
+    writable directory (not a regular file, not read-only)."""
+    if outdir is None:
+        raise UserError('--outdir is required: the directory that receives the run directory')
+    probe = os.path.abspath(outdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f'--outdir: cannot create "{outdir}": "{probe}" is a file, not a directory')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'--outdir: cannot create the run directory under "{outdir}": "{probe}" is not writable')
+
+
 def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> str:
     """Create the run directory of a new run (or check that of a resumed state), set args.run_dir, write options."""
     if args.get('run_dir') is not None:
         if not os.path.isdir(args.run_dir):
             raise UserError(f'The run directory "{args.run_dir}" of the resumed state does not exist')
+        check_outdir(args.run_dir)
     else:
-        if outdir is None:
-            raise UserError('--outdir is required: the directory that receives the run directory')
+        check_outdir(outdir)
         os.makedirs(outdir, exist_ok=True)
         args.run_dir = next_run_dir(outdir, run_desc)
         try:
@@ -793,6 +958,27 @@ def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str)
             raise UserError(f'The run directory "{args.run_dir}" already exists; refusing to overwrite it') from None
     write_options(args, args.run_dir)
     return args.run_dir
+
+
+def _has_saved_progress(run_dir: str) -> bool:
+    """Whether the run wrote anything worth keeping: a network snapshot or a training state."""
+    return any(name.startswith('network-snapshot-') or name == STATE_FILE_NAME for name in os.listdir(run_dir))
+
+
+def finish_failed_run(error: RunFailed, run_dir: str, is_new_run: bool) -> RunFailed:
+    """The error to report for a failed run. A new run that saved nothing (it failed before its first tick) leaves
+    no numbered directory behind: its log moves to a temporary file that the message names."""
+    log_path = os.path.join(run_dir, LOG_FILE_NAME)
+    if not is_new_run or _has_saved_progress(run_dir):
+        return RunFailed(f'{error.message}. The traceback is in {log_path}')
+    import shutil
+    fd, kept_log = tempfile.mkstemp(prefix=f'{os.path.basename(run_dir)}-', suffix='-log.txt')
+    os.close(fd)
+    if os.path.isfile(log_path):
+        shutil.copyfile(log_path, kept_log)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return RunFailed(f'{error.message}. Removed the run directory {run_dir} (nothing had been saved); its log, '
+                     f'with the traceback, is {kept_log}')
 
 
 def describe(args: Mapping[str, Any], run_dir: str, device_type: str) -> str:
@@ -834,13 +1020,31 @@ def _init_process_group(rank: int, world_size: int, device: torch.device, init_m
                                          timeout=PROCESS_GROUP_TIMEOUT)
 
 
+def _failure_line(error: BaseException) -> str:
+    """One line for an error raised by the training loop (TrainingStopped carries its own)."""
+    from training.training_loop import TrainingStopped, one_line
+    if isinstance(error, TrainingStopped):
+        return str(error)
+    return f'Training stopped: {one_line(error)} ({type(error).__name__})'
+
+
+def _log_traceback(run_dir: str, rank: int) -> None:
+    """Append the traceback of the exception being handled to log.txt only (the console gets one line)."""
+    import traceback
+    with open(os.path.join(run_dir, LOG_FILE_NAME), 'a') as f:
+        f.write(f'\nTraceback of rank {rank}:\n{traceback.format_exc()}')
+
+
 def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch.device, loop: str) -> None:
-    """One process of a run whose process group (if any) is ready: logging, statistics, the training loop."""
+    """One process of a run whose process group (if any) is ready: logging, statistics, the training loop.
+
+    An error ends the process with RunFailed (one line) and leaves its traceback in log.txt.
+    """
     from torch_utils import custom_ops, training_stats
 
     logger = None
     if rank == 0:
-        logger = dnnlib.util.Logger(file_name=os.path.join(args['run_dir'], 'log.txt'), file_mode='a',
+        logger = dnnlib.util.Logger(file_name=os.path.join(args['run_dir'], LOG_FILE_NAME), file_mode='a',
                                     should_flush=True)
     else:
         custom_ops.verbosity = 'none'  # One message per plugin build is enough.
@@ -855,6 +1059,12 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
             from metrics import metric_main
             extra['metric_fn'] = metric_main.run_training_metrics
         training_loop(rank=rank, device=device, **args, **extra)
+    except Exception as e:
+        if logger is not None:
+            logger.close()
+            logger = None
+        _log_traceback(args['run_dir'], rank)
+        raise RunFailed(_failure_line(e)) from None
     finally:
         if logger is not None:
             logger.close()
@@ -862,7 +1072,8 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
 
 def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_type: str, init_file: str,
                   loop: str) -> None:
-    """Entry point of a process started by torch.multiprocessing.spawn."""
+    """Entry point of a process started by torch.multiprocessing.spawn. A failure leaves its one-line message
+    in `<init_file>.rank<r>.error` for the launching process, which reports it."""
     device = _rank_device(device_type, rank)
     if device.type == 'cpu':
         # CPU ranks share the cores; each using all of them only slows every one down.
@@ -870,6 +1081,10 @@ def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_ty
     _init_process_group(rank, world_size, device, f'file://{init_file}')
     try:
         _run_rank(rank, world_size, args, device, loop)
+    except RunFailed as e:
+        with open(f'{init_file}.rank{rank}.error', 'w') as f:
+            f.write(e.message)
+        raise
     finally:
         torch.distributed.destroy_process_group()
 
@@ -888,8 +1103,16 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
         return
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
         init_file = os.path.abspath(os.path.join(temp_dir, '.torch_distributed_init'))
-        torch.multiprocessing.spawn(fn=_spawned_rank, args=(world_size, args, device_type, init_file, loop),
-                                    nprocs=world_size, join=True)
+        try:
+            torch.multiprocessing.spawn(fn=_spawned_rank, args=(world_size, args, device_type, init_file, loop),
+                                        nprocs=world_size, join=True)
+        except torch.multiprocessing.ProcessRaisedException as e:
+            # The rank that failed first tells the cause; the others only notice that a peer is gone.
+            error_file = f'{init_file}.rank{e.error_index}.error'
+            if not os.path.isfile(error_file):
+                raise
+            with open(error_file) as f:
+                raise RunFailed(f.read()) from None
 
 
 def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
@@ -897,9 +1120,13 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
     """This process's share of a torchrun launch: rank 0 prepares the run directory and shares its path."""
     rank, world_size = dist['rank'], dist['world_size']
     device = _rank_device(device_type, dist['local_rank'])
+    is_new_run = args.get('run_dir') is None
     if world_size == 1:
         prepare_run_dir(args, outdir, run_desc)
-        _run_rank(0, 1, args, device, loop)
+        try:
+            _run_rank(0, 1, args, device, loop)
+        except RunFailed as e:
+            raise finish_failed_run(e, args.run_dir, is_new_run) from None
         return
     _init_process_group(rank, world_size, device, 'env://')
     try:
@@ -913,7 +1140,12 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
         if message[1] is not None:
             raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
         args.run_dir = message[0]
-        _run_rank(rank, world_size, args, device, loop)
+        try:
+            _run_rank(rank, world_size, args, device, loop)
+        except RunFailed as e:
+            if rank != 0:
+                raise
+            raise finish_failed_run(e, args.run_dir, is_new_run) from None
     finally:
         torch.distributed.destroy_process_group()
 
@@ -928,7 +1160,31 @@ def _bool_option(*names: str, help: str):
                         default=DEFAULTS[names[0].lstrip('-').replace('-', '_')], show_default=True, help=help)
 
 
-@click.command()
+EXAMPLES = '''Examples:
+
+\b
+  # Preview a run without a GPU (a login node can prepare the job):
+  python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256 --arch=squeeze --dry-run
+\b
+  # The squeeze generator on FFHQ 256x256, 8 GPUs:
+  python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256 --mirror=1 --gpus=8 --arch=squeeze
+\b
+  # Out of GPU memory? Same batch, fewer images per pass:
+  python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256 --gpus=8 --batch-gpu=4
+\b
+  # Fine-tune an official snapshot into a squeeze generator (weights that fit are copied):
+  python train.py --outdir=runs --data=afhqcat.zip --cfg=paper512 --resume=ffhq512 --arch=squeeze
+\b
+  # Continue a run where it stopped (same directory, options, counters, optimizer state):
+  python train.py --resume=runs/00003-ffhq256-mirror-paper256-squeeze-r8
+\b
+  # A small run on the CPU:
+  python train.py --outdir=runs --data=mnist32.zip --cfg=cifar --gpus=0 --cbase=4096 --cmax=64 --kimg=4 \\
+      --metrics=none
+'''
+
+
+@click.command(epilog=EXAMPLES)
 @click.pass_context
 # General options.
 @click.option('--outdir', type=click.Path(file_okay=False), help='Where to make the run directory (new runs)')
@@ -942,7 +1198,12 @@ def _bool_option(*names: str, help: str):
               help='Comma-separated list of metrics, or "none"')
 @click.option('--seed', type=click.IntRange(min=0, max=2 ** 32 - 1), default=DEFAULTS['seed'], show_default=True,
               help='Random seed')
-@click.option('-n', '--dry-run', is_flag=True, help='Show the options tree and the run directory; create nothing')
+@click.option('-n', '--dry-run', is_flag=True, help='Show the options tree and the run directory; create nothing '
+              '(needs no GPU)')
+@click.option('--desc', help='Extra text for the run directory name')
+@click.option('--detector-dir', type=click.Path(file_okay=False), help='Folder with the metrics\' feature networks '
+              '(inception-2015-12-05.pt, vgg16.pt) for offline machines  [default: $STYLEGAN_DETECTOR_DIR or the '
+              'download cache]')
 # Dataset.
 @click.option('--data', help='Dataset folder or .zip (as dataset_tool.py writes them)')
 @_bool_option('--cond', help='Condition G and D on the dataset labels (dataset.json)')
@@ -951,14 +1212,21 @@ def _bool_option(*names: str, help: str):
 # Base configuration.
 @click.option('--cfg', type=click.Choice(CFG_NAMES), default=DEFAULTS['cfg'], show_default=True,
               help='Preset (batch, learning rate, gamma, capacity, ...)')
-@click.option('--gamma', type=click.FloatRange(min=0), help='R1 weight gamma (replaces the preset value)')
-@click.option('--kimg', type=click.FloatRange(min=0, min_open=True),
+@click.option('--gamma', type=FiniteFloatRange(min=0), help='R1 weight gamma (replaces the preset value)')
+@click.option('--kimg', type=FiniteFloatRange(min=0, min_open=True),
               help='Training length in kimg (replaces the preset value; fractions allowed for short tests)')
 @click.option('--batch', type=click.IntRange(min=1), help='Total batch over all processes (replaces the preset value)')
+@click.option('--batch-gpu', type=click.IntRange(min=1), help='Images per process and round: a smaller value '
+              'accumulates gradients over more rounds (the out-of-memory fix; same result up to rounding)')
+@click.option('--glr', type=FiniteFloatRange(min=0, min_open=True), help='G learning rate (replaces the preset value)')
+@click.option('--dlr', type=FiniteFloatRange(min=0, min_open=True), help='D learning rate (replaces the preset value)')
+@click.option('--mbstd-group', type=click.IntRange(min=1), help='Minibatch-std group size of D (replaces the '
+              'preset value)')
 @click.option('--cbase', type=click.IntRange(min=1), help='Capacity multiplier channel_base (replaces the preset value)')
 @click.option('--cmax', type=click.IntRange(min=1), help='Max. feature maps per layer (replaces the preset value 512)')
-@click.option('--map', type=click.IntRange(min=1), help='Mapping network depth (replaces the preset value)')
-@click.option('--tick', type=click.FloatRange(min=0, min_open=True), help='kimg per tick (progress line, snapshot '
+@click.option('--map-depth', '--map', 'map_depth', type=click.IntRange(min=1),
+              help='Mapping network depth (replaces the preset value; --map is an alias)')
+@click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), help='kimg per tick (progress line, snapshot '
               'unit)  [default: 4]')
 @click.option('--arch', type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'], show_default=True,
               help='Generator synthesis block')
@@ -970,8 +1238,8 @@ def _bool_option(*names: str, help: str):
 # Augmentation.
 @click.option('--aug', type=click.Choice(AUG_MODES), default=DEFAULTS['aug'], show_default=True,
               help='ada: adaptive p; fixed: constant --p; noaug: none')
-@click.option('--p', type=click.FloatRange(min=0, max=1), help='The constant probability of --aug=fixed')
-@click.option('--target', type=click.FloatRange(min=0, max=1), default=DEFAULTS['target'], show_default=True,
+@click.option('--p', type=FiniteFloatRange(min=0, max=1), help='The constant probability of --aug=fixed')
+@click.option('--target', type=FiniteFloatRange(min=0, max=1), default=DEFAULTS['target'], show_default=True,
               help='Overfitting heuristic r_t that --aug=ada steers towards')
 @click.option('--augpipe', type=click.Choice(AUGPIPE_NAMES), default=DEFAULTS['augpipe'], show_default=True,
               help='Which transforms the augmentation applies (preset name)')
@@ -995,7 +1263,7 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
     source = click.core.ParameterSource
     given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) != source.DEFAULT}
     dist = distributed_env(os.environ)
-    run_desc, args, launch = build_training_plan(distributed=dist, **given)
+    run_desc, args, launch = build_training_plan(distributed=dist, check_devices=not dry_run, **given)
     is_resumed_state = args.get('resume_state') is not None
     if is_resumed_state and outdir is not None:
         _warn('--outdir ignored: a resumed training state continues in its own directory')
@@ -1003,6 +1271,8 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
 
     if dry_run:
         if is_main:
+            if not is_resumed_state and outdir is not None:
+                check_outdir(outdir)
             run_dir = args.run_dir if is_resumed_state else next_run_dir(outdir or '<outdir>', run_desc)
             click.echo(describe(args, run_dir, launch.device_type))
             click.echo('\nDry run; exiting.')
@@ -1015,9 +1285,12 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
     summary = describe(args, run_dir, launch.device_type)
     click.echo(summary)
     click.echo('\nLaunching processes...')
-    with open(os.path.join(run_dir, 'log.txt'), 'a') as f:  # The processes append their own lines after it.
+    with open(os.path.join(run_dir, LOG_FILE_NAME), 'a') as f:  # The processes append their own lines after it.
         f.write(summary + '\n\nLaunching processes...\n')
-    launch_training(args, launch.device_type)
+    try:
+        launch_training(args, launch.device_type)
+    except RunFailed as e:
+        raise finish_failed_run(e, run_dir, is_new_run=not is_resumed_state) from None
 
 
 # ----------------------------------------------------------------------------

@@ -55,8 +55,10 @@ def test_train_writes_every_file_and_generate_reads_the_snapshot(tmp_path, datas
     expected_desc = 'tiny-cond-cifar' + ('-squeeze-r4' if 'squeeze' in arch_flags[0] else '')
     assert run_dir.name == f'00000-{expected_desc}-cbase256-cmax16-map2-kimg0.016-batch8-ada-bgc'
     files = set(os.listdir(run_dir))
-    assert {'training_options.json', 'log.txt', 'reals.png', 'fakes_init.png', 'fakes000000.png',
-            'network-snapshot-000000.pkl', 'stats.jsonl', checkpoint.STATE_FILE_NAME} <= files
+    # Ticks of 8 images: each snapshot and grid has its own name (kimg to the image), sorting in training order.
+    assert {'training_options.json', 'log.txt', 'reals.png', 'fakes_init.png', 'fakes000000.008.png',
+            'fakes000000.016.png', 'network-snapshot-000000.008.pkl', 'network-snapshot-000000.016.pkl',
+            'stats.jsonl', checkpoint.STATE_FILE_NAME} <= files
 
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['G_kwargs']['synthesis_kwargs']['architecture'] == arch_flags[0].split('=')[1]
@@ -65,7 +67,7 @@ def test_train_writes_every_file_and_generate_reads_the_snapshot(tmp_path, datas
     lines = (run_dir / 'stats.jsonl').read_text().splitlines()
     assert len(lines) == 2 and 'Loss/D/loss' in json.loads(lines[-1])
 
-    result = CliRunner().invoke(generate.main, [f'--network={run_dir / "network-snapshot-000000.pkl"}',
+    result = CliRunner().invoke(generate.main, [f'--network={run_dir / "network-snapshot-000000.016.pkl"}',
                                                 '--seeds=0-1', '--class=1', f'--outdir={tmp_path / "out"}'])
     assert result.exit_code == 0, result.output
     with PIL.Image.open(tmp_path / 'out' / 'seed0001.png') as image:
@@ -77,7 +79,7 @@ def test_resume_continues_the_run_in_its_directory(tmp_path, dataset_zip):
     (run_dir,) = (tmp_path / 'runs').iterdir()
     first = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
     assert first['progress']['cur_nimg'] == 16
-    _run_train([f'--resume={run_dir}', '--kimg=0.032', '--gpus=0'])
+    _run_train([f'--resume={run_dir}', '--kimg=0.032'])  # As the README writes it: no --gpus, no --device.
     assert list((tmp_path / 'runs').iterdir()) == [run_dir]  # No new run directory.
     second = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
     assert second['progress']['cur_nimg'] == 32

@@ -55,12 +55,24 @@ class FakeData:
 
     def __init__(self):
         self.name, self.resolution, self.has_labels, self.size = 'fakedata', 256, False, 1000
+        self.num_channels = 3
         self.seen = []
+        self.detector_checks = []   # (metrics, detector_dir) of every check_metrics_ready call.
+        self.snapshot = None        # What inspect_snapshot finds; None = fits the data.
 
     def __call__(self, training_set_kwargs):
         self.seen.append(dict(training_set_kwargs))
         return dnnlib.EasyDict(name=self.name, resolution=self.resolution, has_labels=self.has_labels,
-                               size=self.size)
+                               size=self.size, num_channels=self.num_channels)
+
+    def check_metrics_ready(self, metrics, detector_dir):
+        self.detector_checks.append((list(metrics), detector_dir))
+
+    def inspect_snapshot(self, path_or_url):
+        if self.snapshot is not None:
+            return self.snapshot
+        net = dnnlib.EasyDict(img_resolution=self.resolution, img_channels=self.num_channels, c_dim=0)
+        return dnnlib.EasyDict(networks=dict(G=net, D=net, G_ema=net))
 
 
 @contextlib.contextmanager
@@ -73,6 +85,8 @@ def stand_ins(data=None, cuda_devices=0):
         stack.enter_context(mock.patch.object(train, '_augpipe_specs', lambda: STANDIN_AUGPIPE_SPECS))
         stack.enter_context(mock.patch.object(train, '_cuda_device_count', lambda: cuda_devices))
         stack.enter_context(mock.patch.object(train, '_checkpoint_module', lambda: None))
+        stack.enter_context(mock.patch.object(train, 'check_metrics_ready', data.check_metrics_ready))
+        stack.enter_context(mock.patch.object(train, 'inspect_snapshot', data.inspect_snapshot))
         yield data
 
 
@@ -196,7 +210,7 @@ def test_common_fields(fake_data):
                           'batch_size', 'batch_gpu', 'ema_kimg', 'ema_rampup', 'G_reg_interval', 'D_reg_interval',
                           'augment_p', 'ada_target', 'ada_kimg', 'total_kimg', 'kimg_per_tick',
                           'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_state',
-                          'cudnn_benchmark', 'allow_tf32']
+                          'cudnn_benchmark', 'allow_tf32', 'device_type', 'detector_dir']
     assert args['training_set_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path='fakedata',
                                                use_labels=False, max_size=1000, xflip=False, resolution=256,
                                                random_seed=0)
@@ -214,6 +228,9 @@ def test_common_fields(fake_data):
     assert args['cudnn_benchmark'] is True and args['allow_tf32'] is False
     # The dataset was opened with labels on, to learn whether it has them.
     assert fake_data.seen[-1]['use_labels'] is True
+    # The feature network of every metric was looked for before anything else happens.
+    assert fake_data.detector_checks[-1] == (['fid50k_full'], None)
+    assert args['detector_dir'] is None and args['device_type'] in ('cpu', 'cuda')
 
 
 def test_switches(fake_data):
@@ -348,9 +365,7 @@ def test_existing_run_dir_is_not_overwritten(fake_data, tmp_path, monkeypatch):
     (['--squeeze-r=4'], '--squeeze-r applies only to --arch=squeeze'),
     (['--arch=resnet', '--squeeze-noblend=1'], '--squeeze-noblend applies only to --arch=squeeze'),
     (['--squeeze-torgb=conv0'], '--squeeze-torgb applies only to --arch=squeeze'),
-    (['--gpus=2'], 'use --gpus=0'),
     (['--device=cuda', '--gpus=0'], 'contradicts --device=cuda'),
-    (['--device=cuda', '--gpus=1'], 'PyTorch sees no CUDA device'),
     (['--metrics=fid50k_full,bogus'], "unknown metric 'bogus'"),
     (['--metrics=none,fid50k_full'], '"none" cannot be combined'),
     (['--cfg=paper9000'], "'paper9000' is not one of"),
@@ -365,6 +380,27 @@ def test_bad_flags(fake_data, tmp_path, argv, message):
     assert message in result.output, result.output
     assert 'Traceback' not in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--gpus=2'], 'use --gpus=0'),
+    (['--device=cuda', '--gpus=1'], 'PyTorch sees no CUDA device'),
+])
+def test_cuda_is_needed_by_the_run_not_by_the_dry_run(fake_data, tmp_path, argv, message):
+    # A login node without GPUs prepares a GPU job: --dry-run takes --gpus at its word.
+    result = cli(['--outdir', str(tmp_path / 'runs'), '--data=fakedata', '--dry-run'] + argv)
+    assert result.exit_code == 0, result.output
+    assert 'Dry run; exiting.' in result.output
+    result = cli(['--outdir', str(tmp_path / 'runs'), '--data=fakedata'] + argv)
+    assert result.exit_code != 0 and message in result.output and 'Traceback' not in result.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_data_errors_come_before_device_errors(fake_data, tmp_path):
+    fake_data.resolution = 48
+    result = cli(['--outdir', str(tmp_path / 'runs'), '--data=fakedata', '--gpus=1'])
+    assert result.exit_code != 0 and '--data' in result.output and 'CUDA' not in result.output, result.output
+    assert not (tmp_path / 'runs').exists()
 
 
 def test_missing_data_and_bad_resolution(fake_data, tmp_path):
@@ -538,7 +574,7 @@ def test_resume_state_with_the_real_checkpoint_module(fake_data, tmp_path, monke
 
 def test_resume_state_errors(stored_run, tmp_path, monkeypatch):
     run_dir, _ = stored_run
-    with pytest.raises(train.UserError, match='choose --gpus to divide it'):
+    with pytest.raises(train.UserError, match='choose --gpus and --batch-gpu to divide it'):
         build(resume=str(run_dir), gpus=5)
     with pytest.raises(train.UserError, match="unknown metric 'bogus'"):
         build(resume=str(run_dir), metrics='bogus')
@@ -667,10 +703,9 @@ def test_launch_two_cpu_processes(tmp_path):
 
 
 def test_failing_rank_ends_all_ranks(tmp_path):
-    # Whichever rank's error is collected first is reported: rank 1's own, or rank 0 noticing its peer died.
-    # Either way the launch returns instead of leaving rank 0 waiting at the barrier.
-    with pytest.raises(torch.multiprocessing.ProcessRaisedException,
-                       match='rank 1 fails on purpose|Connection closed|remote worker'):
+    # The launch returns instead of leaving rank 0 waiting at the barrier, and reports the rank that failed
+    # first (rank 1's own error, not rank 0 noticing its peer died), in one line; the traceback goes to log.txt.
+    with pytest.raises(train.RunFailed, match='rank 1 fails on purpose'):
         train.launch_training(_tiny_args(tmp_path, 2), 'cpu', loop=f'{__name__}._failing_loop')
 
 
@@ -717,7 +752,7 @@ def test_inspect_real_dataset(tmp_path):
     kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=str(tmp_path), use_labels=True,
                   max_size=None, xflip=False, resolution=None, random_seed=0)
     info = train.inspect_dataset(kwargs)
-    assert info == dict(name=tmp_path.name, resolution=8, has_labels=False, size=3)
+    assert info == dict(name=tmp_path.name, resolution=8, has_labels=False, size=3, num_channels=3)
     with pytest.raises(click.ClickException, match='--data: '):
         train.inspect_dataset({**kwargs, 'path': str(tmp_path / 'missing')})
 

@@ -14,7 +14,7 @@ from dist_utils import spawn
 from torch_utils import misc, training_stats
 from training import checkpoint, legacy
 from training.loss import StyleGAN2Loss
-from training.training_loop import AdaController, TrainingDiverged, training_loop
+from training.training_loop import AdaController, TrainingDiverged, TrainingStopped, training_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -88,8 +88,9 @@ def _train(run_dir, data_dir, **kwargs):
 def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
     state = _train(tmp_path / 'run', data_dir, architecture=architecture, steps=3, steps_per_tick=2)
     files = sorted(os.listdir(tmp_path / 'run'))
-    assert files == ['fakes000000.png', 'fakes_init.png', 'network-snapshot-000000.pkl', 'reals.png', 'stats.jsonl',
-                     'training-state.pt']
+    # Ticks of 8 images (a fractional kimg): every snapshot keeps its own name, to the image.
+    assert files == ['fakes000000.008.png', 'fakes000000.024.png', 'fakes_init.png', 'network-snapshot-000000.008.pkl',
+                     'network-snapshot-000000.024.pkl', 'reals.png', 'stats.jsonl', 'training-state.pt']
     assert state.cur_nimg == 3 * BATCH and state.cur_tick == 2  # Ticks after steps 1 and 3.
 
     with open(tmp_path / 'run' / 'stats.jsonl') as f:
@@ -100,7 +101,7 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
         assert {'Loss/G/loss', 'Loss/D/loss', 'Progress/kimg', 'Progress/augment', 'Timing/sec_per_kimg'} <= set(line)
         assert all(set(value) == {'num', 'mean', 'std'} for value in line.values())
 
-    G = legacy.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.pkl'))
+    G = legacy.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.024.pkl'))
     assert G.synthesis.architecture == architecture
     img = G(torch.randn([2, G.z_dim]), torch.eye(3)[:2], noise_mode='const')
     assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
@@ -166,7 +167,7 @@ def test_ada_controller_carries_pending_signs_across_a_flush():
 
 def test_resume_from_pkl_copies_weights_and_restarts_counters(tmp_path, data_dir):
     first = _train(tmp_path / 'a', data_dir, steps=1)
-    pkl = str(tmp_path / 'a' / 'network-snapshot-000000.pkl')
+    pkl = str(tmp_path / 'a' / 'network-snapshot-000000.008.pkl')
     second = _train(tmp_path / 'b', data_dir, steps=1, resume_pkl=pkl, G_opt_kwargs=dict(
         class_name='torch.optim.Adam', lr=0.0, betas=(0.0, 0.99), eps=1e-8), ema_kimg=1e9, ema_rampup=None)
     assert second.cur_nimg == BATCH  # A new run: counters start at zero.
@@ -177,15 +178,16 @@ def test_resume_from_pkl_copies_weights_and_restarts_counters(tmp_path, data_dir
 
 def test_crash_while_writing_a_snapshot_keeps_the_previous_one(tmp_path, data_dir, monkeypatch):
     _train(tmp_path / 'run', data_dir, steps=1)
-    path = tmp_path / 'run' / 'network-snapshot-000000.pkl'
+    path = tmp_path / 'run' / 'network-snapshot-000000.008.pkl'
     before = path.read_bytes()
 
     def crashing_dump(obj, f, *args, **kwargs):
         f.write(b'\x80\x04partial')
         raise OSError('disk full (simulated)')
     monkeypatch.setattr(pickle, 'dump', crashing_dump)
-    with pytest.raises(OSError, match='simulated'):
+    with pytest.raises(TrainingStopped, match='simulated') as error:
         _train(tmp_path / 'run', data_dir, steps=1)
+    assert isinstance(error.value.__cause__, OSError)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert legacy.load_network(str(path)).z_dim == 8
@@ -208,7 +210,7 @@ def test_nonfinite_losses_stop_training_with_the_last_snapshot_intact(tmp_path, 
     loss_kwargs = dict(class_name='test_training_loop.NaNAfterFirstTickLoss', r1_gamma=1.0)
     with pytest.raises(TrainingDiverged, match=r'Training diverged at .* kimg: every Loss/G/loss value'):
         _train(tmp_path / 'run', data_dir, steps=6, loss_kwargs=loss_kwargs)
-    snapshot = tmp_path / 'run' / 'network-snapshot-000000.pkl'
+    snapshot = tmp_path / 'run' / 'network-snapshot-000000.008.pkl'
     G = legacy.load_network(str(snapshot))  # Written after the first (healthy) tick, not overwritten since.
     assert all(torch.isfinite(p).all() for p in G.parameters())
     record = checkpoint.load_training_state(str(tmp_path / 'run' / 'training-state.pt'))
@@ -239,7 +241,7 @@ def test_metrics_are_evaluated_at_every_snapshot(tmp_path, data_dir):
         lines = [json.loads(line) for line in f]
     assert len(lines) == 2  # Snapshots after ticks 0 and 1.
     assert {'results', 'metric', 'total_time', 'total_time_str', 'num_gpus', 'snapshot_pkl', 'timestamp'} <= set(lines[0])
-    assert lines[0]['snapshot_pkl'] == 'network-snapshot-000000.pkl'
+    assert lines[0]['snapshot_pkl'] == 'network-snapshot-000000.008.pkl'
     with open(tmp_path / 'run' / 'stats.jsonl') as f:
         stats = [json.loads(line) for line in f]
     assert 'Metrics/mean_pixel_test_metric' in stats[-1]
@@ -257,4 +259,4 @@ def _two_rank_worker(rank, world_size, run_dir, data):
 def test_two_gloo_processes_stay_consistent(tmp_path, data_dir):
     os.makedirs(tmp_path / 'run')
     spawn(_two_rank_worker, 2, str(tmp_path / 'run'), data_dir, timeout=300)
-    assert os.path.isfile(tmp_path / 'run' / 'network-snapshot-000000.pkl')
+    assert os.path.isfile(tmp_path / 'run' / 'network-snapshot-000000.024.pkl')

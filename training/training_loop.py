@@ -28,11 +28,16 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, legacy
+from training import checkpoint, legacy, transfer
 from training.loss import phase_plan
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """An error ended the run; the message is one line for the user (what, where, what is intact). The cause
+    (with its traceback) is chained as __cause__."""
+
+
+class TrainingDiverged(TrainingStopped):
     """Training produced no finite loss values for a whole tick, or non-finite weights."""
 
 # ----------------------------------------------------------------------------
@@ -130,6 +135,36 @@ class PhaseRuntime:
     module:     torch.nn.Module
     opt:        torch.optim.Optimizer
     interval:   int
+    timer:      Any = None      # _PhaseTimer of the phase's last run (reported as Timing/<name>).
+
+
+class _PhaseTimer:
+    """Milliseconds of one phase run, as the official Timing/<phase> statistic: CUDA events on a GPU (read at
+    the next tick, so timing never stalls the stream), the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+        self.start_event = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        self.end_event = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        self.start_time = self.end_time = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self.start_event.record(torch.cuda.current_stream())
+        self.start_time = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record(torch.cuda.current_stream())
+        self.end_time = time.perf_counter()
+
+    def elapsed_ms(self) -> Optional[float]:
+        if self.end_time is None:
+            return None
+        if self.cuda:
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event)
+        return (self.end_time - self.start_time) * 1000
 
 
 @dataclasses.dataclass
@@ -228,13 +263,22 @@ def _build_networks(opts, training_set, device):
 
 
 def _resume_from_pkl(state: TrainingState, resume_pkl: str) -> None:
-    """Official --resume: copy weights by name (transfer learning); counters and optimizers start fresh."""
+    """Official --resume: a new run from the weights of a snapshot (fine-tuning); counters and optimizers start
+    fresh. Tensors are copied where name and shape match, so the snapshot may have another architecture
+    (skip -> squeeze, squeeze r=8 -> r=4, unconditional -> conditional); the rest keep their fresh values, and
+    a transfer report says which."""
     state.log(f'Resuming from "{resume_pkl}"')
     with dnnlib.util.open_url(resume_pkl) as f:
         resume_data = legacy.load_network_pkl(f)
+    reports = {}
     for name in ('G', 'D', 'G_ema'):
-        if name in resume_data:
-            misc.copy_params_and_buffers(resume_data[name], getattr(state, name), require_all=False)
+        if isinstance(resume_data.get(name), torch.nn.Module):
+            reports[name] = transfer.transfer_params_and_buffers(resume_data[name], getattr(state, name))
+    for name, report in reports.items():
+        if name == 'G_ema' and reports.get('G') == report:
+            state.log('G_ema: as G')
+        else:
+            state.log('\n'.join(transfer.format_report(name, report)))
 
 
 def _distribute(state: TrainingState):
@@ -275,6 +319,26 @@ def _build_phases(opts, G, D) -> List[PhaseRuntime]:
     return phases
 
 
+@torch.no_grad()
+def _print_module_summaries(state: TrainingState) -> None:
+    """The official per-layer tables of G and D (parameters, buffers, output shapes), one forward pass each.
+    They show what a configuration builds, e.g. the squeeze generator's extra layers and its num_ws. Run in
+    eval mode, so the summary pass does not move G's w_avg."""
+    G, D, device = state.G, state.D, state.device
+    n = max(1, min(state.opts.batch_gpu, 4))
+    z = torch.zeros([n, G.z_dim], device=device)
+    c = torch.zeros([n, G.c_dim], device=device)
+    was_training = G.training, D.training
+    G.eval()
+    D.eval()
+    try:
+        img = misc.print_module_summary(G, [z, c])
+        misc.print_module_summary(D, [img, c])
+    finally:
+        G.train(was_training[0])
+        D.train(was_training[1])
+
+
 def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     resume_record = checkpoint.load_training_state(opts.resume_state) if opts.resume_state else None
     progress = resume_record['progress'] if resume_record else dict(cur_nimg=0, cur_tick=0, batch_idx=0,
@@ -287,6 +351,7 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
                           loss=None, phases=[], ada=None)
     if rank == 0:
         _print_setup(state)
+        _print_module_summaries(state)
     if opts.resume_pkl is not None and resume_record is None and rank == 0:
         _resume_from_pkl(state, opts.resume_pkl)
 
@@ -365,8 +430,9 @@ def _setup_logs(state: TrainingState) -> None:
     try:
         import torch.utils.tensorboard as tensorboard
         state.stats_tfevents = tensorboard.SummaryWriter(opts.run_dir)
-    except ImportError:
-        state.stats_tfevents = None  # TensorBoard is optional: stats.jsonl has everything.
+    except ImportError as e:
+        print(f'Skipping tfevents export: {e}')  # TensorBoard is optional: stats.jsonl has everything.
+        state.stats_tfevents = None
     grid_size, images, labels = setup_snapshot_image_grid(state.training_set, opts.random_seed,
                                                           max_size=tuple(opts.image_grid_max))
     state.grid_size = grid_size
@@ -408,6 +474,9 @@ def _fetch_batch(state: TrainingState):
 def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_z, gen_c) -> None:
     opts = state.opts
     num_rounds = opts.batch_size // (opts.batch_gpu * opts.num_gpus)
+    if phase.timer is None:
+        phase.timer = _PhaseTimer(state.device)
+    phase.timer.start()
     phase.opt.zero_grad(set_to_none=True)
     phase.module.requires_grad_(True)
     rounds = zip(real_img, real_c, gen_z, gen_c, strict=False)
@@ -421,6 +490,7 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
                 # One bad batch (an fp16 overflow, say) must not poison the weights: zero NaNs, bound Infs.
                 torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
         phase.opt.step()
+    phase.timer.stop()
 
 
 @torch.no_grad()
@@ -470,7 +540,14 @@ def _report_progress(state: TrainingState, tick_end_time: float) -> str:
         ('gpumem', training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem), '{:<6.2f}'),
         ('augment', training_stats.report0('Progress/augment', augment_p), '{:.3f}'),
     ]
+    gpu_reserved = torch.cuda.max_memory_reserved(state.device) / 2 ** 30 if state.device.type == 'cuda' else 0.0
+    training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved)
     training_stats.report0('Timing/total_hours', (tick_end_time - state.start_time) / 3600)
+    training_stats.report0('Timing/total_days', (tick_end_time - state.start_time) / (24 * 3600))
+    for phase in state.phases:
+        elapsed = phase.timer.elapsed_ms() if phase.timer is not None else None
+        if elapsed is not None:
+            training_stats.report0(f'Timing/{phase.name}', elapsed)
     if state.device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(state.device)
     return ' '.join(f'{name} {fmt.format(value)}' for name, value, fmt in fields).rstrip()
@@ -493,11 +570,23 @@ def _divergence_message(state: TrainingState, what: str) -> str:
             f'the last good snapshot is {last}. Try a lower learning rate, a larger --gamma, or --fp32.')
 
 
+def snapshot_tag(cur_nimg: int, kimg_per_tick: float, total_kimg: float) -> str:
+    """The part of `fakes<tag>.png` / `network-snapshot-<tag>.pkl` that says when it was written.
+
+    The official `<kimg:06d>` when ticks and the training length are whole kimg: then two maintenance steps
+    never fall into the same kimg. Otherwise (`--tick=0.5`, `--kimg=4.5`) the images shown are kept to the
+    image, `000004.512`, so that no snapshot overwrites another and the names still sort in training order.
+    """
+    if float(kimg_per_tick).is_integer() and float(total_kimg).is_integer():
+        return f'{cur_nimg // 1000:06d}'
+    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
+
+
 def _save_snapshots(state: TrainingState, done: bool) -> None:
     opts = state.opts
-    kimg = state.cur_nimg // 1000
+    tag = snapshot_tag(state.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
     if state.is_main and opts.image_snapshot_ticks and (done or state.cur_tick % opts.image_snapshot_ticks == 0):
-        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{kimg:06d}.png'), drange=[-1, 1],
+        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{tag}.png'), drange=[-1, 1],
                         grid_size=state.grid_size)
     if not (opts.network_snapshot_ticks and (done or state.cur_tick % opts.network_snapshot_ticks == 0)):
         return
@@ -506,7 +595,7 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
         for module in modules.values():
             if module is not None:
                 misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
-    path = os.path.join(opts.run_dir, f'network-snapshot-{kimg:06d}.pkl')
+    path = os.path.join(opts.run_dir, f'network-snapshot-{tag}.pkl')
     if state.is_main:
         snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
@@ -531,7 +620,8 @@ def _evaluate_metrics(state: TrainingState, G_ema, snapshot_pkl: str) -> None:
     state.log(f'Evaluating metrics {", ".join(opts.metrics)}...')
     results = state.metric_fn(metrics=opts.metrics, G_ema=G_ema.to(state.device),
                               dataset_kwargs=dict(opts.training_set_kwargs), num_gpus=opts.num_gpus, rank=state.rank,
-                              device=state.device, run_dir=opts.run_dir, snapshot_pkl=snapshot_pkl)
+                              device=state.device, run_dir=opts.run_dir, snapshot_pkl=snapshot_pkl,
+                              detector_dir=opts.detector_dir)
     for result in results or []:
         for name, value in result['results'].items():
             training_stats.report0(f'Metrics/{name}', value)
@@ -609,6 +699,9 @@ def training_loop(
     device                  = None,     # torch.device; None = cuda:rank if CUDA is available, else cpu.
     image_grid_max          = (32, 32), # Largest grid of reals.png / fakes*.png (columns, rows).
     metric_fn               = None,     # Callable that evaluates `metrics` at snapshots (see below).
+    detector_dir            = None,     # Folder with the metrics' feature networks, None = cache / download.
+    device_type             = None,     # 'cuda' or 'cpu': where train.py launched the run (recorded, so that
+                                        # resuming continues there); `device` decides where this process runs.
 ) -> 'TrainingState':
     """Train; returns the final state (networks, counters), which tests inspect."""
     # Callables are not options: they are neither recorded in the training state nor in training_options.json.
@@ -624,10 +717,38 @@ def training_loop(
     _check_metrics(opts, metric_fn)
     device = torch.device(device)
     with _torch_settings(opts, device):
-        state = _setup(opts, rank, device)
-        state.metric_fn = metric_fn
-        _run(state, abort_fn, progress_fn)
+        state = None
+        try:
+            state = _setup(opts, rank, device)
+            state.metric_fn = metric_fn
+            _run(state, abort_fn, progress_fn)
+        except TrainingStopped:
+            raise
+        except Exception as e:
+            raise TrainingStopped(_stopped_message(opts, state, e)) from e
     return state
+
+
+def one_line(error: BaseException) -> str:
+    """The line of an exception's message that says what went wrong. An error in a DataLoader worker arrives
+    re-raised with the worker's whole traceback in its message; its last line is the original error."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if 'Original Traceback' in str(error) else lines[0]
+
+
+def _stopped_message(opts, state: Optional[TrainingState], error: BaseException) -> str:
+    """One line: what stopped the run, when, and what is still intact."""
+    where = 'during setup' if state is None else f'at {state.cur_nimg / 1000:.1f} kimg'
+    if state is not None and state.last_snapshot is not None:
+        kept = (f'the last snapshot {os.path.basename(state.last_snapshot)} and {checkpoint.STATE_FILE_NAME} '
+                f'are intact')
+    elif opts.resume_state:
+        kept = f'the training state it resumed from ({opts.resume_state}) is intact'
+    else:
+        kept = 'no snapshot had been written yet'
+    return f'Training stopped {where}: {one_line(error)} ({type(error).__name__}); {kept}'
 
 
 def _check_options(opts) -> None:
