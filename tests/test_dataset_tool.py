@@ -211,6 +211,23 @@ def test_resize_without_transform(tmp_path):
     assert np.array_equal(ImageFolderDataset(str(tmp_path / 'out.zip'))[0][0], chw(blocks[::2, ::2]))
 
 
+def test_box_filter_averages_blocks_and_differs_from_lanczos(tmp_path):
+    # The FFHQ-256 recipe (1024 -> 256 with --resize-filter=box): each output pixel is the mean of its 4x4 block.
+    image = random_image(3, size=16)
+    save(str(tmp_path / 'src' / 'a.png'), image)
+    outputs = {}
+    for resize_filter in ['box', 'lanczos']:
+        dest = tmp_path / f'{resize_filter}.zip'
+        result = run('--source', tmp_path / 'src', '--dest', dest, '--width', 4, '--height', 4,
+                     f'--resize-filter={resize_filter}')
+        assert result.exit_code == 0, result.output
+        outputs[resize_filter] = ImageFolderDataset(str(dest))[0][0].astype(np.float64)
+    block_means = image.reshape(4, 4, 4, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(outputs['box'], chw(block_means), atol=1)  # PIL averages uint8 in fixed point.
+    assert np.abs(outputs['lanczos'] - chw(block_means)).max() > 2
+    assert run('--source', tmp_path / 'src', '--dest', tmp_path / 'x.zip', '--resize-filter=bicubic').exit_code != 0
+
+
 def test_mixed_sizes_are_resized_when_a_size_is_given(tmp_path):
     save(str(tmp_path / 'src' / 'a.png'), random_image(0, size=8))
     save(str(tmp_path / 'src' / 'b.png'), random_image(1, size=16))
@@ -376,3 +393,26 @@ def test_lmdb_source_with_a_stand_in_module(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     dataset = ImageFolderDataset(str(tmp_path / 'out.zip'))
     assert len(dataset) == 2 and dataset.image_shape == [3, 8, 8] and not dataset.has_labels
+
+
+# ----------------------------------------------------------------------------
+# --help
+
+
+def test_help_ends_with_examples_that_parse():
+    result = run('--help')
+    assert result.exit_code == 0
+    help_text = result.output
+    options_end = help_text.index('Show this message and exit.')
+    examples_start = help_text.index('Examples:')
+    assert options_end < examples_start
+    lines = [line.strip() for line in help_text[examples_start:].splitlines()]
+    # Command lines joined across their backslash continuations, as a shell would read them.
+    commands = ' '.join(lines).replace('\\ ', '').split('python dataset_tool.py ')[1:]
+    commands = [command.split(' #')[0].split() for command in commands]
+    assert len(commands) == 5
+    assert help_text.rstrip().endswith('--max-images=50000')
+    assert '--resize-filter=box' in commands[0] and '--width=256' in commands[0]
+    for args in commands:
+        with dataset_tool.main.make_context('dataset_tool.py', list(args)) as context:  # Options and choices valid.
+            assert context.params['source'] and context.params['dest']
