@@ -118,7 +118,8 @@ def phase_plan(name: str, reg_interval: Optional[int], opt_kwargs: Dict) -> List
         raise ValueError(f'reg_interval must be a positive integer or None, got {reg_interval!r}')
     ratio = reg_interval / (reg_interval + 1)
     opt_kwargs.lr = opt_kwargs.lr * ratio
-    opt_kwargs.betas = tuple(float(beta) ** ratio for beta in opt_kwargs.betas)
+    if 'betas' in opt_kwargs:  # Adam and its relatives; plain SGD has none.
+        opt_kwargs.betas = tuple(float(beta) ** ratio for beta in opt_kwargs.betas)
     return [Phase(f'{name}main', 1, opt_kwargs), Phase(f'{name}reg', reg_interval, opt_kwargs)]
 
 # ----------------------------------------------------------------------------

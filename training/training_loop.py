@@ -313,7 +313,9 @@ def _build_phases(opts, G, D) -> List[PhaseRuntime]:
                                                    ('D', D, opts.D_opt_kwargs, opts.D_reg_interval)):
         plan = phase_plan(name, reg_interval, opt_kwargs)
         opt_kwargs = dict(plan[0].opt_kwargs)
-        opt_kwargs['betas'] = tuple(float(b) for b in opt_kwargs.get('betas', (0.0, 0.99)))
+        if opt_kwargs.get('class_name') == 'torch.optim.Adam':
+            # StyleGAN's betas unless given, as floats: torch's Adam rejects a mix of int and float (SPEC §4).
+            opt_kwargs['betas'] = tuple(float(b) for b in opt_kwargs.get('betas', (0.0, 0.99)))
         opt = dnnlib.util.construct_class_by_name(params=module.parameters(), **opt_kwargs)
         phases += [PhaseRuntime(phase.name, module, opt, phase.interval) for phase in plan]
     return phases
@@ -480,9 +482,13 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
     phase.opt.zero_grad(set_to_none=True)
     phase.module.requires_grad_(True)
     rounds = zip(real_img, real_c, gen_z, gen_c, strict=False)
+    # Each round's loss is a mean over its images; dividing by the number of rounds makes the accumulated
+    # gradient the mean over the whole batch, so --batch-gpu changes memory use and not the step (the official
+    # loop sums the round means, which only Adam's scale invariance hides).
+    gain = phase.interval / num_rounds
     for round_idx, (r_img, r_c, g_z, g_c) in enumerate(rounds):
         state.loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, gen_z=g_z, gen_c=g_c,
-                                        sync=(round_idx == num_rounds - 1), gain=phase.interval)
+                                        sync=(round_idx == num_rounds - 1), gain=gain)
     phase.module.requires_grad_(False)
     with torch.autograd.profiler.record_function(phase.name + '_opt'):
         for param in phase.module.parameters():

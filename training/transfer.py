@@ -6,9 +6,12 @@ embedding and D's output layer change). Here every destination tensor whose name
 is copied; the rest keep the values a freshly built network has, and a report says which layers were copied,
 which are new and which of the source were dropped, grouped by block:
 
-    G: 77 tensors copied (2,123,456 values), 25 new (104,882 values), 4 dropped (1,539 values)
-      copied whole: mapping, synthesis.b4
-      synthesis.b8: conv0 copied; squeeze, excite, blend new; torgb new (shape differs); conv1 dropped
+    G: 32 tensors (7,081 values) copied, 34 tensors (2,354 values) new, 18 tensors (3,669 values) dropped
+      copied whole: mapping
+      synthesis.b4: const, conv1, resample_filter copied; torgb dropped
+      synthesis.b8: conv0, resample_filter copied; torgb partly copied; squeeze, excite, blend new; conv1 dropped
+
+(a stock 16x16 generator into a squeeze one: toRGB keeps its bias, its weights read q channels now).
 """
 
 import dataclasses
@@ -30,6 +33,7 @@ class TransferReport:
     new:        Dict[str, int] = dataclasses.field(default_factory=dict)    # In the destination only.
     reshaped:   Dict[str, int] = dataclasses.field(default_factory=dict)    # In both, with different shapes.
     dropped:    Dict[str, int] = dataclasses.field(default_factory=dict)    # In the source only.
+    order:      List[str] = dataclasses.field(default_factory=list)         # Destination's names, then dropped.
 
     @property
     def is_complete(self) -> bool:
@@ -54,6 +58,7 @@ def transfer_params_and_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> T
                 tensor.copy_(source.detach())
                 report.copied[name] = tensor.numel()
     report.dropped = {name: tensor.numel() for name, tensor in src_tensors.items() if name not in dst_names}
+    report.order = [name for name, _tensor in misc.named_params_and_buffers(dst)] + list(report.dropped)
     return report
 
 
@@ -71,11 +76,12 @@ def layer_of(name: str) -> Tuple[str, str]:
 
 def _layer_statuses(report: TransferReport) -> Dict[str, Dict[str, str]]:
     """{group: {layer: status}} in the order the tensors appear (destination first, then dropped ones)."""
+    kind_of = {name: kind for kind, names in ((COPIED, report.copied), (NEW, report.new),
+                                              (RESHAPED, report.reshaped), (DROPPED, report.dropped))
+               for name in names}
     kinds: Dict[Tuple[str, str], set] = {}
-    for kind, names in ((COPIED, report.copied), (NEW, report.new), (RESHAPED, report.reshaped),
-                        (DROPPED, report.dropped)):
-        for name in names:
-            kinds.setdefault(layer_of(name), set()).add(kind)
+    for name in report.order:
+        kinds.setdefault(layer_of(name), set()).add(kind_of[name])
     groups: Dict[str, Dict[str, str]] = {}
     for (group, layer), found in kinds.items():
         if found == {COPIED}:
