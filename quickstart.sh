@@ -3,7 +3,8 @@
 #
 #     bash quickstart.sh [OUTDIR]          (default OUTDIR: quickstart/)
 #
-# 1. installs the CPU build of PyTorch and the requirements;
+# 1. installs the requirements, and the CPU build of PyTorch only where no PyTorch is installed (an existing
+#    build, e.g. a CUDA one, is kept);
 # 2. converts 10,000 Fashion-MNIST images (Debian's dataset-fashion-mnist package; installed here when
 #    possible) into a dataset zip, or, where that package is not available, a generated toy dataset of shapes;
 # 3. trains a small conditional squeeze generator (--arch=squeeze --squeeze-r=8) on the CPU for
@@ -17,8 +18,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 OUT="${1:-quickstart}"
 KIMG="${QUICKSTART_KIMG:-4}"
 
-echo "== 1/5 Installing PyTorch (CPU build) and the requirements"
-python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -r requirements.txt
+echo "== 1/5 Installing the requirements"
+if python -c "import torch" 2>/dev/null; then
+    echo "Keeping the installed PyTorch $(python -c 'import torch; print(torch.__version__)')"
+else
+    echo "No PyTorch found: installing the CPU build of PyTorch 2.13"
+    python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+fi
+python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
 echo "== 2/5 Preparing the dataset"
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -107,18 +107,92 @@ def test_no_banned_modules_in_the_code():
     assert offenders == []
 
 
-def test_ci_runs_the_readme_test_command():
+def _readme_setup_commands():
     readme = open(os.path.join(REPO_ROOT, 'README.md')).read()
-    ci = open(os.path.join(REPO_ROOT, '.ci', 'run')).read()
     block = re.search(r'```bash\n(.*?)```', readme, re.S).group(1)
-    commands = [line for line in block.splitlines() if line.strip() and not line.startswith('#')]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith('#')]
+
+
+def _run_with_shims(tmp_path, script, torch_installed, args=()):
+    """Run `script` with bash, `python` and `pip` replaced by stand-ins that log their arguments and succeed;
+    `python -c "import torch"` fails unless `torch_installed`. Returns the logged calls."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / 'calls.log'
+    log.write_text('')
+    for name in ['python', 'pip']:
+        shim = bin_dir / name
+        shim.write_text('#!/bin/sh\n'
+                        f'echo "{name} $*" >> "$SHIM_LOG"\n'
+                        'if [ "$1" = "-c" ] && [ "$2" = "import torch" ]; then exit "$SHIM_TORCH_RC"; fi\n'
+                        'exit 0\n')
+        shim.chmod(0o755)
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', SHIM_LOG=str(log),
+               SHIM_TORCH_RC='0' if torch_installed else '1')
+    result = subprocess.run(['bash', *([] if args else ['-c']), script, *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return log.read_text().splitlines()
+
+
+def _as_readme_calls(calls):
+    """CI's calls in the README's spelling: plain `pip`, no quiet flags, no lint step."""
+    out = []
+    for call in calls:
+        call = call.replace('python -m pip ', 'pip ').replace(' --quiet', '').replace(' --disable-pip-version-check', '')
+        if 'ruff' not in call:
+            out.append(call)
+    return out
+
+
+def test_readme_has_the_two_setup_commands():
+    commands = _readme_setup_commands()
     # Exactly two set-up commands up front: the end-to-end quickstart, then the tests.
     assert len(commands) == 2, commands
     assert commands[0] == 'bash quickstart.sh' and os.path.isfile(os.path.join(REPO_ROOT, 'quickstart.sh'))
-    install, test = [part.strip() for part in commands[1].split('&&')]
-    assert test in ci, f'.ci/run does not run the README test command "{test}"'
-    assert install.replace('pip install', 'python -m pip install --quiet --disable-pip-version-check') \
-        .replace('torch==2.13.0', '"torch==2.13.0"') in ci
+    assert commands[1].endswith(' && python -m pytest -q')
+
+
+@pytest.mark.parametrize('torch_installed', [True, False])
+def test_setup_installs_torch_only_where_none_is_installed(tmp_path, torch_installed):
+    # An installed PyTorch (a working CUDA build, say) is never replaced; where none is, the tested release is.
+    guard, pin = 'python -c import torch', 'pip install torch==2.13.0'
+    expected = [guard] + ([] if torch_installed else [pin]) + ['pip install -r requirements-test.txt',
+                                                               'python -m pytest -q']
+    readme_calls = _run_with_shims(tmp_path, _readme_setup_commands()[1], torch_installed)
+    assert readme_calls == expected
+    # .ci/run runs the README's test command (quieter, plus the lint step).
+    ci_calls = _run_with_shims(tmp_path, '.ci/run', torch_installed, args=['.ci/run'])
+    assert 'python -m ruff check .' in ci_calls
+    assert _as_readme_calls(ci_calls) == expected
+    # The quickstart's install step keeps an installed PyTorch too.
+    quickstart = open(os.path.join(REPO_ROOT, 'quickstart.sh')).read()
+    install_step = quickstart.split('echo "== 1/5', 1)[1].split('echo "== 2/5', 1)[0].split('\n', 1)[1]
+    calls = _as_readme_calls(_run_with_shims(tmp_path, 'set -euo pipefail\n' + install_step, torch_installed))
+    assert [call for call in calls if 'import torch' not in call] == \
+        ([] if torch_installed else [pin]) + ['pip install -r requirements.txt']
+    assert calls[0] == guard
+
+
+# Optional packages: name -> (file that uses it, what shows the use).
+EXTRAS = {
+    'tensorboard': ('training/training_loop.py', 'torch.utils.tensorboard'),
+    'imageio': ('projector.py', 'import imageio'),
+    'imageio-ffmpeg': ('projector.py', 'imageio-ffmpeg'),
+    'lmdb': ('dataset_tool.py', 'import lmdb'),
+}
+
+
+def test_optional_packages_are_listed_and_used():
+    lines = open(os.path.join(REPO_ROOT, 'requirements-extras.txt')).read().splitlines()
+    names = [line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()]
+    assert names == list(EXTRAS)
+    readme = open(os.path.join(REPO_ROOT, 'README.md')).read()
+    assert 'requirements-extras.txt' in readme
+    for name, (path, evidence) in EXTRAS.items():
+        assert f'`{name}`' in readme, f'README does not describe the optional package {name}'
+        assert evidence in open(os.path.join(REPO_ROOT, path)).read(), f'{path} no longer uses {name}'
+        assert name not in RUNTIME_REQUIREMENTS
 
 
 def test_pyproject_registers_the_markers():
