@@ -9,12 +9,15 @@ Examples:
     # Several metrics of a pretrained network against a given dataset, with 4 GPUs:
     python calc_metrics.py --metrics=fid50k_full,pr50k3_full,ppl2_wend --network=ffhq.pkl --data=ffhq256.zip --mirror=1 --gpus=4
 
-    # Offline machine: the detectors inception-2015-12-05.pt and vgg16.pt lie in a local folder:
-    python calc_metrics.py --network=net.pkl --data=data.zip --detector-dir=/data/detectors
+    # Offline machine without a GPU: one CPU process; the detectors lie in a local folder:
+    python calc_metrics.py --network=net.pkl --data=data.zip --gpus=0 --detector-dir=/data/detectors
 
-The network may be an official or our own `.pkl` snapshot, a weights-only `.pt` file or a URL of either
-(training/legacy.py). Valid metrics: fid50k_full, kid50k_full, pr50k3_full, ppl2_wend, is50k and the legacy
-fid50k, kid50k, pr50k3, ppl_zfull, ppl_wfull, ppl_zend, ppl_wend.
+The network may be an official or our own `.pkl` snapshot, a TensorFlow pickle, a weights-only `.pt` file or a
+URL of any (training/legacy.py); official networks are adopted into this code base's classes unless `--adopt=0`.
+`--gpus` and `--device` mean what they mean for train.py: `--gpus=0` is one CPU process, `--gpus=N` runs N
+processes, one per CUDA device, or N processes on the CPU with `--device=cpu`. Valid metrics: fid50k_full,
+kid50k_full, pr50k3_full, ppl2_wend, is50k and the legacy fid50k, kid50k, pr50k3, ppl_zfull, ppl_wfull,
+ppl_zend, ppl_wend.
 """
 
 import json
@@ -58,12 +61,19 @@ def find_run_dir(network: str) -> Optional[str]:
     return folder if os.path.isfile(os.path.join(folder, OPTIONS_FILE_NAME)) else None
 
 
-def load_snapshot(network: str) -> dict:
+def load_snapshot(network: str, adopt: bool = True, verbose: bool = True) -> dict:
+    """The snapshot dict; its G_ema adopted into our classes (training.legacy.adopt_network) unless `adopt` is
+    False. Every problem becomes a one-line click error."""
     try:
         with dnnlib.util.open_url(network) as f:
-            return legacy.load_network_pkl(f)
-    except (OSError, ValueError) as e:
+            snapshot = legacy.load_network_pkl(f)
+    except (OSError, ValueError, ImportError) as e:
         raise click.ClickException(f'--network: cannot load "{network}": {e}') from None
+    if adopt:
+        snapshot['G_ema'], note = legacy.adopt_network(snapshot.get('G_ema'), name='G_ema')
+        if note is not None and verbose:
+            print(note)
+    return snapshot
 
 
 def dataset_kwargs_for(network: str, snapshot: dict, data: Optional[str], mirror: Optional[bool],
@@ -100,14 +110,32 @@ def dataset_kwargs_for(network: str, snapshot: dict, data: Optional[str], mirror
     return kwargs
 
 
-def resolve_device(device: str) -> str:
+def resolve_processes(gpus: int, device: str = 'auto') -> dnnlib.EasyDict:
+    """What `--gpus` and `--device` ask for, with train.py's meaning: EasyDict(num_gpus, device_type).
+
+    `--gpus=0` is one CPU process; `--gpus=N` runs N processes, one per CUDA device, unless `--device=cpu`
+    runs them on the CPU (gloo). A CUDA request on a machine without CUDA is an error that names the way out;
+    it never falls back to the CPU silently.
+    """
     if device not in DEVICES:
         raise click.BadParameter(f'--device must be one of {", ".join(DEVICES)}, got {device!r}')
-    if device == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but PyTorch sees no CUDA device')
-    return device
+    if gpus < 0:
+        raise click.BadParameter(f'--gpus must be at least 0, got {gpus}')
+    if gpus == 0:
+        if device == 'cuda':
+            raise click.ClickException('--gpus=0 means one CPU process, which contradicts --device=cuda')
+        return dnnlib.EasyDict(num_gpus=1, device_type='cpu')
+    if device == 'cpu':
+        return dnnlib.EasyDict(num_gpus=gpus, device_type='cpu')
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        if device == 'cuda':
+            raise click.ClickException('--device=cuda, but PyTorch sees no CUDA device')
+        raise click.ClickException(f'--gpus={gpus} asks for CUDA, but PyTorch sees no CUDA device; use --gpus=0 to '
+                                   f'compute in one CPU process, or --device=cpu to run {gpus} process(es) on the CPU')
+    if gpus > visible:
+        raise click.ClickException(f'--gpus={gpus}, but only {visible} CUDA device(s) are visible; lower --gpus')
+    return dnnlib.EasyDict(num_gpus=gpus, device_type='cuda')
 
 # ----------------------------------------------------------------------------
 # One process.
@@ -126,7 +154,7 @@ def _run_rank(rank: int, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        G = args.G if args.G is not None else load_snapshot(args.network)['G_ema']
+        G = args.G if args.G is not None else load_snapshot(args.network, adopt=args.adopt, verbose=False)['G_ema']
         results = []
         for metric in args.metrics:
             if rank == 0 and args.verbose:
@@ -157,56 +185,85 @@ def calc_metrics(
     metrics:        Any = 'fid50k_full',        # Metric names (list or comma-separated string).
     data:           Optional[str] = None,       # Dataset path; None = the run's / snapshot's training set.
     mirror:         Optional[bool] = None,      # Include x-flips of the dataset; None = as recorded.
-    gpus:           int = 1,                    # Number of processes.
+    gpus:           int = 1,                    # Processes: 0 = one CPU process, N = N CUDA (or CPU) processes.
     verbose:        bool = True,                # Progress lines.
     detector_dir:   Optional[str] = None,       # Folder with local detector files; None = $STYLEGAN_DETECTOR_DIR.
-    device:         str = 'auto',               # auto, cpu or cuda.
+    device:         str = 'auto',               # auto, cpu or cuda: where the --gpus processes run (as in train.py).
+    adopt:          bool = True,                # Rebuild an official G_ema as this code base's class.
 ) -> List[dnnlib.EasyDict]:
     """Compute the metrics and report each (stdout, and metric-<name>.jsonl in the run directory if the snapshot
-    sits in one). Returns the result dicts."""
+    sits in one). Returns the result dicts.
+
+    Option and data errors (metric names, the snapshot, the dataset) are reported before device errors.
+    """
     metrics = parse_metric_list(metrics)
-    if gpus < 1:
-        raise click.BadParameter(f'--gpus must be at least 1, got {gpus}')
-    device_type = resolve_device(device)
-    if device_type == 'cuda' and gpus > torch.cuda.device_count():
-        raise click.ClickException(f'--gpus={gpus}, but only {torch.cuda.device_count()} CUDA device(s) are visible')
-    snapshot = load_snapshot(network)
+    if device not in DEVICES:
+        raise click.BadParameter(f'--device must be one of {", ".join(DEVICES)}, got {device!r}')
+    if gpus < 0:
+        raise click.BadParameter(f'--gpus must be at least 0, got {gpus}')
+    snapshot = load_snapshot(network, adopt=adopt, verbose=verbose)
     G = snapshot.get('G_ema')
     if G is None:
         raise click.ClickException(f'--network: "{network}" holds no G_ema')
-    run_dir = find_run_dir(network)
+    dataset_kwargs = dataset_kwargs_for(network, snapshot, data, mirror, G)
+    launch = resolve_processes(gpus, device)
     args = dnnlib.EasyDict(
         network         = network,
         metrics         = metrics,
-        dataset_kwargs  = dataset_kwargs_for(network, snapshot, data, mirror, G),
-        num_gpus        = gpus,
+        dataset_kwargs  = dataset_kwargs,
+        num_gpus        = launch.num_gpus,
         verbose         = verbose,
         detector_dir    = detector_dir,
-        device_type     = device_type,
-        run_dir         = run_dir,
+        device_type     = launch.device_type,
+        run_dir         = find_run_dir(network),
         snapshot_pkl    = network,
-        G               = G if gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
+        adopt           = adopt,
+        G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
     )
-    if gpus == 1:
+    if launch.num_gpus == 1:
         return _run_rank(0, args, None)
     with tempfile.TemporaryDirectory() as temp_dir:
-        torch.multiprocessing.spawn(fn=_spawned_rank, args=(args, temp_dir), nprocs=gpus)
+        torch.multiprocessing.spawn(fn=_spawned_rank, args=(args, temp_dir), nprocs=launch.num_gpus)
         with open(os.path.join(temp_dir, 'results.json')) as f:
             return [dnnlib.EasyDict(result, results=dnnlib.EasyDict(result['results'])) for result in json.load(f)]
 
 
-@click.command()
+EXAMPLES = """\b
+Examples:
+
+\b
+  # FID of a snapshot against its training set (from the run's training_options.json or the snapshot);
+  # the result is also appended to <run_dir>/metric-fid50k_full.jsonl:
+  python calc_metrics.py --network=runs/00000-ffhq256-paper256/network-snapshot-001000.pkl
+
+\b
+  # Several metrics of a pretrained network against a given dataset, with 4 GPUs:
+  python calc_metrics.py --metrics=fid50k_full,pr50k3_full,ppl2_wend --network=ffhq.pkl \\
+      --data=ffhq256.zip --mirror=1 --gpus=4
+
+\b
+  # A machine without a GPU and without network access: one CPU process, detectors in a local folder:
+  python calc_metrics.py --network=net.pkl --data=data.zip --gpus=0 --detector-dir=/data/detectors
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.option('--network', 'network', required=True, metavar='PATH|URL', help='Network snapshot (.pkl or .pt)')
 @click.option('--metrics', default='fid50k_full', show_default=True, metavar='LIST',
               help=f'Comma-separated list or "none" [one of: {", ".join(metric_main.list_valid_metrics())}]')
 @click.option('--data', metavar='PATH', help='Dataset to evaluate against [default: the training set of the snapshot]')
 @click.option('--mirror', type=bool, metavar='BOOL', help='Include x-flips of the dataset [default: as recorded]')
-@click.option('--gpus', type=click.IntRange(min=1), default=1, show_default=True, help='Number of processes')
+@click.option('--gpus', type=click.IntRange(min=0), default=1, show_default=True,
+              help='Number of processes (GPUs); 0 = one CPU process')
 @click.option('--verbose', type=bool, default=True, show_default=True, metavar='BOOL', help='Print progress')
 @click.option('--detector-dir', metavar='DIR', default=None,
               help=f'Folder with inception-2015-12-05.pt and vgg16.pt [default: ${metric_utils.DETECTOR_DIR_ENV} or download]')
-@click.option('--device', type=click.Choice(DEVICES), default='auto', show_default=True, help='Where to compute')
-def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device):
+@click.option('--device', type=click.Choice(DEVICES), default='auto', show_default=True,
+              help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
+@click.option('--adopt', type=bool, default=True, show_default=True, metavar='BOOL',
+              help="Rebuild an official snapshot's G_ema as this code base's class (fp32 off the GPU, our kernels); "
+                   "0 runs the class embedded in the pickle")
+def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device, adopt):
     """Calculate quality metrics for a trained network snapshot.
 
     The results are printed as JSON lines and, when the snapshot lies in a training run directory (one with
@@ -216,7 +273,7 @@ def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device):
         return
     try:
         calc_metrics(network=network, metrics=metrics, data=data, mirror=mirror, gpus=gpus, verbose=verbose,
-                     detector_dir=detector_dir, device=device)
+                     detector_dir=detector_dir, device=device, adopt=adopt)
     except metric_utils.DetectorNotFoundError as e:
         raise click.ClickException(str(e)) from None
 

@@ -11,9 +11,11 @@ Examples:
     # Render latents found by projector.py:
     python generate.py --outdir=out --projected-w=projected_w.npz --network=ffhq.pkl
 
-The network may be an official or our own `.pkl` snapshot or a weights-only `.pt` file (training/legacy.py);
-a weights-only file runs no code stored in it. Image i of seed s uses z = RandomState(s).randn(1, z_dim), as the
-official script does, so seeds name the same images in both code bases.
+The network may be an official or our own `.pkl` snapshot, a TensorFlow pickle of the StyleGAN2(-ADA)
+TensorFlow releases, or a weights-only `.pt` file (training/legacy.py); a weights-only file runs no code stored
+in it. Networks of official snapshots are rebuilt as this code base's classes ("adopted": fp32 on the CPU, our
+kernels); `--adopt=0` runs the classes embedded in the pickle instead. Image i of seed s uses
+z = RandomState(s).randn(1, z_dim), as the official script does, so seeds name the same images in both code bases.
 """
 
 import os
@@ -158,18 +160,50 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def load_generator(network: str, device: Any) -> torch.nn.Module:
-    """Load G_ema for a script; every problem becomes a one-line click error."""
+def load_generator(network: str, device: Any, adopt: bool = True) -> torch.nn.Module:
+    """Load G_ema for a script (adopted into our classes unless `adopt` is False); every problem becomes a
+    one-line click error."""
     try:
-        return legacy.load_network(network, key='G_ema', device=device)
+        return legacy.load_network(network, key='G_ema', device=device, adopt=adopt)
     except (OSError, ValueError, ImportError) as e:
         raise click.ClickException(f'Cannot load network "{network}": {e}') from e
+
+
+# The --adopt option, shared by the scripts that load a generator.
+ADOPT_HELP = ("Rebuild an official snapshot's networks as this code base's classes (fp32 off the GPU, our kernels); "
+              "0 runs the classes embedded in the pickle")
+
+
+def adopt_option(fn):
+    return click.option('--adopt', type=bool, default=True, show_default=True, metavar='BOOL', help=ADOPT_HELP)(fn)
 
 
 # ----------------------------------------------------------------------------
 
 
-@click.command()
+EXAMPLES = """\b
+Examples:
+
+\b
+  # Six curated images of a pretrained network:
+  python generate.py --outdir=out --trunc=0.7 --seeds=600-605 \\
+      --network=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metfaces.pkl
+
+\b
+  # Class 3 of a conditional network, seeds 0 to 3 and 10:
+  python generate.py --outdir=out --seeds=0-3,10 --class=3 --network=cifar10.pkl
+
+\b
+  # Render latents found by projector.py:
+  python generate.py --outdir=out --projected-w=out/projected_w.npz --network=ffhq.pkl
+
+\b
+  # Run the classes embedded in an official pickle instead of adopting them:
+  python generate.py --outdir=out --seeds=0-3 --network=ffhq.pkl --adopt=0
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.pass_context
 @click.option('--network', 'network_pkl', help='Network snapshot: .pkl or weights-only .pt, path or URL', required=True)
 @click.option('--seeds', callback=seeds_callback, help='Seeds, e.g. 0-3,7,10-12')
@@ -181,6 +215,7 @@ def load_generator(network: str, device: Any) -> torch.nn.Module:
               '(key "w", shape [N, num_ws, w_dim]) instead of seeds')
 @click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
+@adopt_option
 def main(
     ctx:            click.Context,
     network_pkl:    str,
@@ -191,13 +226,14 @@ def main(
     projected_w:    Optional[str],
     outdir:         str,
     device:         Optional[str],
+    adopt:          bool,
 ) -> None:
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:
         raise click.UsageError('--seeds is required unless --projected-w is given', ctx=ctx)
     device = resolve_device(device)
     print(f'Loading network from "{network_pkl}"...')
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, adopt=adopt)
     os.makedirs(outdir, exist_ok=True)
 
     if projected_w is not None:

@@ -7,6 +7,10 @@ Example:
     # Render the result again later, with generate.py:
     python generate.py --outdir=out --projected-w=out/projected_w.npz --network=ffhq.pkl
 
+The LPIPS distance needs the metrics' VGG16 network, `vgg16.pt`: it is taken from --detector-dir (default
+$STYLEGAN_DETECTOR_DIR) when there, else downloaded once into the cache. The script checks that it can be found
+before it loads anything else, so an offline machine without the file fails at once, in one line.
+
 The search is the one of the StyleGAN2 paper (Karras et al. 2020, Sec. 5 and its appendix on projection): a
 single w, shared by every synthesis layer, starts at the average latent and is optimized with Adam together with
 the per-layer constant noise maps, so that the generated image matches the target under the LPIPS distance
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from generate import load_generator, make_label, resolve_device, to_pil, to_uint8
+from generate import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
 
 VGG16_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt'
 DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'  # Folder searched for vgg16.pt before downloading it.
@@ -42,6 +46,35 @@ LPIPS_RESOLUTION = 256                      # Larger images are averaged down to
 
 # ----------------------------------------------------------------------------
 # The LPIPS feature network.
+
+
+def find_vgg16(detector_dir: Optional[str] = None) -> str:
+    """The local path of `vgg16.pt`: in `detector_dir` (default $STYLEGAN_DETECTOR_DIR) or the download cache,
+    fetched if needed. Raises an OSError (metrics' DetectorNotFoundError) when the file cannot be had.
+
+    Cheap when the file is there: projector.py calls it before any other work.
+    """
+    try:
+        from metrics import metric_utils
+    except ImportError:
+        metric_utils = None
+    if metric_utils is not None:
+        return metric_utils.detector_path(VGG16_URL, detector_dir)
+    if detector_dir is None:
+        detector_dir = os.environ.get(DETECTOR_DIR_ENV) or None
+    path = os.path.join(detector_dir, os.path.basename(VGG16_URL)) if detector_dir else None
+    if path is not None and os.path.isfile(path):
+        return path
+    return dnnlib.util.open_url(VGG16_URL, return_filename=True)
+
+
+def _vgg16_problem(error: BaseException, detector_dir: Optional[str]) -> str:
+    """One line for a missing VGG16: why, and where the file should go."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    folder = detector_dir or os.environ.get(DETECTOR_DIR_ENV)
+    where = (f'put it at {os.path.join(folder, os.path.basename(VGG16_URL))}' if folder else
+             f'put it into a folder and name that folder with --detector-dir (or ${DETECTOR_DIR_ENV})')
+    return f'{reason}; download {VGG16_URL} on a machine with network access and {where}'
 
 
 def _load_vgg16(device: Any, detector_dir: Optional[str] = None) -> torch.jit.ScriptModule:
@@ -324,7 +357,26 @@ def _rgb_frame(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-@click.command()
+EXAMPLES = """\b
+Examples:
+
+\b
+  # Project an image (cropped to its center square and resized) and save the video of the search:
+  python projector.py --outdir=out --target=face.png \\
+      --network=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl
+
+\b
+  # Offline machine: vgg16.pt lies in a local folder; 300 steps, no video:
+  python projector.py --outdir=out --target=face.png --network=ffhq.pkl \\
+      --detector-dir=/data/detectors --num-steps=300 --save-video=0
+
+\b
+  # Render the result again later:
+  python generate.py --outdir=out --projected-w=out/projected_w.npz --network=ffhq.pkl
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.option('--network', 'network_pkl', help='Network snapshot: .pkl or weights-only .pt, path or URL', required=True)
 @click.option('--target', 'target_fname', type=click.Path(exists=True, dir_okay=False), required=True,
               help='Image file to project')
@@ -337,6 +389,9 @@ def _rgb_frame(image: np.ndarray) -> np.ndarray:
 @click.option('--class', 'class_idx', type=click.IntRange(min=0), help='Class label (conditional networks)')
 @click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the output images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
+@click.option('--detector-dir', metavar='DIR', default=None,
+              help=f'Folder with vgg16.pt [default: ${DETECTOR_DIR_ENV} or download]')
+@adopt_option
 def main(
     network_pkl:    str,
     target_fname:   str,
@@ -346,14 +401,20 @@ def main(
     class_idx:      Optional[int],
     outdir:         str,
     device:         Optional[str],
+    detector_dir:   Optional[str],
+    adopt:          bool,
 ) -> None:
     """Project an image into the W space of a network; writes target.png, proj.png, projected_w.npz (and proj.mp4)."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = resolve_device(device)
+    try:
+        find_vgg16(detector_dir)  # Before any work: an offline machine without the file fails now.
+    except OSError as e:
+        raise click.ClickException(_vgg16_problem(e, detector_dir)) from None
 
     print(f'Loading network from "{network_pkl}"...')
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, adopt=adopt)
     if G.c_dim == 0 and class_idx is not None:
         print(f'warn: --class={class_idx} ignored when running on an unconditional network')
         class_idx = None
@@ -370,10 +431,12 @@ def main(
         raise click.BadParameter(f'cannot use "{target_fname}" as the target: {e}', param_hint='--target') from e
 
     try:
-        vgg16 = _load_vgg16(device)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise click.ClickException(f'Cannot load the VGG16 feature network ({VGG16_URL}); on an offline machine '
-                                   f'put vgg16.pt in the folder named by ${DETECTOR_DIR_ENV}: {e}') from e
+        vgg16 = _load_vgg16(device, detector_dir)
+    except OSError as e:
+        raise click.ClickException(_vgg16_problem(e, detector_dir)) from None
+    except (RuntimeError, ValueError) as e:  # A damaged file: torch.jit.load's error, first line.
+        raise click.ClickException(f'Cannot load the VGG16 feature network: '
+                                   f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}') from None
 
     start_time = time.time()
     target = torch.tensor(target_uint8.transpose([2, 0, 1]), device=device)

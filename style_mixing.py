@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 
 from generate import (
+    adopt_option,
     load_generator,
     make_label,
     parse_range,
@@ -89,7 +90,21 @@ def styles_callback(_ctx, _param, value: str) -> List[int]:
 # ----------------------------------------------------------------------------
 
 
-@click.command()
+EXAMPLES = """\b
+Examples:
+
+\b
+  # The style-mixing figure of the StyleGAN paper (coarse styles, w rows 0-6, from the column seeds):
+  python style_mixing.py --outdir=out --rows=85,100,75,458,1500 --cols=55,821,1789,293 \\
+      --network=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metfaces.pkl
+
+\b
+  # Fine styles only (w rows 8 and up of a 256x256 stock network, whose 14 rows are 0-13):
+  python style_mixing.py --outdir=out --rows=1-3 --cols=10-12 --styles=8-13 --network=ffhq256.pkl
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.option('--network', 'network_pkl', help='Network snapshot: .pkl or weights-only .pt, path or URL', required=True)
 @click.option('--rows', 'row_seeds', callback=seeds_callback, required=True, help='Seeds of the rows, e.g. 0-3,7')
 @click.option('--cols', 'col_seeds', callback=seeds_callback, required=True, help='Seeds of the columns, e.g. 10-12')
@@ -101,6 +116,7 @@ def styles_callback(_ctx, _param, value: str) -> List[int]:
               help='Noise mode')
 @click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
+@adopt_option
 def main(
     network_pkl:    str,
     row_seeds:      List[int],
@@ -111,11 +127,12 @@ def main(
     noise_mode:     str,
     outdir:         str,
     device:         Optional[str],
+    adopt:          bool,
 ) -> None:
     """Write a style-mixing grid (grid.png) and its images (<row>-<col>.png)."""
     device = resolve_device(device)
     print(f'Loading network from "{network_pkl}"...')
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, adopt=adopt)
     bad = [idx for idx in col_styles if idx >= G.num_ws]
     if bad:
         raise click.BadParameter(f'style index {bad[0]} is out of range: this network has {G.num_ws} w rows '

@@ -397,7 +397,7 @@ def test_load_network(snapshot, tmp_path):
 
 
 def _tensorflow_style_pickle():
-    # What the start of an old TensorFlow snapshot looks like to pickle: a dnnlib.tflib Network object.
+    # A dnnlib.tflib Network object without any state: not a network of the StyleGAN2 TensorFlow releases.
     return b'\x80\x02cdnnlib.tflib.network\nNetwork\nq\x00)\x81q\x01}q\x02b.'
 
 
@@ -411,7 +411,7 @@ def _tensorflow_style_pickle():
     (pickle.dumps(dict(G='not a network')), 'entry "G" is a str'),
     (pickle.dumps(dict(G=None)), 'without networks'),
     (pickle.dumps(dict(G_ema=torch.nn.Linear(2, 2)))[:100], 'truncated or corrupt'),
-    (_tensorflow_style_pickle(), 'TensorFlow snapshots are not supported'),
+    (_tensorflow_style_pickle(), 'TensorFlow network is a network pickle of version None'),
     (b'\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x07no_such\x94\x8c\x01x\x94\x93\x94.', 'no_such.x'),
 ])
 def test_clear_errors_for_files_that_are_not_snapshots(content, message):

@@ -273,7 +273,10 @@ class MappingNetwork(torch.nn.Module):
 
     def _embed_inputs(self, z, c):
         """Normalized z and normalized label embedding, concatenated in that order."""
-        dtype = self.fc0.weight.dtype
+        # The parameters' dtype (float64 in gradchecks). D's label embedding may have no mapping layers (as in
+        # StyleGAN2-ADA TensorFlow discriminators): then the embedding is the first layer.
+        first = self.fc0 if self.num_layers > 0 else getattr(self, 'embed', None)
+        dtype = first.weight.dtype if first is not None else torch.float32
         parts = []
         if self.z_dim > 0:
             misc.assert_shape(z, [None, self.z_dim])
