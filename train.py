@@ -159,7 +159,7 @@ DEFAULTS = dict(
 # Options that may change when a training state is resumed; every other option is fixed by the state.
 STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir')
 # Options that choose how to launch, not what to train: never reported as ignored.
-_LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices')
+_LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_files')
 
 # training_loop arguments that differ between the processes of one run; never part of the stored options.
 _PER_PROCESS_KEYS = ('rank', 'device')
@@ -561,7 +561,8 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     _split_batch(args.batch_size, batch_gpu, launch.num_gpus, mbstd,
                  hint=f'the resumed run has batch {args.batch_size}: choose --gpus and --batch-gpu to divide it')
     args.num_gpus, args.batch_gpu, args.device_type = launch.num_gpus, batch_gpu, launch.device_type
-    check_metrics_ready(args.metrics, args.get('detector_dir'))
+    if given.get('check_files', True):
+        check_metrics_ready(args.metrics, args.get('detector_dir'))
     if given.get('check_devices', True):
         resolve_launch(gpus, device, given.get('distributed'))
 
@@ -625,6 +626,8 @@ def build_training_plan(
     desc:               Optional[str] = None,       # --desc: extra text for the run directory name.
     detector_dir:       Optional[str] = None,       # --detector-dir: folder with the metrics' feature networks.
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
+    check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
+                                                    # (False: torchrun ranks other than 0, which rank 0 speaks for).
 ) -> tuple:
     """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type)).
 
@@ -861,7 +864,7 @@ def build_training_plan(
     elif resume is not None:
         run_desc += '-resumecustom'
         args.resume_pkl = resume
-    if args.resume_pkl is not None:
+    if args.resume_pkl is not None and check_files:
         _check_resume_fits(args.resume_pkl, info)
         args.ada_kimg = 100      # Let ADA react faster at the start of a transfer.
         args.ema_rampup = None   # The loaded G_ema is already a good average.
@@ -885,7 +888,8 @@ def build_training_plan(
     if opts.nhwc:
         args.G_kwargs.synthesis_kwargs.fp16_channels_last = args.D_kwargs.block_kwargs.fp16_channels_last = True
 
-    check_metrics_ready(args.metrics, detector_dir)
+    if check_files:
+        check_metrics_ready(args.metrics, detector_dir)
     if check_devices:
         resolve_launch(gpus, device, distributed)
     return run_desc, args, launch
@@ -1263,7 +1267,10 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
     source = click.core.ParameterSource
     given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) != source.DEFAULT}
     dist = distributed_env(os.environ)
-    run_desc, args, launch = build_training_plan(distributed=dist, check_devices=not dry_run, **given)
+    # Under torchrun every process builds the plan; only rank 0 reads the resume snapshot and the feature
+    # networks (if it fails, torchrun stops the others).
+    run_desc, args, launch = build_training_plan(distributed=dist, check_devices=not dry_run,
+                                                 check_files=dist is None or dist['rank'] == 0, **given)
     is_resumed_state = args.get('resume_state') is not None
     if is_resumed_state and outdir is not None:
         _warn('--outdir ignored: a resumed training state continues in its own directory')

@@ -291,9 +291,81 @@ def test_options_build_networks_of_the_spec_size(fake_data):
     (dict(gpus=0), 'fakedata-auto1'),
     (dict(gpus=4), 'fakedata-auto4'),
     (dict(fp32=True, nhwc=True, nobench=True, allow_tf32=True, workers=1, snap=10, seed=3), 'fakedata-auto1'),
+    # StyleGAN3's flags: --batch-gpu changes memory use only; --desc comes last.
+    (dict(cfg='paper256', glr=0.002, dlr=0.001, mbstd_group=4, map_depth=2, batch_gpu=4, desc='try1'),
+     'fakedata-paper256-map2-glr0.002-dlr0.001-mbstd4-try1'),
+    (dict(detector_dir='/data/detectors', tick=1), 'fakedata-auto1'),
 ])
 def test_run_desc(fake_data, opts, desc):
     assert build(**opts)[0] == desc
+
+
+def test_stylegan3_flags(fake_data):
+    _, args = build(cfg='paper256', glr=0.002, dlr=0.001, mbstd_group=2, map_depth=3, batch_gpu=4, gpus=2)
+    assert (args['G_opt_kwargs']['lr'], args['D_opt_kwargs']['lr']) == (0.002, 0.001)
+    assert args['D_kwargs']['epilogue_kwargs']['mbstd_group_size'] == 2
+    assert args['G_kwargs']['mapping_kwargs']['num_layers'] == 3
+    assert (args['batch_size'], args['batch_gpu'], args['num_gpus']) == (64, 4, 2)  # Eight rounds per step.
+    with pytest.raises(train.UserError, match='--batch-gpu'):
+        build(cfg='paper256', batch_gpu=5)
+    with pytest.raises(train.UserError, match=r'minibatch-std group of D \(3\) must divide the per-GPU batch \(4\)'):
+        build(cfg='paper256', mbstd_group=3, batch_gpu=4)
+    with pytest.raises(train.UserError, match='--desc may hold'):
+        build(desc='a/b')
+    # --map is the alias the README used to document; both spellings reach the same option.
+    for flag in ('--map=3', '--map-depth=3'):
+        result = cli(['--outdir=x', '--data=fakedata', '--gpus=0', '--dry-run', '--metrics=none', flag])
+        assert result.exit_code == 0 and '"num_layers": 3' in result.output, result.output
+
+
+@pytest.mark.parametrize('name', ['gamma', 'kimg', 'p', 'target', 'tick', 'glr', 'dlr'])
+@pytest.mark.parametrize('value', ['nan', 'inf'])
+def test_non_finite_numbers_are_refused(fake_data, name, value):
+    extra = dict(aug='fixed') if name == 'p' else {}
+    with pytest.raises(train.UserError, match=f'--{name} must be a finite number'):
+        build(**{name: float(value)}, **extra)
+    argv = ['--outdir=x', '--data=fakedata', '--gpus=0', '--dry-run', f'--{name}={value}']
+    result = cli(argv + (['--aug=fixed'] if name == 'p' else []))
+    # inf of a bounded option (--p, --target) already fails the range check.
+    assert result.exit_code == 2 and f"Invalid value for '--{name}': {value} is not" in result.output, result.output
+
+
+def test_feature_networks_are_checked_with_the_detector_dir(fake_data):
+    build(metrics='fid50k_full,pr50k3_full', detector_dir='/data/detectors')
+    assert fake_data.detector_checks[-1] == (['fid50k_full', 'pr50k3_full'], '/data/detectors')
+    count = len(fake_data.detector_checks)
+    build(metrics='none')
+    build(check_files=False)  # Under torchrun the other ranks leave this to rank 0.
+    assert len(fake_data.detector_checks) == count + 1 and fake_data.detector_checks[-1] == ([], None)
+
+
+def test_resume_snapshot_must_fit_the_data(fake_data, tmp_path):
+    pkl = tmp_path / 'net.pkl'
+    pkl.write_bytes(b'')
+    net = dnnlib.EasyDict(img_resolution=512, img_channels=3, c_dim=0)
+    fake_data.snapshot = dnnlib.EasyDict(networks=dict(G_ema=net))
+    with pytest.raises(train.UserError, match='makes 512x512 images, but the training data is 256x256'):
+        build(resume=str(pkl))
+    net.img_resolution, net.img_channels = 256, 1
+    with pytest.raises(train.UserError, match='has 1 image channel.s., but the training data has 3'):
+        build(resume=str(pkl))
+    net.img_channels, net.c_dim = 3, 10  # Another label count is a transfer, not a mistake.
+    assert build(resume=str(pkl))[1]['resume_pkl'] == str(pkl)
+    fake_data.snapshot = dnnlib.EasyDict(networks={})
+    with pytest.raises(train.UserError, match='holds none of the networks'):
+        build(resume=str(pkl))
+    build(resume=str(pkl), check_files=False)  # Not opened at all.
+
+
+def test_outdir_checks(tmp_path, monkeypatch):
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(train.UserError, match='is a file, not a directory'):
+        train.check_outdir(str(tmp_path / 'file' / 'runs' / 'deeper'))
+    train.check_outdir(str(tmp_path / 'new' / 'runs'))  # Made later, under a writable folder.
+    assert not (tmp_path / 'new').exists()
+    monkeypatch.setattr(train.os, 'access', lambda path, mode: False)
+    with pytest.raises(train.UserError, match='is not writable'):
+        train.check_outdir(str(tmp_path / 'new' / 'runs'))
 
 
 def test_run_dir_numbering(tmp_path):
@@ -547,6 +619,23 @@ def test_resume_state_overrides(stored_run, capsys):
     assert (args['num_gpus'], args['batch_gpu']) == (16, 4)
     _, args = build(resume=str(run_dir), gpus=0)
     assert (args['num_gpus'], args['batch_gpu']) == (1, 8)
+
+
+def test_resume_state_continues_on_the_device_it_ran_on(stored_run, tmp_path):
+    # A run started with --gpus=0 recorded device_type 'cpu'; `--resume=<run dir>` alone continues it there,
+    # on a machine without CUDA (the stand-in sees none).
+    run_dir, stored = stored_run
+    stored.update(device_type='cpu', num_gpus=1, batch_gpu=64)
+    run_desc, args, launch = train.build_training_plan(resume=str(run_dir))
+    assert launch == dict(num_gpus=1, device_type='cpu') and args.device_type == 'cpu'
+    # A recorded CUDA run still asks for CUDA; --device=cpu moves it.
+    stored.update(device_type='cuda')
+    with pytest.raises(train.UserError, match='PyTorch sees no CUDA device'):
+        train.build_training_plan(resume=str(run_dir))
+    assert train.build_training_plan(resume=str(run_dir), device='cpu')[2].device_type == 'cpu'
+    # --batch-gpu may change on resume (the out-of-memory fix).
+    _, args, _ = train.build_training_plan(resume=str(run_dir), device='cpu', batch_gpu=16)
+    assert (args.batch_size, args.batch_gpu) == (64, 16)
 
 
 def test_resume_state_under_torchrun(stored_run):
