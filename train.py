@@ -57,11 +57,18 @@ Everything else (--gpus, --batch-gpu, --snap, --tick, --metrics, --seed, --worke
 
 Resuming. `--resume` takes one of three kinds of value:
 - a preset name (`ffhq256`, ...), a URL, or a `.pkl` path: a new run that starts from those weights (the
-  official meaning): `resume_pkl` is set, `ema_rampup = None` and `ada_kimg = 100`, as the official script does;
+  official meaning): `resume_pkl` is set, `ema_rampup = None` and `ada_kimg = 100`, as the official script does.
+  The snapshot may have another architecture or conditioning: tensors whose name and shape match are copied,
+  the others start fresh, and the loop prints a transfer report (training/transfer.py). Another image size or
+  channel count is refused here, before the run directory exists;
 - a run directory holding `training-state.pt`, or such a file itself: the same run continues in its own
-  directory from the full training state (`resume_state`), with the options stored in the state. Only
-  `--kimg`, `--snap`, `--tick`, `--metrics`, `--workers` and `--gpus` (a divisor of the stored batch) may change; other
-  options are ignored with a warning.
+  directory from the full training state (`resume_state`), with the options stored in the state, on the kind
+  of device the run was started on (`device_type`). Only the options in STATE_OVERRIDES may change (`--gpus`
+  must divide the stored batch); other options are ignored with a warning.
+
+Checks. Everything a run needs is checked before its directory exists (`build_training_plan`, `check_outdir`):
+a new run that fails anyway before saving anything leaves no directory (`finish_failed_run`), and an error in
+the training processes is one line (`RunFailed`) with the traceback in log.txt.
 
 Processes. `--gpus=N` runs N processes (one per CUDA device; `torch.multiprocessing.spawn` for N > 1, the
 ranks meeting through a file in a temporary directory). `--gpus=0` is one CPU process; `--device=cpu` runs the
