@@ -70,7 +70,7 @@ def find_vgg16(detector_dir: Optional[str] = None) -> str:
 
 def _vgg16_problem(error: BaseException, detector_dir: Optional[str]) -> str:
     """One line for a missing VGG16: why, and where the file should go."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = str(error).strip().splitlines()[0].rstrip('.') if str(error).strip() else type(error).__name__
     folder = detector_dir or os.environ.get(DETECTOR_DIR_ENV)
     where = (f'put it at {os.path.join(folder, os.path.basename(VGG16_URL))}' if folder else
              f'put it into a folder and name that folder with --detector-dir (or ${DETECTOR_DIR_ENV})')

@@ -242,3 +242,12 @@ def test_style_mixing_cli_errors(network_pkl, conditional_pkl, tmp_path):
     result = run(style_mixing.main, ['--network', str(tmp_path / 'missing.pkl'), '--rows', '1', '--cols', '2',
                                      '--outdir', out])
     assert result.exit_code == 1 and 'No such file' in result.output
+
+
+@pytest.mark.parametrize('command', [generate.main, style_mixing.main, legacy.convert_network_pickle])
+def test_help_ends_with_examples_as_written(command):
+    text = CliRunner().invoke(command, ['--help']).output
+    examples = text[text.index('\n  Examples:\n'):]
+    assert text.rstrip().endswith(examples.rstrip()) and '--help' not in examples
+    lines = [line for line in examples.splitlines() if line.strip().startswith('python ')]
+    assert len(lines) >= 2 and all(line.startswith('    python ') for line in lines)  # Kept, not re-wrapped.

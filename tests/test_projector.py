@@ -5,7 +5,9 @@ signature, saved as `vgg16.pt` in the folder named by $STYLEGAN_DETECTOR_DIR.
 """
 
 import math
+import os
 import pickle
+import subprocess
 import sys
 import types
 import warnings
@@ -16,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from test_legacy import make_generator  # Tiny generators with every tensor moved off its initial value.
+from test_legacy import REPO_ROOT, make_generator  # Tiny generators with every tensor moved off its initial value.
 
 import generate
 import projector
@@ -388,3 +390,40 @@ def test_cli_missing_network(tmp_path):
     result = run(projector.main, ['--network', str(tmp_path / 'missing.pkl'), '--target', target_png,
                                   '--outdir', str(tmp_path / 'out')])
     assert result.exit_code == 1 and 'Cannot load network' in result.output
+
+
+def test_cli_checks_the_detector_before_any_work(network_pkl, tmp_path):
+    # A real run of the script on an "offline" machine (every download goes to a closed proxy port) without
+    # vgg16.pt in --detector-dir: one line naming where the file goes, before the network is even loaded.
+    target_png = write_png(tmp_path / 't.png', np.full([16, 16, 3], 128, np.uint8))
+    empty = tmp_path / 'no-detectors'
+    empty.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != projector.DETECTOR_DIR_ENV}
+    env.update(PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1', HTTPS_PROXY='http://127.0.0.1:9',
+               HTTP_PROXY='http://127.0.0.1:9', NO_PROXY='', DNNLIB_CACHE_DIR=str(tmp_path / 'cache'))
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'projector.py'), '--network', network_pkl,
+                             '--target', target_png, '--outdir', str(tmp_path / 'out'), '--device', 'cpu',
+                             '--detector-dir', str(empty)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr and 'Loading network' not in result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith('Error: Feature detector "vgg16.pt" is not available: ')
+    assert line.endswith(f'put it at {empty / "vgg16.pt"}')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_detector_dir_option_is_used(G, network_pkl, detector_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(projector.DETECTOR_DIR_ENV)
+    target_png = write_png(tmp_path / 't.png', np.full([16, 16, 3], 128, np.uint8))
+    result = run(projector.main, ['--network', network_pkl, '--target', target_png, '--num-steps', '2',
+                                  '--save-video', '0', '--detector-dir', detector_dir, '--outdir', str(tmp_path / 'o')])
+    assert result.exit_code == 0, result.output
+    assert projector.find_vgg16(detector_dir) == os.path.join(detector_dir, 'vgg16.pt')
+
+
+def test_help_ends_with_examples():
+    for command in (projector.main, generate.main):
+        text = CliRunner().invoke(command, ['--help']).output
+        examples = text[text.index('Examples:'):]
+        assert text.rstrip().endswith(examples.rstrip())
+        assert '\n    python ' in examples  # click kept the example lines as written.

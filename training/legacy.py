@@ -623,7 +623,7 @@ def _populate_from_tf(net: torch.nn.Module, sources: dict, tf_params: dict, what
             raise ValueError(f'The TensorFlow {what} variable "{tf_name}" has shape {list(np.shape(tf_params[tf_name]))}, '
                              f'which does not fit {name} {list(tensor.shape)}; its static kwargs and its variables '
                              f'disagree')
-        tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        tensor.copy_(torch.from_numpy(np.array(value, dtype=np.float32, order="C")))  # A copy; keeps 0-d shapes.
         used.add(tf_name)
     unused = sorted(name for name in tf_params if name not in used and name not in ignored)
     if unused:

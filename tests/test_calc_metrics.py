@@ -1,0 +1,130 @@
+"""calc_metrics.py: --gpus and --device mean what they mean for train.py; clear one-line errors; help examples.
+
+(The metric computations themselves, the registry and the metric files are tested in test_metrics.py.)
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import click
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+from test_legacy import REPO_ROOT, make_generator
+
+import calc_metrics
+import dnnlib
+import train
+from metrics import metric_main
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def network_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('calc')
+    (root / 'net.pkl').write_bytes(pickle.dumps(dict(training_set_kwargs=None, G_ema=make_generator())))
+    images = root / 'images'
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    for idx in range(4):
+        PIL.Image.fromarray(rng.randint(0, 256, [16, 16, 3]).astype(np.uint8)).save(images / f'{idx}.png')
+    return str(root / 'net.pkl'), str(images)
+
+
+def _outcome(fn, *args):
+    """(num_gpus, device_type), or 'error' for a refused request."""
+    try:
+        launch = fn(*args)
+    except (click.ClickException, train.UserError):
+        return 'error'
+    return launch.num_gpus, launch.device_type
+
+
+@pytest.mark.parametrize('visible', [0, 2])
+def test_gpus_and_device_mean_what_they_mean_for_train_py(visible, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: visible)
+    for gpus in (0, 1, 2, 3):
+        for device in ('auto', 'cpu', 'cuda'):
+            ours = _outcome(calc_metrics.resolve_processes, gpus, device)
+            assert ours == _outcome(train.resolve_launch, gpus, device), (gpus, device)
+    assert calc_metrics.resolve_processes(0, 'auto') == dict(num_gpus=1, device_type='cpu')
+    assert calc_metrics.resolve_processes(3, 'cpu') == dict(num_gpus=3, device_type='cpu')
+    if visible:
+        assert calc_metrics.resolve_processes(2, 'auto') == dict(num_gpus=2, device_type='cuda')
+    else:
+        with pytest.raises(click.ClickException, match='--gpus=1 asks for CUDA.*use --gpus=0'):
+            calc_metrics.resolve_processes(1, 'auto')
+
+
+@pytest.fixture
+def fake_metric(monkeypatch):
+    """Record how the metric is asked to run instead of computing it."""
+    calls = []
+
+    def fake_calc_metric(metric, **kwargs):
+        calls.append(dict(metric=metric, num_gpus=kwargs['num_gpus'], device=torch.device(kwargs['device'])))
+        return dnnlib.EasyDict(results=dnnlib.EasyDict({metric: 1.0}), metric=metric, total_time=0.0,
+                               total_time_str='0s', num_gpus=kwargs['num_gpus'])
+
+    monkeypatch.setattr(metric_main, 'calc_metric', fake_calc_metric)
+    return calls
+
+
+def test_gpus_zero_is_one_cpu_process(network_and_data, fake_metric):
+    network, data = network_and_data
+    result = CliRunner().invoke(calc_metrics.main, ['--network', network, '--data', data, '--gpus', '0',
+                                                    '--verbose', 'false'])
+    assert result.exit_code == 0, result.output
+    assert fake_metric == [dict(metric='fid50k_full', num_gpus=1, device=torch.device('cpu'))]
+
+
+def test_gpus_n_with_device_cpu_spawns_n_cpu_processes(network_and_data, fake_metric, monkeypatch):
+    spawned = []
+    monkeypatch.setattr(torch.multiprocessing, 'spawn', lambda fn, args, nprocs: spawned.append((nprocs, args[0])))
+    network, data = network_and_data
+    with pytest.raises(FileNotFoundError):  # The stand-in spawn writes no results file.
+        calc_metrics.calc_metrics(network, data=data, gpus=3, device='cpu', verbose=False)
+    [(nprocs, args)] = spawned
+    assert nprocs == 3 and args.num_gpus == 3 and args.device_type == 'cpu' and args.G is None
+
+
+def run_script(args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')  # No CUDA.
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'calc_metrics.py')] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'Error: --gpus=1 asks for CUDA, but PyTorch sees no CUDA device; use --gpus=0 to compute in one CPU '
+         'process, or --device=cpu to run 1 process(es) on the CPU'),
+    (['--gpus=0', '--device=cuda'], 'Error: --gpus=0 means one CPU process, which contradicts --device=cuda'),
+])
+def test_cuda_requests_without_cuda_fail_in_one_line(network_and_data, tmp_path, args, message):
+    network, data = network_and_data
+    result = run_script([f'--network={network}', f'--data={data}'] + args, tmp_path)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines() == [message]
+
+
+def test_data_errors_come_before_device_errors(network_and_data, tmp_path):
+    network, _ = network_and_data
+    # Without CUDA, --device=cuda is refused too, but only once the options and the data are known to be fine.
+    result = CliRunner().invoke(calc_metrics.main, ['--network', network, '--data', str(tmp_path / 'nothing'),
+                                                    '--device', 'cuda'])
+    assert result.exit_code == 1
+    assert 'Cannot open the dataset' in result.output and 'CUDA' not in result.output
+
+
+def test_help_ends_with_examples():
+    text = CliRunner().invoke(calc_metrics.main, ['--help']).output
+    examples = text[text.index('Examples:'):]
+    assert text.rstrip().endswith(examples.rstrip())
+    assert '\n    python calc_metrics.py --network=net.pkl --data=data.zip --gpus=0' in examples
+    assert '0 = one CPU process' in text
