@@ -58,8 +58,11 @@ def tflib_importable():
 
 
 def tf_pickle(obj):
+    """Pickle bytes as the TensorFlow releases wrote them (Python 3.6/3.7, NumPy 1.x): protocol 2, with arrays
+    rebuilt by numpy.core.multiarray (NumPy 2 writes numpy._core)."""
     with tflib_importable():
-        return pickle.dumps(obj, protocol=2)  # The TensorFlow releases ran on Python 3.6/3.7.
+        data = pickle.dumps(obj, protocol=2)
+    return data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
 
 
 def arr(tensor):
