@@ -84,6 +84,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import click
@@ -1093,8 +1094,9 @@ def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_ty
     try:
         _run_rank(rank, world_size, args, device, loop)
     except RunFailed as e:
+        # Stamped with the system-wide monotonic clock (file times are too coarse to order the ranks).
         with open(f'{init_file}.rank{rank}.error', 'w') as f:
-            f.write(e.message)
+            f.write(f'{time.monotonic_ns()}\n{e.message}')
         raise
     finally:
         torch.distributed.destroy_process_group()
@@ -1117,13 +1119,18 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
         try:
             torch.multiprocessing.spawn(fn=_spawned_rank, args=(world_size, args, device_type, init_file, loop),
                                         nprocs=world_size, join=True)
-        except torch.multiprocessing.ProcessRaisedException as e:
-            # The rank that failed first tells the cause; the others only notice that a peer is gone.
-            error_file = f'{init_file}.rank{e.error_index}.error'
-            if not os.path.isfile(error_file):
+        except torch.multiprocessing.ProcessRaisedException:
+            # The rank that failed first tells the cause; the others only notice that a peer is gone. It wrote
+            # its message before leaving the process group, so before any peer could notice: the oldest one.
+            errors = []
+            for name in os.listdir(temp_dir):
+                if name.endswith('.error'):
+                    with open(os.path.join(temp_dir, name)) as f:
+                        stamp, message = f.read().split('\n', 1)
+                    errors.append((int(stamp), message))
+            if not errors:
                 raise
-            with open(error_file) as f:
-                raise RunFailed(f.read()) from None
+            raise RunFailed(min(errors)[1]) from None
 
 
 def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
