@@ -61,7 +61,7 @@ def find_run_dir(network: str) -> Optional[str]:
     return folder if os.path.isfile(os.path.join(folder, OPTIONS_FILE_NAME)) else None
 
 
-def load_snapshot(network: str, adopt: bool = True, verbose: bool = True) -> dict:
+def load_snapshot(network: str, adopt: bool = True, verbose: bool = True, verify: bool = True) -> dict:
     """The snapshot dict; its G_ema adopted into our classes (training.legacy.adopt_network) unless `adopt` is
     False. Every problem becomes a one-line click error."""
     try:
@@ -70,7 +70,7 @@ def load_snapshot(network: str, adopt: bool = True, verbose: bool = True) -> dic
     except (OSError, ValueError, ImportError) as e:
         raise click.ClickException(f'--network: cannot load "{network}": {e}') from None
     if adopt:
-        snapshot['G_ema'], note = legacy.adopt_network(snapshot.get('G_ema'), name='G_ema')
+        snapshot['G_ema'], note = legacy.adopt_network(snapshot.get('G_ema'), name='G_ema', verify=verify)
         if note is not None and verbose:
             print(note)
     return snapshot
@@ -154,7 +154,10 @@ def _run_rank(rank: int, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        G = args.G if args.G is not None else load_snapshot(args.network, adopt=args.adopt, verbose=False)['G_ema']
+        if args.G is not None:
+            G = args.G
+        else:  # A spawned rank: adopt as the parent did, whose check of the outputs need not be repeated.
+            G = load_snapshot(args.network, adopt=args.adopt, verbose=False, verify=False)['G_ema']
         results = []
         for metric in args.metrics:
             if rank == 0 and args.verbose:
@@ -217,7 +220,7 @@ def calc_metrics(
         device_type     = launch.device_type,
         run_dir         = find_run_dir(network),
         snapshot_pkl    = network,
-        adopt           = adopt,
+        adopt           = adopt and legacy.adoptable_classes().get(type(G).__name__) is type(G),
         G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
     )
     if launch.num_gpus == 1:

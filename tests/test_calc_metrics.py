@@ -94,6 +94,22 @@ def test_gpus_n_with_device_cpu_spawns_n_cpu_processes(network_and_data, fake_me
     assert nprocs == 3 and args.num_gpus == 3 and args.device_type == 'cpu' and args.G is None
 
 
+def test_spawned_ranks_adopt_as_the_parent_did(network_and_data, tmp_path, fake_metric, monkeypatch):
+    from test_legacy_adopt import official_format_pickle
+
+    spawned = []
+    monkeypatch.setattr(torch.multiprocessing, 'spawn', lambda fn, args, nprocs: spawned.append(args[0]))
+    official = tmp_path / 'official.pkl'
+    official.write_bytes(official_format_pickle(dict(G_ema=make_generator())))
+    _, data = network_and_data
+    for adopt in (True, False):
+        with pytest.raises(FileNotFoundError):
+            calc_metrics.calc_metrics(str(official), data=data, gpus=2, device='cpu', verbose=False, adopt=adopt)
+    assert [args.adopt for args in spawned] == [True, False]
+    G = calc_metrics.load_snapshot(str(official), adopt=spawned[0].adopt, verify=False)['G_ema']
+    assert type(G).__module__ == 'training.networks'
+
+
 def run_script(args, cwd):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')  # No CUDA.
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'calc_metrics.py')] + args, cwd=cwd, env=env,
