@@ -785,16 +785,12 @@ def build_training_plan(
         if tick <= 0:
             raise UserError(f'--tick must be positive, got {tick:g}')
         args.kimg_per_tick = tick
-    if glr is not None:
-        if glr <= 0:
-            raise UserError(f'--glr must be positive, got {glr:g}')
-        run_desc += f'-glr{glr:g}'
-        args.G_opt_kwargs.lr = glr
-    if dlr is not None:
-        if dlr <= 0:
-            raise UserError(f'--dlr must be positive, got {dlr:g}')
-        run_desc += f'-dlr{dlr:g}'
-        args.D_opt_kwargs.lr = dlr
+    for flag, lr, opt_kwargs in (('glr', glr, args.G_opt_kwargs), ('dlr', dlr, args.D_opt_kwargs)):
+        if lr is not None:
+            if lr <= 0:
+                raise UserError(f'--{flag} must be positive, got {lr:g}')
+            run_desc += f'-{flag}{lr:g}'
+            opt_kwargs.lr = lr
     mbstd = spec.mbstd
     if mbstd_group is not None:
         if mbstd_group < 1:

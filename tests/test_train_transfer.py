@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from test_training_loop import BATCH, make_image_folder, tiny_options
+from test_training_loop import BATCH, _train, make_image_folder, tiny_options
 
 from torch_utils import misc, persistence, training_stats
 from training import legacy, transfer
@@ -109,18 +109,12 @@ def test_layer_of():
     assert transfer.layer_of('p') == ('', 'p')
 
 # ----------------------------------------------------------------------------
-# The training loop.
+# The training loop (the helpers are test_training_loop's).
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'))
-
-
-def _train(run_dir, data_dir, **kwargs):
-    os.makedirs(run_dir, exist_ok=True)
-    training_stats.reset()
-    return training_loop(**tiny_options(run_dir, data_dir, **kwargs))
 
 
 def _official_format_pickle(snapshot: dict) -> bytes:
