@@ -854,3 +854,14 @@ if __name__ == '__main__':
     else:
         print(__doc__)
         sys.exit(1)
+
+
+def test_help_ends_with_examples_whose_flags_exist():
+    result = cli(['--help'])
+    assert result.exit_code == 0
+    help_text, examples = result.output.split('Examples:')
+    commands = [line.strip() for line in examples.splitlines() if line.strip().startswith('python train.py')]
+    assert len(commands) >= 5 and result.output.rstrip().endswith('--metrics=none')
+    # Every flag an example uses is an option of the script.
+    for flag in {word.split('=')[0] for command in commands for word in command.split() if word.startswith('--')}:
+        assert f'  {flag} ' in help_text or f'  {flag}, ' in help_text or f', {flag} ' in help_text, flag
