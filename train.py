@@ -77,6 +77,7 @@ MASTER_PORT set) every process builds the same options, the group forms through 
 run directory and sends its path to the others. Any process count works, not only powers of two.
 """
 
+import contextlib
 import copy
 import datetime
 import json
@@ -85,7 +86,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import click
 import torch
@@ -162,10 +163,12 @@ DEFAULTS = dict(
     squeeze_r       = 8,
     squeeze_noblend = False,
     squeeze_torgb   = 'squeeze',
+    stop_snapshot   = True,
 )
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
-STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir')
+STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir', 'state_kimg',
+                   'stop_snapshot')
 # Options that choose how to launch, not what to train: never reported as ignored.
 _LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_files')
 
@@ -175,6 +178,9 @@ _PER_PROCESS_KEYS = ('rank', 'device')
 SQUEEZE_OPTIONS = ('squeeze_r', 'squeeze_noblend', 'squeeze_torgb')
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 OPTIONS_FILE_NAME = 'training_options.json'
+# Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after saving its state: EX_TEMPFAIL of sysexits.h,
+# "try again later", distinct from errors (1) and usage errors (2).
+EXIT_STOPPED = 75
 LOG_FILE_NAME = 'log.txt'
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
 
@@ -539,8 +545,9 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     if given.get('tick') is not None:
         _check_finite('tick', given['tick'])
         args.kimg_per_tick = given['tick']
-    if given.get('detector_dir') is not None:
-        args.detector_dir = given['detector_dir']
+    for name in ('detector_dir', 'state_kimg', 'stop_snapshot'):
+        if given.get(name) is not None:
+            args[name] = given[name]
 
     # The stored data must still be there: a dataset moved since the run started is reported now, not by the
     # data loader after the networks are built.
@@ -633,6 +640,8 @@ def build_training_plan(
     mbstd_group:        Optional[int] = None,       # --mbstd-group: minibatch-std group size override.
     desc:               Optional[str] = None,       # --desc: extra text for the run directory name.
     detector_dir:       Optional[str] = None,       # --detector-dir: folder with the metrics' feature networks.
+    state_kimg:         Optional[float] = None,     # --state-kimg: training state every N kimg besides snapshots.
+    stop_snapshot:      Optional[bool] = None,      # --stop-snapshot: a network snapshot too when a signal stops it.
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun ranks other than 0, which rank 0 speaks for).
@@ -643,8 +652,10 @@ def build_training_plan(
     """
     given = {name: value for name, value in locals().items() if value is not None}
     opts = dnnlib.EasyDict({**DEFAULTS, **given})
-    for name in ('gamma', 'kimg', 'p', 'target', 'tick', 'glr', 'dlr'):
+    for name in ('gamma', 'kimg', 'p', 'target', 'tick', 'glr', 'dlr', 'state_kimg'):
         _check_finite(name, given.get(name))
+    if state_kimg is not None and state_kimg <= 0:
+        raise UserError(f'--state-kimg must be positive, got {state_kimg:g}')
 
     # A training state continues its own run; nothing below applies to it.
     state_path = _find_state_file(resume) if resume is not None else None
@@ -684,6 +695,8 @@ def build_training_plan(
         allow_tf32              = bool(opts.allow_tf32),
         device_type             = launch.device_type,
         detector_dir            = detector_dir,
+        state_kimg              = state_kimg,
+        stop_snapshot           = bool(opts.stop_snapshot),
     )
     if opts.snap < 1:
         raise UserError(f'--snap must be at least 1, got {opts.snap}')
@@ -926,13 +939,10 @@ def next_run_dir(outdir: str, run_desc: str) -> str:
 
 
 def write_options(args: Mapping[str, Any], run_dir: str) -> str:
-    """Write `training_options.json` (through a temporary file, so a crash never leaves half of it)."""
+    """Write `training_options.json` (atomically, so a crash never leaves half of it)."""
     path = os.path.join(run_dir, OPTIONS_FILE_NAME)
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        json.dump(args, f, indent=2)
-        f.write('\n')
-    os.replace(tmp_path, path)
+    text = json.dumps(args, indent=2) + '\n'
+    dnnlib.util.write_atomically(path, lambda f: f.write(text.encode('utf-8')))
     return path
 
 
@@ -950,8 +960,12 @@ def check_outdir(outdir: Optional[str]) -> None:
         raise UserError(f'--outdir: cannot create the run directory under "{outdir}": "{probe}" is not writable')
 
 
-def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> str:
-    """Create the run directory of a new run (or check that of a resumed state), set args.run_dir, write options."""
+def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> Any:
+    """Create the run directory of a new run (or check that of a resumed state), set args.run_dir, lock it for
+    this process's lifetime, sweep what interrupted writes left there, write the options. Returns the
+    run_dir.RunLock, which the caller keeps while the run trains (one writer per run directory)."""
+    from training import run_dir as run_dirs
+
     if args.get('run_dir') is not None:
         if not os.path.isdir(args.run_dir):
             raise UserError(f'The run directory "{args.run_dir}" of the resumed state does not exist')
@@ -964,8 +978,15 @@ def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str)
             os.makedirs(args.run_dir, exist_ok=False)
         except FileExistsError:
             raise UserError(f'The run directory "{args.run_dir}" already exists; refusing to overwrite it') from None
+    try:
+        lock = run_dirs.acquire_run_lock(args.run_dir)
+    except run_dirs.RunDirLocked as e:
+        raise UserError(str(e)) from None
+    swept = run_dirs.sweep_temporary_files(args.run_dir)
+    if swept:
+        click.echo(f'Removed {len(swept)} temporary file(s) left by interrupted writes: {", ".join(swept)}')
     write_options(args, args.run_dir)
-    return args.run_dir
+    return lock
 
 
 def _has_saved_progress(run_dir: str) -> bool:
@@ -1043,12 +1064,15 @@ def _log_traceback(run_dir: str, rank: int) -> None:
         f.write(f'\nTraceback of rank {rank}:\n{traceback.format_exc()}')
 
 
-def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch.device, loop: str) -> None:
+def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch.device, loop: str,
+              stop_request: Any = None) -> Optional[str]:
     """One process of a run whose process group (if any) is ready: logging, statistics, the training loop.
 
-    An error ends the process with RunFailed (one line) and leaves its traceback in log.txt.
+    Returns the one-line stop message when a signal stopped the run (rank 0 only), else None. An error ends
+    the process with RunFailed (one line) and leaves its traceback in log.txt.
     """
     from torch_utils import custom_ops, training_stats
+    from training import preemption
 
     logger = None
     if rank == 0:
@@ -1066,7 +1090,15 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
             # The loop (package `training`) may not import `metrics`; the script hands the evaluator in.
             from metrics import metric_main
             extra['metric_fn'] = metric_main.run_training_metrics
-        training_loop(rank=rank, device=device, **args, **extra)
+        if stop_request is not None:
+            extra['stop_request'] = stop_request
+        state = training_loop(rank=rank, device=device, **args, **extra)
+        signame = getattr(state, 'stopped_by', None)
+        if rank != 0 or signame is None:
+            return None
+        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'])
+        print(message)  # Into log.txt as well.
+        return message
     except Exception as e:
         if logger is not None:
             logger.close()
@@ -1079,16 +1111,21 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
 
 
 def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_type: str, init_file: str,
-                  loop: str) -> None:
+                  loop: str, stop_value: Any) -> None:
     """Entry point of a process started by torch.multiprocessing.spawn. A failure leaves its one-line message
-    in `<init_file>.rank<r>.error` for the launching process, which reports it."""
+    in `<init_file>.rank<r>.error`, a signal stop in `<init_file>.stopped`, for the launching process."""
+    from training import preemption
+
     device = _rank_device(device_type, rank)
     if device.type == 'cpu':
         # CPU ranks share the cores; each using all of them only slows every one down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     _init_process_group(rank, world_size, device, f'file://{init_file}')
     try:
-        _run_rank(rank, world_size, args, device, loop)
+        message = _run_rank(rank, world_size, args, device, loop, preemption.StopRequest(shared=stop_value))
+        if message is not None:
+            with open(f'{init_file}.stopped', 'w') as f:
+                f.write(message)
     except RunFailed as e:
         # Stamped with the system-wide monotonic clock (file times are too coarse to order the ranks).
         with open(f'{init_file}.rank{rank}.error', 'w') as f:
@@ -1098,56 +1135,106 @@ def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_ty
         torch.distributed.destroy_process_group()
 
 
-def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP) -> None:
+def _first_error(temp_dir: str) -> Optional[str]:
+    """The message of the rank that failed first. It wrote it before leaving the process group, so before any
+    peer could notice that it was gone: the oldest stamp."""
+    errors = []
+    for name in os.listdir(temp_dir):
+        if name.endswith('.error'):
+            with open(os.path.join(temp_dir, name)) as f:
+                stamp, message = f.read().split('\n', 1)
+            errors.append((int(stamp), message))
+    return min(errors)[1] if errors else None
+
+
+@contextlib.contextmanager
+def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[None]:
+    """While the spawned ranks train, a stop signal to this launching process sets `stop_value` (which the
+    ranks poll; see training/preemption.py for why it is not re-sent as a signal); a second one kills them."""
+    import signal
+
+    from training import preemption
+
+    def handle(signum, _frame):
+        if stop_value.value:
+            for process in processes:
+                process.kill()
+            os._exit(128 + signum)
+        stop_value.value = signum
+
+    previous = {}
+    try:
+        for name in preemption.STOP_SIGNALS:
+            signum = signal.Signals[name]
+            previous[signum] = signal.signal(signum, handle)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
+                    loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
+    Returns the stop message when a signal stopped the run, else None.
 
     One process runs here; more are spawned, meeting through a file in a fresh temporary directory. If one
-    rank raises, torch.multiprocessing.spawn terminates the others and raises here. `loop` is a dotted name
-    (spawned processes import it), so tests can substitute a small function.
+    rank fails (an error, or killed), torch.multiprocessing.spawn ends the others and this raises RunFailed
+    with one line about the first failure. `loop` is a dotted name (spawned processes import it), so tests can
+    substitute a small function.
     """
     assert args.get('run_dir') is not None, 'launch_training() needs args.run_dir'
     world_size = args['num_gpus']
     if world_size == 1:
-        _run_rank(0, 1, args, _rank_device(device_type, 0), loop)
-        return
+        return _run_rank(0, 1, args, _rank_device(device_type, 0), loop)
+    spawn = torch.multiprocessing.get_context('spawn')
+    stop_value = spawn.Value('i', 0)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
         init_file = os.path.abspath(os.path.join(temp_dir, '.torch_distributed_init'))
+        context = torch.multiprocessing.spawn(fn=_spawned_rank, nprocs=world_size, join=False,
+                                              args=(world_size, args, device_type, init_file, loop, stop_value))
         try:
-            torch.multiprocessing.spawn(fn=_spawned_rank, args=(world_size, args, device_type, init_file, loop),
-                                        nprocs=world_size, join=True)
+            with _forward_stop_signals(stop_value, context.processes):
+                while not context.join():
+                    pass
         except torch.multiprocessing.ProcessRaisedException:
-            # The rank that failed first tells the cause; the others only notice that a peer is gone. It wrote
-            # its message before leaving the process group, so before any peer could notice: the oldest one.
-            errors = []
-            for name in os.listdir(temp_dir):
-                if name.endswith('.error'):
-                    with open(os.path.join(temp_dir, name)) as f:
-                        stamp, message = f.read().split('\n', 1)
-                    errors.append((int(stamp), message))
-            if not errors:
+            message = _first_error(temp_dir)
+            if message is None:
                 raise
-            raise RunFailed(min(errors)[1]) from None
+            raise RunFailed(message) from None
+        except torch.multiprocessing.ProcessExitedException as e:
+            # Killed (out of memory, kill -9) or exited without a Python error: no message of its own.
+            how = f'was killed by {e.signal_name}' if e.signal_name else f'exited with code {e.exit_code}'
+            raise RunFailed(f'Training stopped: rank {e.error_index} (PID {e.pid}) {how}; the other ranks '
+                            f'were stopped') from None
+        stopped = f'{init_file}.stopped'
+        if os.path.isfile(stopped):
+            with open(stopped) as f:
+                return f.read()
+        return None
 
 
 def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
-                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> None:
-    """This process's share of a torchrun launch: rank 0 prepares the run directory and shares its path."""
+                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
+    """This process's share of a torchrun launch: rank 0 prepares (and locks) the run directory and shares its
+    path. Returns the stop message on rank 0 when a signal stopped the run."""
     rank, world_size = dist['rank'], dist['world_size']
     device = _rank_device(device_type, dist['local_rank'])
     is_new_run = args.get('run_dir') is None
     if world_size == 1:
-        prepare_run_dir(args, outdir, run_desc)
-        try:
-            _run_rank(0, 1, args, device, loop)
-        except RunFailed as e:
-            raise finish_failed_run(e, args.run_dir, is_new_run) from None
-        return
+        with prepare_run_dir(args, outdir, run_desc):
+            try:
+                return _run_rank(0, 1, args, device, loop)
+            except RunFailed as e:
+                raise finish_failed_run(e, args.run_dir, is_new_run) from None
     _init_process_group(rank, world_size, device, 'env://')
+    lock = None
     try:
         message = [None, None]  # [run_dir, error]: every rank learns whether rank 0 succeeded.
         if rank == 0:
             try:
-                message[0] = prepare_run_dir(args, outdir, run_desc)
+                lock = prepare_run_dir(args, outdir, run_desc)
+                message[0] = args.run_dir
             except (UserError, OSError) as e:
                 message[1] = e.message if isinstance(e, UserError) else str(e)
         torch.distributed.broadcast_object_list(message, src=0)
@@ -1155,12 +1242,14 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
             raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
         args.run_dir = message[0]
         try:
-            _run_rank(rank, world_size, args, device, loop)
+            return _run_rank(rank, world_size, args, device, loop)
         except RunFailed as e:
             if rank != 0:
                 raise
             raise finish_failed_run(e, args.run_dir, is_new_run) from None
     finally:
+        if lock is not None:
+            lock.release()
         torch.distributed.destroy_process_group()
 
 
@@ -1208,6 +1297,11 @@ EXAMPLES = '''Examples:
               help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
 @click.option('--snap', type=click.IntRange(min=1), default=DEFAULTS['snap'], show_default=True,
               help='Ticks between image and network snapshots')
+@click.option('--state-kimg', type=FiniteFloatRange(min=0, min_open=True), help='Also write the training state '
+              'every N kimg (at the next tick), so that a preemption loses at most that much  [default: with '
+              'the network snapshots only]')
+@_bool_option('--stop-snapshot', help='On SIGTERM/SIGINT/SIGUSR1, write a network snapshot besides the training '
+              'state')
 @click.option('--metrics', callback=_metrics_callback, default=DEFAULTS['metrics'], show_default=True,
               help='Comma-separated list of metrics, or "none"')
 @click.option('--seed', type=click.IntRange(min=0, max=2 ** 32 - 1), default=DEFAULTS['seed'], show_default=True,
@@ -1296,18 +1390,22 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
         return
 
     if dist is not None:
-        launch_torchrun(args, outdir, run_desc, launch.device_type, dist)
-        return
-    run_dir = prepare_run_dir(args, outdir, run_desc)
-    summary = describe(args, run_dir, launch.device_type)
-    click.echo(summary)
-    click.echo('\nLaunching processes...')
-    with open(os.path.join(run_dir, LOG_FILE_NAME), 'a') as f:  # The processes append their own lines after it.
-        f.write(summary + '\n\nLaunching processes...\n')
-    try:
-        launch_training(args, launch.device_type)
-    except RunFailed as e:
-        raise finish_failed_run(e, run_dir, is_new_run=not is_resumed_state) from None
+        stopped = launch_torchrun(args, outdir, run_desc, launch.device_type, dist)
+    else:
+        with prepare_run_dir(args, outdir, run_desc):
+            run_dir = args.run_dir
+            summary = describe(args, run_dir, launch.device_type)
+            click.echo(summary)
+            click.echo('\nLaunching processes...')
+            with open(os.path.join(run_dir, LOG_FILE_NAME), 'a') as f:  # The processes append after it.
+                f.write(summary + '\n\nLaunching processes...\n')
+            try:
+                stopped = launch_training(args, launch.device_type)
+            except RunFailed as e:
+                raise finish_failed_run(e, run_dir, is_new_run=not is_resumed_state) from None
+    if stopped is not None:
+        # The training processes printed the stop line; a scheduler's requeue logic can key on the status.
+        ctx.exit(EXIT_STOPPED)
 
 
 # ----------------------------------------------------------------------------

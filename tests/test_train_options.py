@@ -210,7 +210,8 @@ def test_common_fields(fake_data):
                           'batch_size', 'batch_gpu', 'ema_kimg', 'ema_rampup', 'G_reg_interval', 'D_reg_interval',
                           'augment_p', 'ada_target', 'ada_kimg', 'total_kimg', 'kimg_per_tick',
                           'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_state',
-                          'cudnn_benchmark', 'allow_tf32', 'device_type', 'detector_dir']
+                          'cudnn_benchmark', 'allow_tf32', 'device_type', 'detector_dir', 'state_kimg',
+                          'stop_snapshot']
     assert args['training_set_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path='fakedata',
                                                use_labels=False, max_size=1000, xflip=False, resolution=256,
                                                random_seed=0)
@@ -817,7 +818,8 @@ def test_torchrun_rank0_makes_the_run_dir_for_all(tmp_path):
     outdir = tmp_path / 'runs'
     torch.multiprocessing.spawn(_torchrun_rank, args=(2, _free_port(), str(outdir)), nprocs=2)
     assert os.listdir(outdir) == ['00000-tiny']
-    assert sorted(os.listdir(outdir / '00000-tiny')) == ['log.txt', 'rank0.txt', 'rank1.txt', 'training_options.json']
+    assert sorted(os.listdir(outdir / '00000-tiny')) == ['.run.lock', 'log.txt', 'rank0.txt', 'rank1.txt',
+                                                         'training_options.json']
 
 
 def test_torchrun_run_dir_failure_ends_every_rank(tmp_path):

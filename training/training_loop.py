@@ -28,7 +28,7 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, legacy, transfer
+from training import checkpoint, legacy, preemption, transfer
 from training.loss import phase_plan
 
 
@@ -197,6 +197,9 @@ class TrainingState:
     stats_tfevents:     Any = None
     last_snapshot:      Optional[str] = None
     metric_fn:          Optional[Callable] = None
+    stop_request:       Any = None              # preemption.StopRequest: signals received, shared launcher flag.
+    stopped_by:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
+    last_state_nimg:    int = 0                 # cur_nimg of the last training state written (--state-kimg).
 
     @property
     def is_main(self) -> bool:
@@ -594,7 +597,13 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
     if state.is_main and opts.image_snapshot_ticks and (done or state.cur_tick % opts.image_snapshot_ticks == 0):
         save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{tag}.png'), drange=[-1, 1],
                         grid_size=state.grid_size)
-    if not (opts.network_snapshot_ticks and (done or state.cur_tick % opts.network_snapshot_ticks == 0)):
+    stopping = state.stopped_by is not None
+    snapshot_due = bool(opts.network_snapshot_ticks) and (done or state.cur_tick % opts.network_snapshot_ticks == 0)
+    if stopping and not opts.stop_snapshot:
+        snapshot_due = False
+    if not snapshot_due:
+        if stopping or _state_due(state):
+            _write_training_state(state)
         return
     modules = {name: getattr(state, name) for name in ('G', 'D', 'G_ema', 'augment_pipe')}
     if opts.num_gpus > 1:
@@ -606,12 +615,27 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
         snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
         legacy.save_network_pkl(snapshot, path)
-        checkpoint.save_training_state(os.path.join(opts.run_dir, checkpoint.STATE_FILE_NAME), _state_record(state))
         state.last_snapshot = path
-    if opts.metrics and state.metric_fn is not None:
+    _write_training_state(state)
+    if opts.metrics and state.metric_fn is not None and not stopping:  # A stop must not wait for metrics.
         # Rank 0 evaluates the copy it just saved; the others make their own.
         G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.G_ema)
         _evaluate_metrics(state, G_ema, path)
+
+
+def _state_due(state: TrainingState) -> bool:
+    """Whether `--state-kimg` asks for a training state at this tick (independent of the snapshot interval,
+    so that a long --snap does not mean a long window of lost work)."""
+    interval = state.opts.state_kimg
+    return interval is not None and state.cur_nimg >= state.last_state_nimg + interval * 1000
+
+
+def _write_training_state(state: TrainingState) -> None:
+    """Rank 0 writes training-state.pt (atomically: a crash keeps the previous one)."""
+    if state.is_main:
+        checkpoint.save_training_state(os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME),
+                                       _state_record(state))
+    state.last_state_nimg = state.cur_nimg
 
 
 def _snapshot_copy(module):
@@ -706,12 +730,16 @@ def training_loop(
     image_grid_max          = (32, 32), # Largest grid of reals.png / fakes*.png (columns, rows).
     metric_fn               = None,     # Callable that evaluates `metrics` at snapshots (see below).
     detector_dir            = None,     # Folder with the metrics' feature networks, None = cache / download.
+    state_kimg              = None,     # Training state every N kimg besides those of the network snapshots.
+    stop_snapshot           = True,     # On SIGTERM/SIGINT/SIGUSR1: a network snapshot besides the training state.
+    stop_request            = None,     # preemption.StopRequest (a launcher's shared flag); None = a new one.
     device_type             = None,     # 'cuda' or 'cpu': where train.py launched the run (recorded, so that
                                         # resuming continues there); `device` decides where this process runs.
 ) -> 'TrainingState':
     """Train; returns the final state (networks, counters), which tests inspect."""
     # Callables are not options: they are neither recorded in the training state nor in training_options.json.
-    opts = dnnlib.EasyDict({k: v for k, v in locals().items() if k not in ('abort_fn', 'progress_fn', 'metric_fn')})
+    opts = dnnlib.EasyDict({k: v for k, v in locals().items()
+                            if k not in ('abort_fn', 'progress_fn', 'metric_fn', 'stop_request')})
     for key in ('training_set_kwargs', 'data_loader_kwargs', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs',
                 'D_opt_kwargs', 'loss_kwargs'):
         opts[key] = dnnlib.EasyDict(opts[key] or {})
@@ -722,11 +750,14 @@ def training_loop(
     opts.device = None  # Not part of the recorded options; a resumed run may use another device.
     _check_metrics(opts, metric_fn)
     device = torch.device(device)
-    with _torch_settings(opts, device):
+    request = stop_request if stop_request is not None else preemption.StopRequest()
+    with _torch_settings(opts, device), preemption.stop_signals(request):
         state = None
         try:
             state = _setup(opts, rank, device)
             state.metric_fn = metric_fn
+            state.stop_request = request
+            state.last_state_nimg = state.cur_nimg
             _run(state, abort_fn, progress_fn)
         except TrainingStopped:
             raise
@@ -780,6 +811,10 @@ def _run(state: TrainingState, abort_fn: Optional[Callable], progress_fn: Option
     while True:
         _train_step(state)
         done = state.cur_nimg >= opts.total_kimg * 1000
+        signame = state.stop_request.agreed(state.batch_idx, opts.num_gpus, state.device)
+        if signame is not None:
+            # Every rank stops after the same step; the maintenance below writes the training state.
+            state.stopped_by, done = signame, True
         if not done and state.cur_tick != 0 and state.cur_nimg < state.tick_start_nimg + opts.kimg_per_tick * 1000:
             continue
         if abort_fn is not None and abort_fn():

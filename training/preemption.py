@@ -1,0 +1,90 @@
+"""Stopping a run cleanly on a scheduler's signal (SLURM preemption, a time limit, Ctrl-C).
+
+Schedulers send SIGTERM some time before they kill a job (SLURM: `scancel`, preemption, the end of the time
+limit; with `sbatch --signal=USR1@120` a SIGUSR1 two minutes ahead), and a terminal sends SIGINT on Ctrl-C.
+Without handlers the process dies at once and everything since the last snapshot is lost. Here the first of
+these signals only asks the run to stop: every rank finishes its current step, they agree on the step to stop
+at, and the loop writes the training state (and, by default, a network snapshot) before it returns. A second
+signal ends the process at once, for when saving takes longer than one can wait.
+
+A launching process (train.py with several spawned ranks) forwards its own signals through a shared value
+(`StopRequest.shared`) instead of signalling the children: under a scheduler the children get the signal
+themselves too, and a forwarded copy would count as their second.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator, Optional
+
+import torch
+
+STOP_SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')
+# In a multi-process run the ranks agree on a stop every this many steps (a tiny all-reduce, the only host
+# synchronization it adds); a single process checks after every step.
+AGREE_INTERVAL = 4
+
+
+class StopRequest:
+    """Whether a stop was asked for, and by which signal (its name, e.g. 'SIGTERM')."""
+
+    def __init__(self, shared: Any = None):
+        self.signame: Optional[str] = None
+        self.shared = shared    # A multiprocessing Value('i') holding a signal number set by the launcher, or None.
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signame is not None:
+            print(f'\n{name} again: exiting at once (the training state of the last snapshot or stop is intact)',
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signame = name
+        print(f'\n{name} received: stopping after the current step and saving the training state '
+              f'(send it again to exit at once)', file=sys.stderr, flush=True)
+
+    def local(self) -> int:
+        """The signal number this process knows of, 0 for none."""
+        if self.signame is not None:
+            return int(signal.Signals[self.signame])
+        if self.shared is not None and self.shared.value:
+            return int(self.shared.value)
+        return 0
+
+    def agreed(self, batch_idx: int, num_gpus: int, device: torch.device) -> Optional[str]:
+        """The signal every rank stops for after step `batch_idx`, or None. A collective when num_gpus > 1:
+        all ranks call it after every step, and only every AGREE_INTERVAL steps does it communicate."""
+        if num_gpus == 1:
+            signum = self.local()
+        else:
+            if batch_idx % AGREE_INTERVAL != 0:
+                return None
+            backend_device = device if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+            flag = torch.tensor([self.local()], dtype=torch.int64, device=backend_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None
+
+
+@contextlib.contextmanager
+def stop_signals(request: StopRequest) -> Iterator[StopRequest]:
+    """Within this block the stop signals go to `request`; the previous handlers come back afterwards. Outside
+    the main thread (where Python cannot install handlers) the block only watches `request.shared`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {}
+    try:
+        for name in STOP_SIGNALS:
+            signum = signal.Signals[name]
+            previous[signum] = signal.signal(signum, request.handle)
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_message(signame: str, kimg: float, run_dir: str) -> str:
+    """The one line a stopped run ends with."""
+    return f'Stopped by {signame} at kimg {kimg:.1f}; resume with: python train.py --resume={run_dir}'
