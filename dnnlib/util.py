@@ -50,20 +50,73 @@ def write_atomically(path: str, write: Any) -> None:
     """Call `write(f)` on a new temporary file beside `path`, then rename it over `path`.
 
     The rename is atomic on POSIX file systems, so readers (and a run resumed after a crash) see either the
-    previous file or the complete new one, never a truncated snapshot. The temporary file is removed if
-    `write` raises.
+    previous file or the complete new one, never a truncated snapshot. The temporary file is removed whatever
+    happens.
+
+    When a write to the file fails (a full disk: OSError with errno ENOSPC), that OSError is what comes out,
+    even where `write` turned it into something else: torch.save's zip writer reports it as a RuntimeError
+    about an "unexpected pos", which loses the errno that tells the caller the disk is full. And if `write`
+    swallowed such an error, the file is incomplete: it is not renamed, and the error is raised. An OSError
+    that names no file (a failed write or fsync) or the temporary one gets `path` as its filename.
     """
     path = os.fspath(path)
     temp_path = f'{path}.tmp-{uuid.uuid4().hex}'
+    file = None
     try:
-        with open(temp_path, 'xb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(temp_path, 'xb') as raw_file:
+            file = _ErrorRecordingFile(raw_file)
+            write(file)
+            file.flush()
+            if file.error is not None:
+                raise file.error
+            os.fsync(raw_file.fileno())
         os.replace(temp_path, path)
+    except Exception as e:
+        error = file.error if file is not None and file.error is not None else e
+        if (isinstance(error, OSError) and error.errno is not None and error.filename in (None, temp_path)
+                and error.filename2 is None):  # Not the rename's error, which names both files.
+            # A failed write does not say which file it was, and the temporary name means nothing to the user:
+            # name the file being written, so the caller's message can.
+            error.filename = path
+        # A failed write is the cause of whatever followed it; the consequence stays visible as its context.
+        if error is not e:
+            raise error  # noqa: B904 (not `from e`: e is the consequence, not the cause)
+        raise
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+
+
+class _ErrorRecordingFile:
+    """A file object that passes everything on to `file` and remembers the first OSError that its write,
+    writelines or flush raised (the error itself is raised as usual). fileno(), tell() and the rest reach the
+    real file, so PIL, pickle and torch.save work through it as through the file itself."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data):
+        return self._recording(self._file.write, data)
+
+    def writelines(self, lines):
+        return self._recording(self._file.writelines, lines)
+
+    def flush(self):
+        return self._recording(self._file.flush)
+
+    def _recording(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        if name == '_file':  # Not set yet (a copy under construction): no recursion into __getattr__.
+            raise AttributeError(name)
+        return getattr(self._file, name)
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""dnnlib: EasyDict, Logger, cache directory, format_time, objects by name, open_url."""
+"""dnnlib: EasyDict, crash-safe writes (a full disk included), Logger, cache directory, format_time, objects by
+name, open_url."""
 
 import copy
 import errno
@@ -12,7 +13,10 @@ import sys
 import threading
 import time
 
+import numpy as np
+import PIL.Image
 import pytest
+import torch
 
 import dnnlib
 from dnnlib import util
@@ -43,6 +47,111 @@ def test_easydict_is_the_pickled_name_official_snapshots_use():
     assert type(restored) is util.EasyDict and restored.x.y == [1, 2]
     clone = copy.deepcopy(restored)
     assert clone == restored and clone.x is not restored.x
+
+
+# ----------------------------------------------------------------------------
+# Crash-safe file writing, a full disk included
+
+
+class _FullDiskFile(io.FileIO):
+    """A real file on a disk with `space` bytes left: a write takes what fits and says so (a short write, as
+    the kernel does), and the next one fails with ENOSPC."""
+
+    def __init__(self, path, space):
+        super().__init__(path, 'x')
+        self.space = space
+
+    def write(self, data):
+        if self.space == 0:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        data = memoryview(data).cast('B')[:self.space]
+        self.space -= len(data)
+        return super().write(data)
+
+
+def disk_full_open(space, name_contains=''):
+    """An `open` for dnnlib.util (monkeypatch util.open) under which the files whose names contain
+    `name_contains` fill the disk after `space` bytes; other files open as usual."""
+    def fake_open(path, mode='r', *args, **kwargs):
+        if name_contains not in os.path.basename(path):
+            return open(path, mode, *args, **kwargs)
+        assert mode == 'xb', 'write_atomically creates its temporary file with mode "xb"'
+        return io.BufferedWriter(_FullDiskFile(path, space))
+    return fake_open
+
+
+def _png_writer(f):
+    pixels = np.random.RandomState(0).randint(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels, 'RGB').save(f, format='PNG')
+
+
+# Each writes far more than the 1000 bytes the full disk takes: torch.save (which turns the OSError of a write
+# larger than the file's buffer into a RuntimeError about an "unexpected pos"), pickle (which lets it through)
+# and PIL's PNG writer.
+_WRITERS = dict(
+    torch_save  = lambda f: torch.save(dict(weight=torch.arange(2.0 ** 18)), f),
+    pickle_dump = lambda f: pickle.dump(bytes(2 ** 20), f),
+    pil_png     = _png_writer,
+)
+
+
+@pytest.mark.parametrize('writer', list(_WRITERS))
+def test_a_full_disk_gives_the_original_error_and_keeps_the_old_file(tmp_path, monkeypatch, writer):
+    path = tmp_path / 'snapshot.bin'
+    path.write_bytes(b'old contents')
+    monkeypatch.setattr(util, 'open', disk_full_open(1000), raising=False)
+    with pytest.raises(OSError) as error:
+        util.write_atomically(str(path), _WRITERS[writer])
+    assert type(error.value) is OSError and error.value.errno == errno.ENOSPC
+    assert error.value.strerror == 'No space left on device'
+    assert error.value.filename == str(path)  # Which file it was, for the caller's one-line message.
+    assert path.read_bytes() == b'old contents'
+    assert os.listdir(tmp_path) == ['snapshot.bin']  # The temporary file is gone.
+
+
+@pytest.mark.parametrize('writer', list(_WRITERS))
+def test_writers_work_through_the_error_recording_file(tmp_path, writer):
+    path = str(tmp_path / 'out.bin')
+    util.write_atomically(path, _WRITERS[writer])
+    if writer == 'torch_save':
+        assert torch.equal(torch.load(path, weights_only=True)['weight'], torch.arange(2.0 ** 18))
+    elif writer == 'pickle_dump':
+        with open(path, 'rb') as f:
+            assert pickle.load(f) == bytes(2 ** 20)
+    else:
+        with PIL.Image.open(path) as image:
+            assert image.size == (64, 64) and image.mode == 'RGB'
+    assert os.listdir(tmp_path) == ['out.bin']
+
+
+def test_a_writer_that_swallows_a_failed_write_does_not_replace_the_file(tmp_path, monkeypatch):
+    path = tmp_path / 'state.pt'
+    path.write_bytes(b'old contents')
+
+    def careless_writer(f):
+        f.write(b'x' * 10)
+        try:
+            f.write(b'y' * 2 ** 16)  # More than the file's buffer holds: this write reaches the disk.
+        except OSError:
+            pass  # The file now lacks data, but the writer returns as if all went well.
+
+    monkeypatch.setattr(util, 'open', disk_full_open(30), raising=False)
+    with pytest.raises(OSError) as error:
+        util.write_atomically(str(path), careless_writer)
+    assert error.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b'old contents' and os.listdir(tmp_path) == ['state.pt']
+
+
+def test_errors_that_are_not_failed_writes_come_out_unchanged(tmp_path):
+    path = tmp_path / 'out.bin'
+
+    def failing_writer(f):
+        f.write(b'partial')
+        raise OSError('simulated, without an errno')
+    with pytest.raises(OSError) as error:
+        util.write_atomically(str(path), failing_writer)
+    assert str(error.value) == 'simulated, without an errno' and error.value.filename is None
+    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------
