@@ -341,7 +341,7 @@ def _check_resume_fits(resume_pkl: str, info: Mapping[str, Any]) -> None:
 
 def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
     """Open the dataset once and return what the options depend on: name, resolution, has_labels, size,
-    num_channels.
+    num_channels, label_dim.
 
     Tests replace this function with a stand-in, so that option trees can be built without image files.
     """
@@ -353,7 +353,7 @@ def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
         raise UserError(f'--data: {e}') from None
     try:
         return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
-                               size=len(dataset), num_channels=dataset.num_channels)
+                               size=len(dataset), num_channels=dataset.num_channels, label_dim=dataset.label_dim)
     finally:
         if hasattr(dataset, 'close'):
             dataset.close()
@@ -522,7 +522,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     for key in _PER_PROCESS_KEYS:
         args.pop(key, None)
 
-    ignored = [name for name in given if name not in STATE_OVERRIDES and name not in _LAUNCH_OPTIONS]
+    ignored = [name for name in given if name not in STATE_OVERRIDES and name not in _LAUNCH_OPTIONS + ('data',)]
     if ignored:
         flags = ', '.join('--' + name.replace('_', '-') for name in ignored)
         _warn(f'{flags} ignored: a resumed training state keeps its own options (only '
@@ -549,6 +549,8 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
         if given.get(name) is not None:
             args[name] = given[name]
 
+    if given.get('data') is not None:
+        _relocate_data(args, given['data'], state_path)
     # The stored data must still be there: a dataset moved since the run started is reported now, not by the
     # data loader after the networks are built.
     try:
@@ -587,6 +589,38 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     args.run_dir = os.path.dirname(os.path.abspath(state_path))
     run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
     return run_desc, args, launch
+
+
+def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
+    """`--resume=<run> --data=<new path>`: continue on a moved (or copied) dataset, if it is the same data as
+    far as the run can tell: image count, resolution, channels and labels. Otherwise name the differences."""
+    recorded = args.training_set_kwargs
+    # As the builder opened it: every image once (no subset, no x-flips), with labels if it has them.
+    info = inspect_dataset({**recorded, 'path': data, 'max_size': None, 'xflip': False, 'use_labels': True})
+    checkpoint = _checkpoint_module()
+    reader = getattr(checkpoint, 'read_state_data_info', None)
+    trained = reader(state_path) if reader is not None else {}
+    differences = []
+    if info.resolution != recorded.resolution:
+        differences.append(f'{info.resolution}x{info.resolution} images instead of {recorded.resolution}x'
+                           f'{recorded.resolution}')
+    channels = trained.get('img_channels')
+    if channels is not None and info.get('num_channels', channels) != channels:
+        differences.append(f'{info.num_channels} image channel(s) instead of {channels}')
+    c_dim = trained.get('c_dim')
+    if recorded.use_labels and not info.has_labels:
+        differences.append('no labels, but the run is conditional')
+    elif recorded.use_labels and c_dim is not None and info.get('label_dim', c_dim) != c_dim:
+        differences.append(f'labels of dimension {info.label_dim} instead of {c_dim}')
+    # --subset runs train on max_size images drawn from a larger dataset; others on all of them.
+    is_subset = '-subset' in os.path.basename(os.path.dirname(os.path.abspath(state_path)))
+    if info.size < recorded.max_size or (info.size != recorded.max_size and not is_subset):
+        differences.append(f'{info.size} images instead of {recorded.max_size}')
+    if differences:
+        raise UserError(f'--data: "{data}" does not match the data this run was trained on ("{recorded.path}"): '
+                        f'{"; ".join(differences)}')
+    _warn(f'continuing on the data at "{data}" (was "{recorded.path}")')
+    recorded.path = data
 
 
 def _data_loader_kwargs(workers: int, base: Optional[Mapping[str, Any]] = None) -> dnnlib.EasyDict:
@@ -1205,7 +1239,7 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
         except torch.multiprocessing.ProcessExitedException as e:
             # Killed (out of memory, kill -9) or exited without a Python error: no message of its own.
             how = f'was killed by {e.signal_name}' if e.signal_name else f'exited with code {e.exit_code}'
-            raise RunFailed(f'Training stopped: rank {e.error_index} (PID {e.pid}) {how}; the other ranks '
+            raise RunFailed(f'Training stopped: rank {e.error_index} (PID {e.error_pid}) {how}; the other ranks '
                             f'were stopped') from None
         stopped = f'{init_file}.stopped'
         if os.path.isfile(stopped):

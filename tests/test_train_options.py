@@ -63,7 +63,7 @@ class FakeData:
     def __call__(self, training_set_kwargs):
         self.seen.append(dict(training_set_kwargs))
         return dnnlib.EasyDict(name=self.name, resolution=self.resolution, has_labels=self.has_labels,
-                               size=self.size, num_channels=self.num_channels)
+                               size=self.size, num_channels=self.num_channels, label_dim=10 if self.has_labels else 0)
 
     def check_metrics_ready(self, metrics, detector_dir):
         self.detector_checks.append((list(metrics), detector_dir))
@@ -639,6 +639,18 @@ def test_resume_state_continues_on_the_device_it_ran_on(stored_run, tmp_path):
     assert (args.batch_size, args.batch_gpu) == (64, 16)
 
 
+def test_resume_state_on_moved_data(stored_run, fake_data, capsys):
+    run_dir, stored = stored_run
+    _, args = build(resume=str(run_dir), data='/new/place/fakedata.zip')
+    assert args['training_set_kwargs']['path'] == '/new/place/fakedata.zip'
+    assert fake_data.seen[-2]['path'] == '/new/place/fakedata.zip' and fake_data.seen[-2]['max_size'] is None
+    assert 'continuing on the data at "/new/place/fakedata.zip" (was "fakedata")' in capsys.readouterr().err
+    fake_data.size, fake_data.resolution = 999, 128
+    with pytest.raises(train.UserError, match=r'does not match the data this run was trained on \("fakedata"\): '
+                                              r'128x128 images instead of 256x256; 999 images instead of 1000'):
+        build(resume=str(run_dir), data='/elsewhere.zip')
+
+
 def test_resume_state_under_torchrun(stored_run):
     run_dir, _ = stored_run
     dist = dict(rank=1, world_size=2, local_rank=1, master_addr='localhost', master_port=1234)
@@ -843,7 +855,7 @@ def test_inspect_real_dataset(tmp_path):
     kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=str(tmp_path), use_labels=True,
                   max_size=None, xflip=False, resolution=None, random_seed=0)
     info = train.inspect_dataset(kwargs)
-    assert info == dict(name=tmp_path.name, resolution=8, has_labels=False, size=3, num_channels=3)
+    assert info == dict(name=tmp_path.name, resolution=8, has_labels=False, size=3, num_channels=3, label_dim=0)
     with pytest.raises(click.ClickException, match='--data: '):
         train.inspect_dataset({**kwargs, 'path': str(tmp_path / 'missing')})
 

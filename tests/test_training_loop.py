@@ -141,6 +141,8 @@ def test_exact_resume(tmp_path, data_dir):
     expected, got = _final_tensors(straight), _final_tensors(resumed)
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert different == []
+    # The divergence monitor's loss history came back too (it decides the next ticks).
+    assert resumed.health_monitor.state_dict() == straight.health_monitor.state_dict()
     # And the split really changed something between the halves (the check is not vacuous).
     assert not torch.equal(_final_tensors(first)['G_ema.synthesis.b16.torgb.weight'],
                            expected['G_ema.synthesis.b16.torgb.weight'])

@@ -11,6 +11,7 @@ learning). A training state adds what that loses:
      'optimizers': {'G', 'D': optimizer state dicts},
      'loss': {'pl_mean': tensor},
      'ada': {'pending': [count, sum, sum of squares] of the D signs not yet used for an update} or None,
+     'health': the divergence monitor's per-tick loss history (training/health.py) or None,
      'rng': {'torch', 'numpy', 'python': generator states}}
 
 It contains only tensors and plain containers, so `torch.load(path, weights_only=True)` reads it without
@@ -84,6 +85,18 @@ def find_state_file(path: str) -> Optional[str]:
 def read_state_options(state_path: str) -> dict:
     """The training_loop kwargs stored in a training state."""
     return load_training_state(state_path, mmap=True)['options']
+
+
+def read_state_data_info(state_path: str) -> dict:
+    """What the networks of a training state tell about the data they were trained on, which the options do
+    not record: dict(img_channels, c_dim); None where the state does not say."""
+    networks = load_training_state(state_path, mmap=True)['networks']
+    D, G = networks.get('D') or {}, networks.get('G') or {}
+    # Every discriminator architecture reads the image in its first block's fromrgb layer: [out, channels, 1, 1].
+    fromrgb = [tensor for name, tensor in D.items() if name.endswith('.fromrgb.weight')]
+    embed = G.get('mapping.embed.weight')  # [embed_features, c_dim], only in conditional generators.
+    return dict(img_channels=int(fromrgb[0].shape[1]) if fromrgb else None,
+                c_dim=int(embed.shape[1]) if embed is not None else (0 if G else None))
 
 # ----------------------------------------------------------------------------
 # Random number generators.

@@ -14,9 +14,11 @@ counters). A run resumed from a state therefore continues bitwise like the unint
 import contextlib
 import copy
 import dataclasses
+import errno
 import inspect
 import json
 import os
+import re
 import time
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -28,7 +30,7 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, legacy, preemption, transfer
+from training import checkpoint, health, legacy, preemption, transfer
 from training.loss import phase_plan
 
 
@@ -38,7 +40,8 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingDiverged(TrainingStopped):
-    """Training produced no finite loss values for a whole tick, or non-finite weights."""
+    """Training diverged: non-finite weights, or a rule of training.health.DivergenceMonitor (non-finite losses
+    or gradients, a loss explosion) fired at a tick."""
 
 # ----------------------------------------------------------------------------
 # Image grids.
@@ -192,7 +195,9 @@ class TrainingState:
     tick_start_time:    float = 0.0
     maintenance_time:   float = 0.0
     stats_collector:    Any = None
-    health_collector:   Any = None
+    health_stats:       Any = dataclasses.field(default_factory=lambda: training_stats.Collector(
+                            regex=health.STATS_REGEX, keep_previous=False))  # What health_monitor reads.
+    health_monitor:     Any = dataclasses.field(default_factory=health.DivergenceMonitor)  # In the training state.
     stats_jsonl:        Any = None
     stats_tfevents:     Any = None
     last_snapshot:      Optional[str] = None
@@ -395,6 +400,7 @@ def _state_record(state: TrainingState) -> dict:
         optimizers  = {phase.name[0]: phase.opt.state_dict() for phase in state.phases},
         loss        = dict(pl_mean=getattr(state.loss, 'pl_mean', torch.zeros([])).detach().cpu()),
         ada         = dict(pending=[float(v) for v in state.ada.pending]) if state.ada is not None else None,
+        health      = state.health_monitor.state_dict() if state.health_monitor is not None else None,
         rng         = checkpoint.capture_rng_state(),
     )
 
@@ -413,6 +419,8 @@ def _restore_state(state: TrainingState, record: dict) -> None:
         state.loss.pl_mean.copy_(record['loss']['pl_mean'])
     if state.ada is not None and record.get('ada') is not None:
         state.ada.pending = np.asarray(record['ada']['pending'], dtype=np.float64)
+    if state.health_monitor is not None and record.get('health') is not None:
+        state.health_monitor.load_state_dict(record['health'])  # States from before it start a new warmup.
     checkpoint.restore_rng_state(record['rng'])
     progress = record['progress']
     state.cur_nimg = progress['cur_nimg']
@@ -428,9 +436,10 @@ def _restore_state(state: TrainingState, record: dict) -> None:
 def _setup_logs(state: TrainingState) -> None:
     opts = state.opts
     state.stats_collector = training_stats.Collector(regex='.*')
-    state.health_collector = training_stats.Collector(regex=r'Loss/(G|D)/loss', keep_previous=False)
     if not state.is_main:
         return
+    if opts.resume_state is not None:
+        _drop_records_after(state.cur_nimg, opts.run_dir)
     state.stats_jsonl = open(os.path.join(opts.run_dir, 'stats.jsonl'), 'at')
     try:
         import torch.utils.tensorboard as tensorboard
@@ -448,6 +457,40 @@ def _setup_logs(state: TrainingState) -> None:
         save_image_grid(images, os.path.join(opts.run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size)
         save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, 'fakes_init.png'), drange=[-1, 1],
                         grid_size=grid_size)
+
+
+_SNAPSHOT_NAME_RE = re.compile(r'network-snapshot-(\d+)(?:\.(\d{3}))?\.pkl')
+
+
+def _record_nimg(record: dict) -> Optional[float]:
+    """When a stats.jsonl / metric-*.jsonl record was written, in images shown; None if it does not say."""
+    if isinstance(record.get('Progress/kimg'), dict):
+        return record['Progress/kimg'].get('mean', 0) * 1000
+    match = _SNAPSHOT_NAME_RE.fullmatch(os.path.basename(str(record.get('snapshot_pkl', ''))))
+    if match is not None:
+        return int(match.group(1)) * 1000 + int(match.group(2) or 0)
+    return None
+
+
+def _drop_records_after(cur_nimg: int, run_dir: str) -> None:
+    """Resuming a training state repeats the ticks after it (a run killed at kimg 900 with the last state at
+    800 runs 800-900 again), so their records would appear twice: drop those of the abandoned stretch."""
+    for name in sorted(os.listdir(run_dir)):
+        if not (name == 'stats.jsonl' or (name.startswith('metric-') and name.endswith('.jsonl'))):
+            continue
+        path = os.path.join(run_dir, name)
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                nimg = _record_nimg(json.loads(line))
+            except ValueError:
+                continue  # A line cut short by a kill.
+            if nimg is None or nimg <= cur_nimg + 0.5:
+                kept.append(line if line.endswith('\n') else line + '\n')
+        if kept != lines:
+            dnnlib.util.write_atomically(path, lambda f, kept=kept: f.write(''.join(kept).encode('utf-8')))
 
 
 @torch.no_grad()
@@ -494,10 +537,17 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
                                         sync=(round_idx == num_rounds - 1), gain=gain)
     phase.module.requires_grad_(False)
     with torch.autograd.profiler.record_function(phase.name + '_opt'):
-        for param in phase.module.parameters():
-            if param.grad is not None:
-                # One bad batch (an fp16 overflow, say) must not poison the weights: zero NaNs, bound Infs.
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        grads = [param.grad for param in phase.module.parameters() if param.grad is not None]
+        if grads:
+            # One 0/1 device tensor per phase run, read at the tick (health.DivergenceMonitor decides there), so
+            # that the check costs no host sync. Rank 0's flag speaks for all: DDP has made the gradients equal.
+            flag = []
+            if state.is_main:
+                flag = torch.stack([torch.isfinite(grad).all() for grad in grads]).all().logical_not().float()
+            training_stats.report0(health.nonfinite_grads_name(phase.name), flag)
+        for grad in grads:
+            # One bad batch (an fp16 overflow, say) must not poison the weights: zero NaNs, bound Infs.
+            torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
         phase.opt.step()
     phase.timer.stop()
 
@@ -563,20 +613,57 @@ def _report_progress(state: TrainingState, tick_end_time: float) -> str:
 
 
 def _check_health(state: TrainingState) -> None:
-    """Stop with a clear message when a whole tick produced no finite G or D loss value."""
-    state.health_collector.update()
-    for name in ('Loss/G/loss', 'Loss/D/loss'):
-        if name in state.health_collector.names() and state.health_collector.num(name) == 0:
-            raise TrainingDiverged(_divergence_message(state, f'every {name} value of the last tick was NaN or Inf'))
+    """Stop the run before anything of this tick is written when it has diverged: non-finite weights (or
+    buffers), or a rule of health.DivergenceMonitor (non-finite losses or gradients, a loss explosion) over the
+    tick's statistics. The monitor's history goes into the training state, so a resumed run decides the same."""
+    state.health_stats.update()  # A collective: every rank takes part before any of them can stop.
     for net_name in ('G', 'D'):
-        if not all(torch.isfinite(p).all() for p in getattr(state, net_name).parameters()):
-            raise TrainingDiverged(_divergence_message(state, f'{net_name} has non-finite weights'))
+        bad = _first_nonfinite_tensor(getattr(state, net_name))
+        if bad is not None:
+            raise TrainingDiverged(_divergence_message(state, f'{net_name} has non-finite weights ({bad})'))
+    divergence = state.health_monitor.check(state.health_stats.as_dict())
+    if divergence is not None:
+        raise TrainingDiverged(_divergence_message(state, divergence.message))
+
+
+def _first_nonfinite_tensor(module: torch.nn.Module) -> Optional[str]:
+    """The name of the first parameter or buffer of `module` that holds a NaN or Inf, None if there is none.
+    One host sync for the whole module; the names are looked up only when something is wrong."""
+    tensors = [(name, t) for name, t in misc.named_params_and_buffers(module) if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        return None
+    return next(name for name, t in tensors if not torch.isfinite(t).all())
 
 
 def _divergence_message(state: TrainingState, what: str) -> str:
-    last = state.last_snapshot or 'none was written'
     return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg: {what}. Nothing was written for this tick; '
-            f'the last good snapshot is {last}. Try a lower learning rate, a larger --gamma, or --fp32.')
+            f'{_last_good_files(state)}. Try a lower learning rate, a larger --gamma, or --fp32.')
+
+
+def _last_good_files(state: TrainingState) -> str:
+    """What a user can go back to, as part of one line: the newest snapshot and the training state."""
+    snapshot = _newest_snapshot(state)
+    state_path = os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME)
+    has_state = os.path.isfile(state_path)
+    if snapshot is None:
+        return 'no snapshot has been written yet' + (f'; the training state {state_path} is intact' if has_state else '')
+    if has_state:
+        return f'the last good snapshot {snapshot} and the training state {state_path} are intact'
+    return f'the last good snapshot {snapshot} is intact'
+
+
+def _newest_snapshot(state: TrainingState) -> Optional[str]:
+    """The snapshot this process wrote last or, before its first one (a resumed run), the newest
+    network-snapshot-*.pkl of the run directory by the training time in its name; None if there is none."""
+    if state.last_snapshot is not None:
+        return state.last_snapshot
+    run_dir = state.opts.run_dir
+    found = []
+    for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else []):
+        match = _SNAPSHOT_NAME_RE.fullmatch(name)
+        if match is not None:
+            found.append((int(match.group(1)), int(match.group(2) or 0), name))
+    return os.path.join(run_dir, max(found)[2]) if found else None
 
 
 def snapshot_tag(cur_nimg: int, kimg_per_tick: float, total_kimg: float) -> str:
@@ -673,6 +760,34 @@ def _write_stats(state: TrainingState) -> None:
         state.stats_tfevents.flush()
 
 
+# A full disk, or a full quota (which network file systems report instead).
+_NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, 'EDQUOT', None)) if code is not None)
+
+
+@contextlib.contextmanager
+def _stop_when_disk_full(state: TrainingState) -> Iterator[None]:
+    """Turn a full disk while writing a tick's files (image grid, snapshot, training state) into one line that
+    names the file and says what is intact: the writes are atomic, so the files of earlier ticks are. What
+    existed is looked up before the writes, so a snapshot written just before the training state failed does not
+    count as previous. Only rank 0 writes."""
+    if not state.is_main:
+        yield
+        return
+    had_snapshot = _newest_snapshot(state) is not None
+    had_state = os.path.isfile(os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME))
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _NO_SPACE_ERRNOS:
+            raise
+        kept = {(True, True): 'the previous snapshot and training state are intact',
+                (True, False): 'the previous snapshot is intact',
+                (False, True): 'the previous training state is intact',
+                (False, False): 'nothing had been saved before'}[(had_snapshot, had_state)]
+        what = os.path.basename(e.filename) if e.filename else 'the snapshot files'
+        raise TrainingStopped(f'{e.strerror or os.strerror(e.errno)} while writing {what}; {kept}') from e
+
+
 def _maintenance(state: TrainingState, done: bool) -> None:
     tick_end_time = time.time()
     status = _report_progress(state, tick_end_time)
@@ -682,7 +797,8 @@ def _maintenance(state: TrainingState, done: bool) -> None:
         # Move the pending D signs into the ADA controller, so that the training state written below holds
         # them. A collective; every tick, so the flush points of a straight and a resumed run are the same.
         state.ada.flush()
-    _save_snapshots(state, done)
+    with _stop_when_disk_full(state):
+        _save_snapshots(state, done)
     _write_stats(state)
     state.cur_tick += 1
     state.tick_start_nimg = state.cur_nimg

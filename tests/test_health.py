@@ -1,0 +1,317 @@
+"""Divergence and a full disk stop a run with one line, and what was saved before stays intact: the rules of
+training.health.DivergenceMonitor as closed cases, then tiny training runs with a forced loss explosion,
+non-finite gradients, non-finite weights and an injected ENOSPC."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_dnnlib import disk_full_open
+from test_training_loop import BATCH, _train, make_image_folder
+
+from dnnlib import util
+from torch_utils import training_stats
+from training import checkpoint, health, legacy
+from training.loss import StyleGAN2Loss
+from training.training_loop import TrainingDiverged, TrainingStopped
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+# ----------------------------------------------------------------------------
+# The rules.
+
+
+def _tick(g_loss=0.7, d_loss=1.3, num=8, **grad_flags):
+    """One tick's statistics as Collector.as_dict() gives them; grad_flags: phase=(bad runs, runs)."""
+    stats = {'Loss/G/loss': dict(num=num, mean=g_loss, std=0.1), 'Loss/D/loss': dict(num=num, mean=d_loss, std=0.1)}
+    for phase, (bad, runs) in grad_flags.items():
+        stats[health.nonfinite_grads_name(phase)] = dict(num=runs, mean=bad / runs, std=0.0)
+    return stats
+
+
+def _steady_ticks(count, seed=0):
+    # Losses that wander over the range real GAN training shows (softplus values of order 0.1-10).
+    rnd = np.random.RandomState(seed)
+    return [_tick(g_loss=float(rnd.uniform(0.1, 10)), d_loss=float(rnd.uniform(0.1, 10)), Gmain=(0, 8), Dmain=(0, 8))
+            for _ in range(count)]
+
+
+def test_steady_losses_never_trigger():
+    monitor = health.DivergenceMonitor()
+    assert [monitor.check(stats) for stats in _steady_ticks(200)] == [None] * 200
+    assert len(monitor.history['Loss/G/loss']) == 8  # The window keeps the newest ticks.
+
+
+def test_a_huge_loss_after_warmup_is_an_explosion():
+    monitor = health.DivergenceMonitor()
+    for stats in _steady_ticks(3):
+        assert monitor.check(stats) is None
+    divergence = monitor.check(_tick(g_loss=4e13))
+    assert divergence.rule == 'loss explosion'
+    assert 'Loss/G/loss exploded: its tick mean 4e+13 is over 1000 times the median' in divergence.message
+    assert 'of the previous 3 ticks (and over 100)' in divergence.message
+    assert len(monitor.history['Loss/G/loss']) == 3  # The diverged tick is not taken into the history.
+
+
+def test_warmup_is_respected():
+    monitor = health.DivergenceMonitor(warmup=3)
+    assert monitor.check(_tick()) is None
+    assert monitor.check(_tick()) is None
+    assert monitor.check(_tick(d_loss=4e13)) is None  # Only two ticks of history: the rule does not apply yet.
+    assert monitor.check(_tick(d_loss=4e13 * 1001)).rule == 'loss explosion'  # Three now, 4e13 among them.
+
+
+def test_an_explosion_needs_both_the_factor_and_the_floor():
+    small = health.DivergenceMonitor()
+    for _ in range(3):
+        small.check(_tick(g_loss=0.01))
+    assert small.check(_tick(g_loss=99.0)) is None  # 9900 times the median, but below the floor of 100.
+    large = health.DivergenceMonitor()
+    for _ in range(3):
+        large.check(_tick(g_loss=5.0))
+    assert large.check(_tick(g_loss=4999.0)) is None  # Above the floor, but not 1000 times the median 5.
+    assert large.check(_tick(g_loss=5001.0)).rule == 'loss explosion'
+
+
+def test_the_median_ignores_one_odd_tick():
+    monitor = health.DivergenceMonitor()
+    for g_loss in (1.0, 1.0, 1.0, 500.0):  # One odd (but not exploded) tick in the history.
+        assert monitor.check(_tick(g_loss=g_loss)) is None
+    assert monitor.check(_tick(g_loss=2000.0)).rule == 'loss explosion'
+
+
+def test_an_overflowing_tick_mean_is_an_explosion_even_in_warmup():
+    assert health.DivergenceMonitor().check(_tick(d_loss=float('inf'))).rule == 'loss explosion'
+
+
+def test_a_tick_without_one_finite_loss_value_is_caught():
+    divergence = health.DivergenceMonitor().check(_tick(num=0, g_loss=float('nan')))
+    assert divergence.rule == 'non-finite loss'
+    assert divergence.message == 'every Loss/G/loss value of the tick was NaN or Inf'
+
+
+def test_a_single_nonfinite_gradient_step_does_not_stop_a_run():
+    monitor = health.DivergenceMonitor()
+    assert monitor.check(_tick(Gmain=(1, 1), Dmain=(1, 1))) is None  # A one-step tick whose step overflowed.
+    assert monitor.check(_tick(Gmain=(1, 8), Dreg=(1, 1))) is None
+    assert monitor.check(_tick(Dmain=(4, 8))) is None  # Half is not more than half.
+
+
+def test_nonfinite_gradients_in_more_than_half_of_the_steps_are_caught():
+    divergence = health.DivergenceMonitor().check(_tick(Gmain=(0, 8), Dmain=(5, 8)))
+    assert divergence.rule == 'non-finite gradients'
+    assert divergence.message == 'the Dmain gradients were NaN or Inf in 5 of 8 steps of the tick (more than half)'
+    assert health.DivergenceMonitor().check(_tick(Greg=(2, 2))).rule == 'non-finite gradients'
+
+
+def test_state_dict_round_trip_gives_identical_decisions(tmp_path):
+    ticks = _steady_ticks(5)
+    later = [_tick(g_loss=3.0), _tick(g_loss=4e13), _tick(d_loss=2e4), _tick(d_loss=1e5)]
+    original = health.DivergenceMonitor()
+    for stats in ticks:
+        original.check(stats)
+    # Through a weights-only torch file, as the training state stores it.
+    torch.save(dict(health=original.state_dict()), tmp_path / 'state.pt')
+    restored = health.DivergenceMonitor()
+    restored.load_state_dict(torch.load(tmp_path / 'state.pt', weights_only=True)['health'])
+    assert restored.state_dict() == original.state_dict()
+    decisions = [[None if d is None else d.message for d in map(monitor.check, later)]
+                 for monitor in (original, restored)]
+    assert decisions[0] == decisions[1]
+    assert decisions[0][1] is not None and decisions[0][0] is None
+    # Not vacuous: without the history a fresh monitor is still in its warmup and decides otherwise.
+    fresh = health.DivergenceMonitor()
+    assert [fresh.check(stats) for stats in later][1] is None
+
+
+def test_load_state_dict_keeps_the_newest_ticks_of_a_longer_history():
+    monitor = health.DivergenceMonitor(window=4)
+    monitor.load_state_dict(dict(history={'Loss/G/loss': [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 'Other/loss': [1.0]}))
+    assert monitor.history == {'Loss/G/loss': [3.0, 4.0, 5.0, 6.0], 'Loss/D/loss': []}
+
+# ----------------------------------------------------------------------------
+# Diverging tiny runs. Steps are counted from the loss's side: one Gmain call per round, two rounds per step.
+
+ROUNDS = BATCH // 4
+
+
+class _StepCountingLoss(StyleGAN2Loss):
+    gmain_rounds = 0
+
+    def accumulate_gradients(self, phase, **kwargs):
+        if phase == 'Gmain':
+            _StepCountingLoss.gmain_rounds += 1
+        super().accumulate_gradients(phase=phase, **kwargs)
+
+    @staticmethod
+    def step() -> int:
+        """The index of the training step in progress (0 = the first step of this process)."""
+        return (_StepCountingLoss.gmain_rounds - 1) // ROUNDS
+
+
+class ExplodingLoss(_StepCountingLoss):
+    """D's logits are a million times larger from step `first_step` on: finite, but an exploded loss."""
+
+    first_step = 5
+
+    def run_D(self, img, c, sync):
+        logits = super().run_D(img, c, sync)
+        return logits * 1e6 if self.step() >= ExplodingLoss.first_step else logits
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity, whose gradient is NaN (and stays differentiable, for R1)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float('nan')
+
+
+class NaNGradientLoss(_StepCountingLoss):
+    """From step `first_step` on, every gradient that flows back through D's logits is NaN; the losses stay
+    finite."""
+
+    first_step = 1
+
+    def run_D(self, img, c, sync):
+        logits = super().run_D(img, c, sync)
+        return _NaNGradient.apply(logits) if self.step() >= NaNGradientLoss.first_step else logits
+
+
+class NaNWeightLoss(_StepCountingLoss):
+    """At step `first_step` a NaN lands in one of D's weights (as from a broken optimizer)."""
+
+    first_step = 1
+
+    def run_D(self, img, c, sync):
+        if self.step() == NaNWeightLoss.first_step:
+            with torch.no_grad():
+                self.D.b16.conv0.weight[0, 0, 0, 0] = float('nan')
+        return super().run_D(img, c, sync)
+
+
+def _diverge(run_dir, data_dir, loss_class, first_step, **kwargs):
+    loss_class.first_step = first_step
+    _StepCountingLoss.gmain_rounds = 0
+    loss_kwargs = dict(class_name=f'test_health.{loss_class.__name__}', r1_gamma=1.0)
+    with pytest.raises(TrainingDiverged) as error:
+        _train(run_dir, data_dir, loss_kwargs=loss_kwargs, **kwargs)
+    training_stats.reset()
+    assert '\n' not in str(error.value)
+    return str(error.value)
+
+
+def _progress_nimg(run_dir):
+    return checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))['progress']['cur_nimg']
+
+
+def test_a_loss_explosion_stops_the_run_with_the_last_good_snapshot_intact(tmp_path, data_dir):
+    # Ticks end after steps 1, 3, 5, 7 (nimg 8, 24, 40, 56); the loss explodes in steps 6 and 7, the fourth tick,
+    # when three healthy ticks are in the history.
+    run_dir = tmp_path / 'run'
+    message = _diverge(run_dir, data_dir, ExplodingLoss, first_step=5, steps=10)
+    snapshot = run_dir / 'network-snapshot-000000.040.pkl'
+    assert message.startswith('Training diverged at 0.1 kimg: Loss/')
+    assert ' exploded: its tick mean ' in message and 'times the median' in message
+    assert (f'Nothing was written for this tick; the last good snapshot {snapshot} and the training state '
+            f'{run_dir / "training-state.pt"} are intact.') in message
+    assert not os.path.exists(run_dir / 'network-snapshot-000000.056.pkl')
+    assert not os.path.exists(run_dir / 'fakes000000.056.png')
+    with open(run_dir / 'stats.jsonl') as f:
+        assert len(f.readlines()) == 3
+    G = legacy.load_network(str(snapshot))
+    assert all(torch.isfinite(p).all() for p in G.parameters())
+    assert _progress_nimg(run_dir) == 5 * BATCH
+    record = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert len(record['networks']['G']) > 0
+
+
+def test_nonfinite_gradients_in_every_step_stop_the_run(tmp_path, data_dir):
+    # NaN gradients from the second step on: the second tick (steps 2 and 3) has them in every step. The loop
+    # zeroes them, so the weights stay finite and, without the check, training would go on without learning.
+    run_dir = tmp_path / 'run'
+    message = _diverge(run_dir, data_dir, NaNGradientLoss, first_step=1, steps=6)
+    assert message.startswith('Training diverged at 0.0 kimg: the Dmain gradients were NaN or Inf in 2 of 2 '
+                              'steps of the tick (more than half).')
+    assert f'the last good snapshot {run_dir / "network-snapshot-000000.008.pkl"} and' in message
+    assert _progress_nimg(run_dir) == BATCH
+
+
+def test_nonfinite_weights_stop_the_run(tmp_path, data_dir):
+    run_dir = tmp_path / 'run'
+    message = _diverge(run_dir, data_dir, NaNWeightLoss, first_step=1, steps=6)
+    assert message.startswith('Training diverged at 0.0 kimg: D has non-finite weights (b16.conv0.weight).')
+    assert _progress_nimg(run_dir) == BATCH
+
+
+def test_divergence_before_the_first_snapshot_says_so(tmp_path, data_dir):
+    message = _diverge(tmp_path / 'run', data_dir, NaNWeightLoss, first_step=0, steps=6)
+    assert 'Nothing was written for this tick; no snapshot has been written yet.' in message
+    assert not os.path.exists(tmp_path / 'run' / checkpoint.STATE_FILE_NAME)
+
+
+def test_a_resumed_run_names_the_newest_snapshot_of_its_directory(tmp_path, data_dir):
+    run_dir = tmp_path / 'run'
+    _train(run_dir, data_dir, steps=3)  # Snapshots after steps 1 and 3.
+    state_file = str(run_dir / checkpoint.STATE_FILE_NAME)
+    message = _diverge(run_dir, data_dir, NaNGradientLoss, first_step=0, steps=8, resume_state=state_file)
+    assert 'the Dmain gradients were NaN or Inf' in message
+    assert f'the last good snapshot {run_dir / "network-snapshot-000000.024.pkl"} and the training state' in message
+    assert _progress_nimg(run_dir) == 3 * BATCH
+
+# ----------------------------------------------------------------------------
+# A full disk.
+
+
+@pytest.mark.parametrize('name_contains, written', [
+    ('network-snapshot', 'network-snapshot-000000.024.pkl'),
+    ('training-state', 'training-state.pt'),
+    ('fakes', 'fakes000000.024.png'),
+])
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_files(tmp_path, data_dir, monkeypatch,
+                                                                            name_contains, written):
+    run_dir = tmp_path / 'run'
+    _train(run_dir, data_dir, steps=1)
+    saved = {name: (run_dir / name).read_bytes() for name in ('network-snapshot-000000.008.pkl', 'training-state.pt')}
+    monkeypatch.setattr(util, 'open', disk_full_open(1000, name_contains), raising=False)
+    with pytest.raises(TrainingStopped) as error:
+        _train(run_dir, data_dir, steps=3, resume_state=str(run_dir / checkpoint.STATE_FILE_NAME))
+    assert str(error.value) == (f'No space left on device while writing {written}; the previous snapshot and '
+                                f'training state are intact')
+    assert isinstance(error.value.__cause__, OSError) and error.value.__cause__.errno == errno.ENOSPC
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+    assert [name for name in os.listdir(run_dir) if '.tmp-' in name] == []
+    if written not in saved:
+        assert not os.path.exists(run_dir / written)
+
+
+def test_a_full_disk_at_the_first_snapshot_says_nothing_had_been_saved(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(util, 'open', disk_full_open(1000, 'network-snapshot'), raising=False)
+    with pytest.raises(TrainingStopped) as error:
+        _train(tmp_path / 'run', data_dir, steps=1)
+    assert str(error.value) == ('No space left on device while writing network-snapshot-000000.008.pkl; nothing '
+                                'had been saved before')
+
+
+def test_a_full_quota_is_reported_as_such(tmp_path, data_dir, monkeypatch):
+    # Network file systems report a full quota (EDQUOT) where a local disk reports ENOSPC.
+    def quota_open(path, mode='r', *args, **kwargs):
+        if 'network-snapshot' not in os.path.basename(path):
+            return open(path, mode, *args, **kwargs)
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), path)
+    monkeypatch.setattr(util, 'open', quota_open, raising=False)
+    with pytest.raises(TrainingStopped) as error:
+        _train(tmp_path / 'run', data_dir, steps=1)
+    assert str(error.value) == (f'{os.strerror(errno.EDQUOT)} while writing network-snapshot-000000.008.pkl; '
+                                f'nothing had been saved before')
