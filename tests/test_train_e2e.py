@@ -83,7 +83,11 @@ def test_resume_continues_the_run_in_its_directory(tmp_path, dataset_zip):
     assert list((tmp_path / 'runs').iterdir()) == [run_dir]  # No new run directory.
     second = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
     assert second['progress']['cur_nimg'] == 32
-    assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == 4  # Appended, not replaced.
+    records = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    # Appended, not replaced; every tick once, each with only its own values (not an earlier run's in this
+    # process).
+    assert [(r['Progress/kimg']['num'], round(r['Progress/kimg']['mean'] * 1000)) for r in records] == \
+        [(1, 8), (1, 16), (1, 24), (1, 32)]
 
 
 @pytest.mark.slow

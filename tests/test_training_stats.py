@@ -288,3 +288,15 @@ def test_spawn_times_out_instead_of_hanging():
     with pytest.raises(TimeoutError, match='still running'):
         spawn(_worker_rank1_hangs, 2, timeout=4)
     assert time.monotonic() - start < 30
+
+
+def test_reset_values_forgets_values_and_keeps_the_process_setup():
+    training_stats.init_multiprocessing(rank=3, sync_device=None)
+    training_stats.report('Loss/x', [1.0, 2.0])
+    training_stats.reset_values()
+    assert training_stats._state.rank == 3  # The launcher's setup stays.
+    training_stats.report('Loss/x', [5.0])
+    collector = training_stats.Collector()
+    collector.update()
+    assert collector.num('Loss/x') == 1 and collector.mean('Loss/x') == 5.0  # Not the earlier run's values.
+    training_stats.reset()

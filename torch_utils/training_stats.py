@@ -22,7 +22,7 @@ import torch
 
 import dnnlib
 
-__all__ = ['Collector', 'init_multiprocessing', 'report', 'report0', 'reset']
+__all__ = ['Collector', 'init_multiprocessing', 'report', 'report0', 'reset', 'reset_values']
 
 # Index of each moment inside the three-element accumulator tensors.
 _COUNT, _SUM, _SUMSQ = 0, 1, 2
@@ -56,6 +56,19 @@ def reset() -> None:
     """Forget every reported value and the multiprocessing setup, as if freshly imported."""
     global _state
     _state = _State()
+
+
+def reset_values() -> None:
+    """Forget every reported value but keep the multiprocessing setup of `init_multiprocessing`.
+
+    A collector's first update sees everything reported since the totals started, so a training run starts
+    with this: its first tick must not include what an earlier run in the same process (a notebook, a test
+    session) reported.
+    """
+    global _state
+    rank, sync_device = _state.rank, _state.sync_device
+    _state = _State()
+    _state.rank, _state.sync_device = rank, sync_device
 
 
 def init_multiprocessing(rank: int, sync_device: Optional[torch.device]) -> None:

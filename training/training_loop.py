@@ -867,6 +867,7 @@ def training_loop(
     _check_metrics(opts, metric_fn)
     device = torch.device(device)
     request = stop_request if stop_request is not None else preemption.StopRequest()
+    training_stats.reset_values()  # This run's statistics only, even in a process that trained before.
     with _torch_settings(opts, device), preemption.stop_signals(request):
         state = None
         try:
