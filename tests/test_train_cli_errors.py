@@ -200,11 +200,11 @@ def test_resume_of_a_run_whose_data_moved_or_broke(files, tmp_path):
 
 def test_fine_tune_an_official_format_snapshot_into_squeeze_from_the_command_line(files, tmp_path):
     # A stock snapshot whose networks come from embedded source, as an official pickle's do.
-    from test_train_transfer import _official_format_pickle
+    from test_legacy_adopt import official_format_pickle
     with open(make_snapshot(tmp_path / 'ours.pkl'), 'rb') as f:
         snapshot = legacy.load_network_pkl(f)
     official = tmp_path / 'official.pkl'
-    official.write_bytes(_official_format_pickle(snapshot))
+    official.write_bytes(official_format_pickle(snapshot))
     result = run_train([f'--outdir={tmp_path / "runs"}', f'--data={files["data"]}', *TINY, '--arch=squeeze',
                         f'--resume={official}'], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,16 +1,15 @@
 """Fine-tuning across architectures (`--resume=<pkl>`), the loop's failure report, snapshot names, --batch-gpu,
 and what the loop shows at the start (module summaries, official timing keys)."""
 
-import io
 import json
 import os
-import pickle
 
 import pytest
 import torch
+from test_legacy_adopt import official_format_pickle
 from test_training_loop import BATCH, _train, make_image_folder, tiny_options
 
-from torch_utils import misc, persistence, training_stats
+from torch_utils import misc, training_stats
 from training import legacy, transfer
 from training.loss import StyleGAN2Loss
 from training.networks import Discriminator, Generator
@@ -117,27 +116,12 @@ def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
-def _official_format_pickle(snapshot: dict) -> bytes:
-    """The pickle of `snapshot` as an official release would hold it: networks whose classes come from a module
-    built from embedded source that is not ours (here: ours plus a comment), not from training.networks."""
-    def hook(meta):
-        meta.module_src += '\n# An official networks.py, as far as the loader can tell.\n'
-        return meta
-    persistence.import_hook(hook)
-    try:
-        embedded = legacy.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
-    finally:
-        persistence.remove_import_hook(hook)
-    assert type(embedded['G_ema']).__module__.startswith('_imported_module_')
-    return pickle.dumps(embedded)
-
-
 def test_resume_from_an_official_format_skip_snapshot_into_a_squeeze_run(tmp_path, data_dir, capsys):
     _train(tmp_path / 'skip', data_dir, steps=1)
     with open(tmp_path / 'skip' / 'network-snapshot-000000.008.pkl', 'rb') as f:
         snapshot = legacy.load_network_pkl(f)
     official = tmp_path / 'official-skip.pkl'
-    official.write_bytes(_official_format_pickle(snapshot))
+    official.write_bytes(official_format_pickle(snapshot))  # Classes from embedded source.
     capsys.readouterr()
 
     frozen_G = dict(class_name='torch.optim.Adam', lr=0.0, betas=(0.0, 0.99), eps=1e-8)
