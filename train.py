@@ -197,7 +197,12 @@ class UserError(click.ClickException):
 
 
 class RunFailed(UserError):
-    """The training processes stopped with an error; the message is the one line the user sees."""
+    """The training processes stopped with an error; the message is the one line the user sees. `traceback`
+    says whether log.txt holds the traceback of the error (a killed process leaves none)."""
+
+    def __init__(self, message: str, traceback: bool = True):
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def _warn(message: str) -> None:
@@ -1033,15 +1038,17 @@ def finish_failed_run(error: RunFailed, run_dir: str, is_new_run: bool) -> RunFa
     no numbered directory behind: its log moves to a temporary file that the message names."""
     log_path = os.path.join(run_dir, LOG_FILE_NAME)
     if not is_new_run or _has_saved_progress(run_dir):
-        return RunFailed(f'{error.message}. The traceback is in {log_path}')
+        where = 'The traceback is in' if error.traceback else 'The log is'
+        return RunFailed(f'{error.message}. {where} {log_path}', traceback=error.traceback)
     import shutil
     fd, kept_log = tempfile.mkstemp(prefix=f'{os.path.basename(run_dir)}-', suffix='-log.txt')
     os.close(fd)
     if os.path.isfile(log_path):
         shutil.copyfile(log_path, kept_log)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return RunFailed(f'{error.message}. Removed the run directory {run_dir} (nothing had been saved); its log, '
-                     f'with the traceback, is {kept_log}')
+    with_traceback = ', with the traceback,' if error.traceback else ''
+    return RunFailed(f'{error.message}. Removed the run directory {run_dir} (nothing had been saved); its log'
+                     f'{with_traceback} is {kept_log}', traceback=error.traceback)
 
 
 def describe(args: Mapping[str, Any], run_dir: str, device_type: str) -> str:
@@ -1240,7 +1247,7 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
             # Killed (out of memory, kill -9) or exited without a Python error: no message of its own.
             how = f'was killed by {e.signal_name}' if e.signal_name else f'exited with code {e.exit_code}'
             raise RunFailed(f'Training stopped: rank {e.error_index} (PID {e.error_pid}) {how}; the other ranks '
-                            f'were stopped') from None
+                            f'were stopped', traceback=False) from None
         stopped = f'{init_file}.stopped'
         if os.path.isfile(stopped):
             with open(stopped) as f:

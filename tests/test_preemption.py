@@ -237,6 +237,7 @@ def test_a_killed_rank_ends_the_run_in_one_line(tmp_path, data_zip):
     assert run.returncode == 1, stderr[-3000:]
     (error,) = [line for line in stderr.splitlines() if line.startswith('Error:')]
     assert f'(PID {victim.pid}) was killed by SIGKILL' in error and 'Traceback' not in stderr, stderr[-3000:]
+    assert error.endswith('log.txt') and 'The log is ' in error
 
 
 def test_a_moved_dataset_does_not_strand_a_run(tmp_path, data_zip):
