@@ -1214,6 +1214,21 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
             signal.signal(signum, handler)
 
 
+def _start_resource_tracker_without_sigusr1() -> None:
+    """multiprocessing's resource tracker, a helper process that the ranks' queues need, ignores SIGINT and
+    SIGTERM but dies on SIGUSR1, which SLURM's --signal sends to every process of the job (it is relaunched with
+    a traceback). Started with SIGUSR1 blocked, it inherits the blocked signal; a tracker already running is
+    left as it is."""
+    import signal
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
                     loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
@@ -1228,6 +1243,7 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
     world_size = args['num_gpus']
     if world_size == 1:
         return _run_rank(0, 1, args, _rank_device(device_type, 0), loop)
+    _start_resource_tracker_without_sigusr1()
     spawn = torch.multiprocessing.get_context('spawn')
     stop_value = spawn.Value('i', 0)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:

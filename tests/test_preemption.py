@@ -210,11 +210,19 @@ def test_a_second_sigint_exits_at_once(tmp_path, data_zip):
 
 
 @pytest.mark.slow
-def test_two_processes_stop_together_on_a_signal_to_the_launcher(tmp_path, data_zip):
+@pytest.mark.parametrize('to', ['launcher', 'every process'])
+def test_two_processes_stop_together(tmp_path, data_zip, to):
+    # SLURM's `--signal=USR1@120` signals every process of the job step; `kill <pid>` only the launcher.
     outdir = tmp_path / 'runs'
-    run = _start([f'--outdir={outdir}', f'--data={data_zip}', '--gpus=2', '--device=cpu', *TINY], tmp_path)
+    args = [sys.executable, os.path.join(REPO_ROOT, 'train.py'), f'--outdir={outdir}', f'--data={data_zip}',
+            '--gpus=2', '--device=cpu', *TINY]
+    run = subprocess.Popen(args, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
     _wait_for(lambda: _one_run_dir(outdir) and _ticks(_one_run_dir(outdir)) >= 2, run, timeout=180)
-    run.send_signal(signal.SIGUSR1)  # SLURM's `--signal=USR1@120`, sent to the launching process only.
+    if to == 'launcher':
+        run.send_signal(signal.SIGUSR1)
+    else:
+        os.killpg(run.pid, signal.SIGUSR1)
     stdout, stderr = run.communicate(timeout=180)
     assert run.returncode == preemption_exit_status(), stderr[-3000:]
     assert 'Stopped by SIGUSR1 at kimg' in stdout and 'Traceback' not in stderr
