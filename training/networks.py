@@ -9,10 +9,16 @@ Synthesis blocks are looked up by architecture name in `SYNTHESIS_BLOCKS`: the t
 (`orig`, `skip`, `resnet`) share the official `SynthesisBlock`; `squeeze` is `SqueezeSynthesisBlock`, the
 generator block of "Rethinking Image Skip Connections in StyleGAN2" (Park & Shin, IEEE TNNLS 2025).
 
-Precision: blocks marked `use_fp16` compute in float16 only on a CUDA device (fp16 convolutions on the CPU are
-two orders of magnitude slower, so off the GPU they run in float32); a float64 input makes every layer compute
-in float64, which is what lets the tests run `gradcheck` over whole blocks.
+Precision: blocks marked `use_fp16` (the top `num_fp16_res` resolutions) compute in a reduced dtype, chosen by
+the networks' `precision` keyword: 'fp16' (float16, the official behaviour and the default) or 'bf16'
+(bfloat16). They do so only on a CUDA device (reduced-precision convolutions on the CPU are up to two orders of
+magnitude slower, so off the GPU they run in float32), except inside the test-only `low_precision_on_cpu()`
+context. Everything else (mapping, styles, demodulation coefficients, the image path, D's epilogue) stays in
+float32. A float64 input makes every layer compute in float64, which is what lets the tests run `gradcheck`
+over whole blocks.
 """
+
+import contextlib
 
 import numpy as np
 import torch
@@ -30,15 +36,53 @@ def normalize_2nd_moment(x, dim=1, eps=1e-8):
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
-def _compute_dtype(use_fp16: bool, force_fp32: bool, ref: torch.Tensor) -> torch.dtype:
+# The reduced dtypes a network's `precision` keyword can choose for its `use_fp16` blocks.
+PRECISIONS = {
+    'fp16': torch.float16,      # The official behaviour: needs conv_clamp and the pre-normalization below.
+    'bf16': torch.bfloat16,     # float32's exponent range with an 8-bit mantissa: no overflow to guard against.
+}
+
+# Set only by `low_precision_on_cpu()`: lets `use_fp16` blocks compute in their reduced dtype on the CPU.
+_low_precision_on_cpu = False
+
+
+@contextlib.contextmanager
+def low_precision_on_cpu(enabled: bool = True):
+    """For tests only: inside this context, blocks marked `use_fp16` compute in their reduced dtype (float16 or
+    bfloat16, see `PRECISIONS`) on the CPU as well, so that the casts, clamping, fp16 pre-normalization and
+    channels-last handling of the GPU path run on a machine without one. Far too slow for real work.
+
+    The flag is restored on exit. It applies to the classes of this module, which include networks unpickled
+    from snapshots written by this very source; a snapshot that embeds other source (an official one, an older
+    version of this file) runs that source's own module, which this context does not reach.
+    """
+    global _low_precision_on_cpu
+    saved = _low_precision_on_cpu
+    _low_precision_on_cpu = bool(enabled)
+    try:
+        yield
+    finally:
+        _low_precision_on_cpu = saved
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}; got {precision!r}')
+    return precision
+
+
+def _compute_dtype(use_fp16: bool, force_fp32: bool, ref: torch.Tensor, precision: str = 'fp16') -> torch.dtype:
     """The dtype a block computes in.
 
-    float64 inputs stay float64 (gradchecks); float16 only where it pays off, i.e. on a CUDA device.
+    float64 inputs stay float64 (gradchecks); the reduced dtype of `precision` only where it pays off, i.e.
+    on a CUDA device (or on the CPU inside the test-only `low_precision_on_cpu()`).
     """
     if ref.dtype == torch.float64:
         return torch.float64
     if use_fp16 and not force_fp32 and ref.device.type == 'cuda':
-        return torch.float16
+        return PRECISIONS[precision]
+    if use_fp16 and not force_fp32 and _low_precision_on_cpu:  # Tests only: see low_precision_on_cpu().
+        return PRECISIONS[precision]
     return torch.float32
 
 
@@ -48,21 +92,27 @@ def _output_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _memory_format(channels_last: bool, dtype: torch.dtype) -> torch.memory_format:
-    # Channels-last pays off with fp16 tensor cores only; it follows the fp16 decision.
-    return torch.channels_last if channels_last and dtype == torch.float16 else torch.contiguous_format
+    # Channels-last pays off with the tensor cores of reduced precision only; it follows that decision.
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    return torch.channels_last if channels_last and reduced else torch.contiguous_format
 
 
 def _default_fused_modconv(training: bool, dtype: torch.dtype, batch_size: int) -> bool:
     """Fuse modulation into the weights in inference only: in training, the fused weight depends on the
     styles, and `no_weight_gradients()` (regularization passes) would then drop the style gradients too.
-    In fp16 the fused per-sample weights lose precision, unless there is a single sample anyway."""
+    In reduced precision (fp16 as in the official code, and bf16 alike, whose mantissa is shorter still) the
+    fused per-sample weights lose precision, unless there is a single sample anyway."""
     with misc.suppress_tracer_warnings():
         return (not training) and (dtype == torch.float32 or int(batch_size) == 1)
 
 
 def _prenormalize_fp16(weight, styles):
     """Rescale weight and styles before an fp16 modulated convolution so that the per-sample weights and the
-    activations cannot overflow; demodulation removes any overall scale, so the result is unchanged."""
+    activations cannot overflow; demodulation removes any overall scale, so the result is unchanged.
+
+    float16 only: its largest value is 65504. bfloat16 has float32's exponent range, so there is nothing to
+    guard against, and since its rounding error is relative, rescaling would not make it more accurate either;
+    skipping the step keeps bf16 one rounding of the float32 computation closer."""
     fan_in = weight[0].numel()
     weight = weight * (fan_in ** -0.5 / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
     styles = styles / styles.abs().amax(dim=1, keepdim=True)
@@ -96,7 +146,7 @@ def modulated_conv2d(
     misc.assert_shape(x, [batch_size, in_channels, None, None])
     misc.assert_shape(styles, [batch_size, in_channels])
 
-    if x.dtype == torch.float16 and demodulate:
+    if x.dtype == torch.float16 and demodulate:  # Not for bfloat16: see _prenormalize_fp16.
         weight, styles = _prenormalize_fp16(weight, styles)
 
     dcoefs = None
@@ -437,7 +487,7 @@ class _SynthesisBlockBase(torch.nn.Module):
     block_options = ()
 
     def _setup_common(self, in_channels, out_channels, w_dim, resolution, img_channels, is_last, resample_filter,
-                      conv_clamp, use_fp16, fp16_channels_last):
+                      conv_clamp, use_fp16, fp16_channels_last, precision):
         if in_channels == 0 and resolution != 4:
             raise ValueError(f'Only the 4x4 block can start from the constant input, not the {resolution}x{resolution} one')
         self.in_channels = in_channels
@@ -447,6 +497,7 @@ class _SynthesisBlockBase(torch.nn.Module):
         self.img_channels = img_channels
         self.is_last = is_last
         self.use_fp16 = use_fp16
+        self.precision = _check_precision(precision)
         self.channels_last = (use_fp16 and fp16_channels_last)
         self.conv_clamp = conv_clamp
         self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
@@ -462,7 +513,7 @@ class _SynthesisBlockBase(torch.nn.Module):
     def _prepare(self, x, ws, force_fp32, fused_modconv):
         """Check the inputs; return (x in the compute dtype/layout, dtype, fused_modconv)."""
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
-        dtype = _compute_dtype(self.use_fp16, force_fp32, ws)
+        dtype = _compute_dtype(self.use_fp16, force_fp32, ws, self.precision)
         memory_format = _memory_format(self.channels_last, dtype)
         if fused_modconv is None:
             fused_modconv = _default_fused_modconv(self.training, dtype, ws.shape[0])
@@ -488,7 +539,8 @@ class _SynthesisBlockBase(torch.nn.Module):
 
     def extra_repr(self):
         return (f'resolution={self.resolution:d}, in_channels={self.in_channels:d}, '
-                f'out_channels={self.out_channels:d}, is_last={self.is_last}, use_fp16={self.use_fp16}')
+                f'out_channels={self.out_channels:d}, is_last={self.is_last}, use_fp16={self.use_fp16}'
+                + (f', precision={self.precision}' if self.use_fp16 else ''))
 
 
 @persistence.persistent_class
@@ -509,15 +561,16 @@ class SynthesisBlock(_SynthesisBlockBase):
         architecture        = 'skip',       # Architecture: 'orig', 'skip', 'resnet'.
         resample_filter     = (1, 3, 3, 1), # Low-pass filter applied when resampling.
         conv_clamp          = None,         # Clamp the output of convolution layers to +-X, None = no clamping.
-        use_fp16            = False,        # Compute in float16 (on CUDA devices)?
-        fp16_channels_last  = False,        # Use channels-last memory format with float16?
+        use_fp16            = False,        # Compute in the reduced `precision` (on CUDA devices)?
+        fp16_channels_last  = False,        # Use channels-last memory format in the reduced precision?
+        precision           = 'fp16',       # Reduced dtype of use_fp16: 'fp16' (float16) or 'bf16' (bfloat16).
         **layer_kwargs,                     # Arguments for SynthesisLayer.
     ):
         if architecture not in ('orig', 'skip', 'resnet'):
             raise ValueError(f"SynthesisBlock architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
         super().__init__()
         self._setup_common(in_channels, out_channels, w_dim, resolution, img_channels, is_last, resample_filter,
-                           conv_clamp, use_fp16, fp16_channels_last)
+                           conv_clamp, use_fp16, fp16_channels_last, precision)
         self.architecture = architecture
         kwargs = self._layer_kwargs(w_dim, resolution, conv_clamp, layer_kwargs)
 
@@ -600,8 +653,9 @@ class SqueezeSynthesisBlock(_SynthesisBlockBase):
         squeeze_torgb       = 'squeeze',    # toRGB input: 'squeeze' (f_s), 'conv0' (f_i) or 'excite' (f_e).
         resample_filter     = (1, 3, 3, 1), # Low-pass filter applied when resampling.
         conv_clamp          = None,         # Clamp the output of convolution layers to +-X, None = no clamping.
-        use_fp16            = False,        # Compute in float16 (on CUDA devices)?
-        fp16_channels_last  = False,        # Use channels-last memory format with float16?
+        use_fp16            = False,        # Compute in the reduced `precision` (on CUDA devices)?
+        fp16_channels_last  = False,        # Use channels-last memory format in the reduced precision?
+        precision           = 'fp16',       # Reduced dtype of use_fp16: 'fp16' (float16) or 'bf16' (bfloat16).
         **layer_kwargs,                     # Arguments for SynthesisLayer.
     ):
         if architecture != 'squeeze':
@@ -614,7 +668,7 @@ class SqueezeSynthesisBlock(_SynthesisBlockBase):
             raise ValueError('The squeeze generator needs img_resolution >= 8: its image path starts at 8x8')
         super().__init__()
         self._setup_common(in_channels, out_channels, w_dim, resolution, img_channels, is_last, resample_filter,
-                           conv_clamp, use_fp16, fp16_channels_last)
+                           conv_clamp, use_fp16, fp16_channels_last, precision)
         self.architecture = architecture
         self.squeeze_r = squeeze_r
         self.squeeze_blend = bool(squeeze_blend)
@@ -718,20 +772,23 @@ class SynthesisNetwork(torch.nn.Module):
         img_channels,               # Number of color channels.
         channel_base    = 32768,    # Overall multiplier for the number of channels.
         channel_max     = 512,      # Maximum number of channels in any layer.
-        num_fp16_res    = 0,        # Use float16 (on CUDA) for the N highest resolutions.
+        num_fp16_res    = 0,        # Use the reduced precision (on CUDA) for the N highest resolutions.
         architecture    = 'skip',   # Block type: a key of SYNTHESIS_BLOCKS.
+        precision       = 'fp16',   # Reduced dtype of those resolutions: 'fp16' (float16) or 'bf16' (bfloat16).
         **block_kwargs,             # Arguments for the block class (conv_clamp, squeeze_r, ...).
     ):
         if not isinstance(img_resolution, int) or img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f'img_resolution must be a power of two >= 4, got {img_resolution!r}')
         block_class = synthesis_block_class(architecture)
         _check_block_options(architecture, block_kwargs)
+        _check_precision(precision)
         super().__init__()
         self.w_dim = w_dim
         self.img_resolution = img_resolution
         self.img_resolution_log2 = int(np.log2(img_resolution))
         self.img_channels = img_channels
         self.architecture = architecture
+        self.precision = precision
         self.block_resolutions = [2 ** i for i in range(2, self.img_resolution_log2 + 1)]
         channels_dict = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}
         fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
@@ -742,7 +799,7 @@ class SynthesisNetwork(torch.nn.Module):
             is_last = (res == self.img_resolution)
             block = block_class(in_channels, channels_dict[res], w_dim=w_dim, resolution=res,
                                 img_channels=img_channels, is_last=is_last, use_fp16=(res >= fp16_resolution),
-                                architecture=architecture, **block_kwargs)
+                                architecture=architecture, precision=precision, **block_kwargs)
             self.num_ws += block.num_conv
             if is_last:
                 self.num_ws += block.num_torgb
@@ -821,9 +878,10 @@ class DiscriminatorBlock(torch.nn.Module):
         activation          = 'lrelu',      # Activation function: a key of bias_act.activation_funcs.
         resample_filter     = (1, 3, 3, 1), # Low-pass filter applied when resampling.
         conv_clamp          = None,         # Clamp the output of convolution layers to +-X, None = no clamping.
-        use_fp16            = False,        # Compute in float16 (on CUDA devices)?
-        fp16_channels_last  = False,        # Use channels-last memory format with float16?
+        use_fp16            = False,        # Compute in the reduced `precision` (on CUDA devices)?
+        fp16_channels_last  = False,        # Use channels-last memory format in the reduced precision?
         freeze_layers       = 0,            # Freeze the first layers (--freezed): layers below this index.
+        precision           = 'fp16',       # Reduced dtype of use_fp16: 'fp16' (float16) or 'bf16' (bfloat16).
     ):
         if in_channels not in (0, tmp_channels):
             raise ValueError(f'DiscriminatorBlock in_channels must be 0 or tmp_channels ({tmp_channels}), got {in_channels}')
@@ -836,6 +894,7 @@ class DiscriminatorBlock(torch.nn.Module):
         self.first_layer_idx = first_layer_idx
         self.architecture = architecture
         self.use_fp16 = use_fp16
+        self.precision = _check_precision(precision)
         self.channels_last = (use_fp16 and fp16_channels_last)
         self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
 
@@ -859,7 +918,7 @@ class DiscriminatorBlock(torch.nn.Module):
                                     channels_last=self.channels_last)
 
     def forward(self, x, img, force_fp32=False):
-        dtype = _compute_dtype(self.use_fp16, force_fp32, x if x is not None else img)
+        dtype = _compute_dtype(self.use_fp16, force_fp32, x if x is not None else img, self.precision)
         memory_format = _memory_format(self.channels_last, dtype)
         if x is not None:
             misc.assert_shape(x, [None, self.in_channels, self.resolution, self.resolution])
@@ -883,7 +942,8 @@ class DiscriminatorBlock(torch.nn.Module):
         return x, img
 
     def extra_repr(self):
-        return f'resolution={self.resolution:d}, architecture={self.architecture:s}, use_fp16={self.use_fp16}'
+        return (f'resolution={self.resolution:d}, architecture={self.architecture:s}, use_fp16={self.use_fp16}'
+                + (f', precision={self.precision}' if self.use_fp16 else ''))
 
 
 @persistence.persistent_class
@@ -989,15 +1049,17 @@ class Discriminator(torch.nn.Module):
         architecture        = 'resnet', # Architecture: 'orig', 'skip', 'resnet'.
         channel_base        = 32768,    # Overall multiplier for the number of channels.
         channel_max         = 512,      # Maximum number of channels in any layer.
-        num_fp16_res        = 0,        # Use float16 (on CUDA) for the N highest resolutions.
+        num_fp16_res        = 0,        # Use the reduced precision (on CUDA) for the N highest resolutions.
         conv_clamp          = None,     # Clamp the output of convolution layers to +-X, None = no clamping.
         cmap_dim            = None,     # Dimensionality of the mapped conditioning label, None = default.
         block_kwargs        = None,     # Arguments for DiscriminatorBlock.
         mapping_kwargs      = None,     # Arguments for MappingNetwork (the label embedding).
         epilogue_kwargs     = None,     # Arguments for DiscriminatorEpilogue.
+        precision           = 'fp16',   # Reduced dtype of those resolutions: 'fp16' (float16) or 'bf16' (bfloat16).
     ):
         if not isinstance(img_resolution, int) or img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f'img_resolution must be a power of two >= 4, got {img_resolution!r}')
+        _check_precision(precision)
         block_kwargs = dict(block_kwargs or {})
         mapping_kwargs = dict(mapping_kwargs or {})
         epilogue_kwargs = dict(epilogue_kwargs or {})
@@ -1006,6 +1068,7 @@ class Discriminator(torch.nn.Module):
         self.img_resolution = img_resolution
         self.img_resolution_log2 = int(np.log2(img_resolution))
         self.img_channels = img_channels
+        self.precision = precision
         self.block_resolutions = [2 ** i for i in range(self.img_resolution_log2, 2, -1)]
         channels_dict = {res: min(channel_base // res, channel_max) for res in self.block_resolutions + [4]}
         fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
@@ -1020,7 +1083,7 @@ class Discriminator(torch.nn.Module):
             in_channels = channels_dict[res] if res < img_resolution else 0
             block = DiscriminatorBlock(in_channels, channels_dict[res], channels_dict[res // 2], resolution=res,
                                        first_layer_idx=cur_layer_idx, use_fp16=(res >= fp16_resolution),
-                                       **block_kwargs, **common)
+                                       precision=precision, **block_kwargs, **common)
             setattr(self, f'b{res}', block)
             cur_layer_idx += block.num_layers
         if c_dim > 0:
@@ -1052,5 +1115,6 @@ __all__ = [
     'normalize_2nd_moment', 'modulated_conv2d', 'FullyConnectedLayer', 'Conv2dLayer', 'MappingNetwork',
     'SynthesisLayer', 'ToRGBLayer', 'SynthesisBlock', 'SqueezeSynthesisBlock', 'SYNTHESIS_BLOCKS',
     'SQUEEZE_TORGB_SOURCES', 'synthesis_block_class', 'SynthesisNetwork', 'Generator', 'DiscriminatorBlock',
-    'MinibatchStdLayer', 'DiscriminatorEpilogue', 'Discriminator', 'num_params',
+    'MinibatchStdLayer', 'DiscriminatorEpilogue', 'Discriminator', 'num_params', 'PRECISIONS',
+    'low_precision_on_cpu',
 ]
