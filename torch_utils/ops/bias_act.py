@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import dnnlib
 
 from . import dispatch
+from .probe import ProbeCase, probe_op
 
 # ----------------------------------------------------------------------------
 # Activation functions.
@@ -54,8 +55,10 @@ activation_funcs = {
 # Element types the kernel handles; anything else runs the reference path.
 _KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 
+# The lambda looks `probe_kernel` up when the probe runs, so it may be defined further down.
 _plugin = dispatch.LazyPlugin('bias_act_plugin', sources=['bias_act.cpp', 'bias_act.cu'], headers=['bias_act.h'],
-                              source_dir=os.path.dirname(__file__), extra_cuda_cflags=['--use_fast_math'])
+                              source_dir=os.path.dirname(__file__), extra_cuda_cflags=['--use_fast_math'],
+                              probe=lambda device: probe_kernel(device))
 
 # ----------------------------------------------------------------------------
 # Public entry point.
@@ -220,3 +223,67 @@ def _kernel_function(dim, act, alpha, gain, clamp):
 
     _kernel_functions[key] = BiasActKernel
     return BiasActKernel
+
+# ----------------------------------------------------------------------------
+# Parity probe (see probe.py and dispatch.kernel_verdict).
+
+# What the probe runs: (name, act, alpha, gain, clamp). lrelu with an active clamp is what every layer of the
+# networks runs (its second derivative is d(dx)/d(dy) only); tanh takes its derivatives from the output y
+# and swish from the input x, and both have the f'' term, so between them every kernel mode is exercised.
+_PROBE_ACTS = (
+    ('lrelu_clamp', 'lrelu', 0.2, _SQRT2, 1.0),
+    ('tanh',        'tanh',  0.0, 1.0,    -1.0),
+    ('swish',       'swish', 0.0, _SQRT2, -1.0),
+)
+_PROBE_SHAPE = (2, 8, 4, 4)
+
+
+def _probe_inputs(seed):
+    """x, b, dy and w in float64 on the CPU, from a private generator.
+
+    Every pre-activation value x + b is at least 0.25 away from 0 (the kink of lrelu) and none lies in
+    0.6..0.8, where lrelu's output crosses the clamp of 1.0: rounding to float16 cannot move a value from one
+    side of either boundary to the other, which would change its derivative from one branch to the other.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, _PROBE_SHAPE, generator=gen).to(torch.float64) * 2 - 1
+    mag = 0.25 + torch.rand(_PROBE_SHAPE, generator=gen, dtype=torch.float64)
+    mag = torch.where((mag > 0.6) & (mag < 0.8), mag + 0.2, mag)
+    b = torch.randn(_PROBE_SHAPE[1], generator=gen, dtype=torch.float64) * 0.5
+    x = sign * mag - b.reshape(1, -1, 1, 1)
+    dy = torch.randn(_PROBE_SHAPE, generator=gen, dtype=torch.float64)
+    w = torch.randn(_PROBE_SHAPE, generator=gen, dtype=torch.float64)
+    return x, b, dy, w
+
+
+def _probe_case(device, name, act, alpha, gain, clamp, dtype, seed):
+    def run(impl, run_dtype):
+        x, b, dy, w = (t.to(dtype).to(device=device, dtype=run_dtype) for t in _probe_inputs(seed))
+        if dtype == torch.float16:
+            # The networks run their float16 layers channels-last, so the float16 cases use that layout.
+            x, dy, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy, w))
+        x.requires_grad_(True)
+        b.requires_grad_(True)
+        dy.requires_grad_(True)
+        y = impl(x, b, 1, act, alpha, gain, clamp)
+        dx, db = torch.autograd.grad(y, [x, b], dy, create_graph=True)
+        # Derivatives of a scalar that depends on both first derivatives: the second-order pass of R1 and
+        # path-length regularization. Zero derivatives come back as None (lrelu has no f'' term).
+        second = torch.autograd.grad((dx * w).sum() + db.sum(), [x, b, dy], allow_unused=True)
+        ddx, ddb, ddy = (torch.zeros_like(t) if g is None else g for g, t in zip(second, (x, b, dy), strict=True))
+        return dict(y=y, dx=dx, db=db, ddx=ddx, ddb=ddb, ddy=ddy)
+    return ProbeCase(f'{name}/{str(dtype).split(".")[-1]}', dtype, run)
+
+
+def probe_cases(device):
+    """The probe's cases on `device`: each activation of `_PROBE_ACTS` in float32 and in float16."""
+    cases = []
+    for seed, (name, act, alpha, gain, clamp) in enumerate(_PROBE_ACTS):
+        for dtype in (torch.float32, torch.float16):
+            cases.append(_probe_case(torch.device(device), name, act, alpha, gain, clamp, dtype, seed))
+    return cases
+
+
+def probe_kernel(device):
+    """Compare the kernel path (through the plugin in use) with the reference on `device`; a ProbeResult."""
+    return probe_op('bias_act', _bias_act_kernel, _bias_act_ref, probe_cases(device))

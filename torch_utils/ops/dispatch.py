@@ -11,21 +11,36 @@ decides what that means:
 
 The policy comes from `use_impl(...)` (a context manager, innermost wins) or else from the environment
 variable `STYLEGAN_OPS_IMPL`.
+
+A kernel that builds is not trusted yet: the first time a process wants it on a device, the op's parity
+probe (see `probe.py`) compares it with the reference on a few small cases. A kernel that fails is reported
+once and replaced by the reference under `auto`, and is an error (`KernelMismatchError`) under `cuda`. The
+verdict is kept per (op, device) for the rest of the process; `reset_kernel_verdicts()` forgets it (tests).
 """
 
 import contextlib
 import os
+import threading
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 
 from .. import custom_ops
+from .probe import ProbeResult
 
 ENV_VAR = 'STYLEGAN_OPS_IMPL'
 POLICIES = ('auto', 'ref', 'cuda')
 
 _policy_stack = []
+
+_verdicts: Dict[Tuple[str, str], ProbeResult] = {}        # (module name, device) -> probe result.
+_warned: Set[Tuple[str, str]] = set()                      # Keys whose failure has been warned about.
+_verdict_lock = threading.RLock()                          # One probe at a time, even between threads.
+
+
+class KernelMismatchError(RuntimeError):
+    """A CUDA kernel disagrees with the reference implementation of its op (its parity probe failed)."""
 
 
 def current_policy() -> str:
@@ -61,19 +76,25 @@ class LazyPlugin:
         sources:        Sequence[str],          # .cpp/.cu files next to `source_dir`.
         headers:        Sequence[str] = (),     # Headers they include.
         source_dir:     Optional[str] = None,   # Directory holding the files (the op's own directory).
+        probe:          Optional[Callable[[torch.device], ProbeResult]] = None,  # Parity probe on a device; None: trusted.
         **build_kwargs,                         # Extra arguments of cpp_extension.load.
     ):
         self.module_name = module_name
         self.sources = list(sources)
         self.headers = list(headers)
         self.source_dir = source_dir
+        self.probe = probe
         self.build_kwargs = build_kwargs
         self.reset()
 
     def reset(self) -> None:
-        """Forget the loaded module and any failure (tests)."""
+        """Forget the loaded module, any failure and the probe verdicts of this plugin (tests)."""
         self._module = None
         self._error: Optional[Exception] = None
+        with _verdict_lock:
+            for key in [key for key in _verdicts if key[0] == self.module_name]:
+                del _verdicts[key]
+                _warned.discard(key)
 
     def get(self):
         """The extension module; raises `custom_ops.PluginBuildError` when it cannot be built."""
@@ -103,6 +124,44 @@ class LazyPlugin:
             return False
 
 
+def reset_kernel_verdicts() -> None:
+    """Forget every probe verdict, so that the next kernel call on each device probes again (tests)."""
+    with _verdict_lock:
+        _verdicts.clear()
+        _warned.clear()
+
+
+def kernel_verdict(plugin: LazyPlugin, device: torch.device, strict: bool) -> bool:
+    """Whether `plugin`'s kernel may run on `device`: its parity probe's verdict, probed on first use.
+
+    The outcome is said once per (op, device): a passing probe is logged through custom_ops' one-time
+    messages, a failing one is warned about (`strict=False`, the caller falls back to the reference) or
+    raised as `KernelMismatchError` (`strict=True`, every time it is asked, since the caller cannot run).
+    """
+    if plugin.probe is None:
+        return True
+    key = (plugin.module_name, str(device))
+    with _verdict_lock:
+        result = _verdicts.get(key)
+        if result is None:
+            result = plugin.probe(device)
+            _verdicts[key] = result
+            if result.ok:
+                custom_ops._say('brief', f'Ops: {result.op} kernel ok on {device} (probe {result.seconds:.2f} s)')
+        if result.ok:
+            return True
+        message = (f'The CUDA kernel of "{result.op}" disagrees with its reference implementation on {device}: '
+                   f'parity probe {result.describe()}.')
+        if strict:
+            raise KernelMismatchError(f'{message} The op policy is "cuda" (strict), so this is an error; use '
+                                      f'policy "auto" to fall back to the reference implementation.')
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f'{message} Falling back to the reference implementation of "{result.op}" on {device} '
+                          f'for the rest of this process.', RuntimeWarning, stacklevel=3)
+        return False
+
+
 def use_cuda_kernel(impl: str, x: torch.Tensor, plugin: LazyPlugin) -> bool:
     """Decide, for one call of an op on input `x`, whether its kernel runs (True) or its reference (False)."""
     if impl not in ('ref', 'cuda'):
@@ -111,9 +170,10 @@ def use_cuda_kernel(impl: str, x: torch.Tensor, plugin: LazyPlugin) -> bool:
     if policy == 'ref':
         return False
     if policy == 'auto':
-        return impl == 'cuda' and x.device.type == 'cuda' and plugin.available()
+        return (impl == 'cuda' and x.device.type == 'cuda' and plugin.available()
+                and kernel_verdict(plugin, x.device, strict=False))
     if x.device.type != 'cuda':
         raise RuntimeError(f'The op policy is "cuda" (strict) but "{plugin.module_name}" got a tensor on '
                            f'{x.device}; use policy "auto" to fall back to the reference implementation')
     plugin.get()
-    return True
+    return kernel_verdict(plugin, x.device, strict=True)

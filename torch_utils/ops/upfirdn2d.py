@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .probe import ProbeCase, probe_op
 
+# The lambda looks `probe_kernel` up when the probe runs, so it may be defined further down.
 _plugin = dispatch.LazyPlugin('upfirdn2d_plugin', sources=['upfirdn2d.cpp', 'upfirdn2d.cu'],
                               headers=['upfirdn2d.h'], source_dir=os.path.dirname(__file__),
-                              extra_cuda_cflags=['--use_fast_math'])
+                              extra_cuda_cflags=['--use_fast_math'], probe=lambda device: probe_kernel(device))
 
 # The kernel reads and writes these element types (it accumulates in float32); any other dtype, float64
 # in particular, takes the reference path even on a CUDA device.
@@ -292,6 +294,56 @@ def _kernel_function(up: Tuple[int, int], down: Tuple[int, int], padding: Tuple[
             return dx, None  # The filter never requires grad here (checked in _upfirdn2d_kernel).
 
     return Upfirdn2dKernel
+
+# ----------------------------------------------------------------------------
+# Parity probe (see probe.py and dispatch.kernel_verdict).
+
+# What the probe runs: (name, input shape, channels-last, up, down, padding, gain), all with the networks'
+# [1, 3, 3, 1] filter. The sizes are chosen so that the three kernels all run: the 2x upsampling writes a
+# 16x16 planar output (the planar tiled kernel), its gradient a 2x downsampling to 8x8 (the general kernel);
+# the channels-last 2x downsampling writes 6x6 with 8 channels (the channel-group tiled kernel), and so does
+# its gradient, at 12x12.
+_PROBE_CASES = (
+    ('up2',         (1, 4, 8, 8),   False, (2, 2), (1, 1), (2, 1, 2, 1), 4.0),
+    ('down2_nhwc',  (1, 8, 12, 12), True,  (1, 1), (2, 2), (1, 1, 1, 1), 1.0),
+)
+
+
+def _probe_case(device, name, shape, channels_last, up, down, padding, gain, dtype, seed):
+    def run(impl, run_dtype):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        out_h = (shape[2] * up[1] + padding[2] + padding[3] - 4) // down[1] + 1
+        out_w = (shape[3] * up[0] + padding[0] + padding[1] - 4) // down[0] + 1
+        dy = torch.randn(shape[0], shape[1], out_h, out_w, generator=gen, dtype=torch.float64)
+        v = torch.randn(shape, generator=gen, dtype=torch.float64)
+        x, dy, v = (t.to(dtype).to(device=device, dtype=run_dtype) for t in (x, dy, v))
+        if channels_last:
+            x, dy, v = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy, v))
+        x.requires_grad_(True)
+        dy.requires_grad_(True)
+        f = setup_filter([1, 3, 3, 1], device=device)
+        y = impl(x, f, up=up, down=down, padding=padding, flip_filter=False, gain=gain)
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        # The op is linear, so its only second-order derivative is the backward of the backward (J v), which
+        # the second-order passes of R1 and path-length regularization run.
+        (ddy,) = torch.autograd.grad((dx * v).sum(), dy)
+        return dict(y=y, dx=dx, ddy=ddy)
+    return ProbeCase(f'{name}/{str(dtype).split(".")[-1]}', dtype, run)
+
+
+def probe_cases(device):
+    """The probe's cases on `device`: each configuration of `_PROBE_CASES` in float32 and in float16."""
+    cases = []
+    for seed, config in enumerate(_PROBE_CASES):
+        for dtype in (torch.float32, torch.float16):
+            cases.append(_probe_case(torch.device(device), *config, dtype=dtype, seed=seed))
+    return cases
+
+
+def probe_kernel(device):
+    """Compare the kernel path (through the plugin in use) with the reference on `device`; a ProbeResult."""
+    return probe_op('upfirdn2d', _upfirdn2d_kernel, _upfirdn2d_ref, probe_cases(device))
 
 # ----------------------------------------------------------------------------
 # Common uses.
