@@ -25,3 +25,13 @@ def median_seconds(fn: Callable[[], None], device: torch.device, iters: int, war
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, iters: int = 10) -> float:
+    """Dense peak of this device in FLOP/s, measured: the median time of a large square matmul (2 n^3 FLOPs).
+    The denominator of MFU, measured in the same run rather than taken from a data sheet."""
+    device = torch.device(device)
+    a = torch.randn([size, size], device=device, dtype=dtype)
+    b = torch.randn([size, size], device=device, dtype=dtype)
+    seconds = median_seconds(lambda: torch.mm(a, b), device, iters=iters, warmup=2)
+    return 2 * size ** 3 / seconds

@@ -54,12 +54,16 @@ def make_images(root: str, res: int, count: int = 32) -> str:
     return root
 
 
-def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str) -> dict:
+def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str, batch=None,
+            precision: str = 'fp16') -> dict:
     cfg = CONFIGS[config]
-    batch = cfg['batch']['cuda' if device.startswith('cuda') else 'cpu']
+    batch = batch or cfg['batch']['cuda' if device.startswith('cuda') else 'cpu']
     gpu = device.startswith('cuda')
-    synthesis = dict(channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=4 if gpu else 0,
+    num_fp16_res = 4 if gpu and precision != 'fp32' else 0
+    synthesis = dict(channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=num_fp16_res,
                      conv_clamp=256, architecture=arch)
+    precision_kwargs = dict(precision=precision) if precision == 'bf16' else {}
+    synthesis.update(precision_kwargs)
     if r is not None:
         synthesis['squeeze_r'] = r
     return dict(
@@ -70,8 +74,9 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
         G_kwargs=dict(class_name='training.networks.Generator', z_dim=cfg['z_dim'], w_dim=cfg['z_dim'],
                       mapping_kwargs=dict(num_layers=cfg['map']), synthesis_kwargs=synthesis),
         D_kwargs=dict(class_name='training.networks.Discriminator', architecture=cfg['d_arch'],
-                      channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=4 if gpu else 0,
-                      conv_clamp=256, epilogue_kwargs=dict(mbstd_group_size=min(cfg['mbstd'], batch))),
+                      channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=num_fp16_res,
+                      conv_clamp=256, epilogue_kwargs=dict(mbstd_group_size=min(cfg['mbstd'], batch)),
+                      **precision_kwargs),
         G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
         D_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
         augment_kwargs=dict(class_name='training.augment.AugmentPipe', xflip=1, rotate90=1, xint=1, scale=1, rotate=1,
@@ -83,10 +88,47 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
     )
 
 
-def run_one(config: str, arch_name: str, device: str, steps: int) -> Dict:
+def step_flops(state) -> float:
+    """FLOPs of one more training step of a finished loop (every phase of a step whose index runs them all, so
+    lazy regularization is counted once per its interval), by torch's FLOP counter: matmuls and convolutions of
+    the forward and backward passes, including the double backward of R1 and path length. Work inside custom
+    CUDA kernels (the FIR filters of upfirdn2d) is not an aten matmul/conv and is not counted."""
+    from training import training_loop as loop
+    flops = 0.0
+    for index, phase in enumerate(state.phases):
+        real_img, real_c, gen_z, gen_c = loop._fetch_batch(state)
+        with _flop_count_mode() as counter:
+            loop._run_phase(state, phase, real_img, real_c, gen_z[index], gen_c[index])
+        flops += counter.total / phase.interval  # A lazy phase runs once every `interval` steps.
+    return flops
+
+
+def _flop_count_mode():
+    """A dispatch mode that adds up torch.utils.flop_counter's per-op formulas. FlopCounterMode itself tracks
+    modules with backward hooks, which torch.autograd.grad (R1, path length) does not support."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class FlopCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            count = flop_registry.get(func._overloadpacket)
+            if count is not None:
+                self.total += count(*args, **kwargs, out_val=out)
+            return out
+    return FlopCount()
+
+
+def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, precision: str = 'fp16') -> Dict:
     """One row, measured in this process (called in a child process by `main`)."""
     import torch
 
+    from bench.timing import peak_matmul_flops
     from training.training_loop import training_loop
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
     arch, r = parse_arch(arch_name)
@@ -96,25 +138,39 @@ def run_one(config: str, arch_name: str, device: str, steps: int) -> Dict:
         os.makedirs(run_dir)
         make_images(data, CONFIGS[config]['res'])
         with contextlib.redirect_stdout(io.StringIO()):
-            state = training_loop(**options(config, arch, r, device, steps, run_dir, data))
+            state = training_loop(**options(config, arch, r, device, steps, run_dir, data, batch, precision))
         with open(os.path.join(run_dir, 'stats.jsonl')) as f:
             last = json.loads(f.readlines()[-1])
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda')
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    return dict(config=config, arch=arch, r=r, device=device, batch=state.opts.batch_size, steps=steps,
-                G_params=sum(p.numel() for p in state.G.parameters()),
-                sec_per_kimg=last['Timing/sec_per_kimg']['mean'], peak_mem_gb=peak)
+        peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda')
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+        flops = step_flops(state)  # After the peak: counting is not part of training. Needs the data still.
+    sec_per_kimg = last['Timing/sec_per_kimg']['mean']
+    achieved = flops * (1000 / state.opts.batch_size) / sec_per_kimg
+    # The peak of the dtype the heavy blocks use: fp16/bf16 tensor cores on a GPU, fp32 on the CPU.
+    peak_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
+    if not device.startswith('cuda'):
+        peak_dtype = torch.float32
+    size = 8192 if device.startswith('cuda') else 1024
+    peak_flops = peak_matmul_flops(torch.device(device), peak_dtype, size=size, iters=5)
+    used = precision if device.startswith('cuda') else 'fp32'  # The CPU computes every block in fp32.
+    return dict(config=config, arch=arch, r=r, device=device, precision=used, batch=state.opts.batch_size,
+                steps=steps, G_params=sum(p.numel() for p in state.G.parameters()), sec_per_kimg=sec_per_kimg,
+                peak_mem_gb=peak, step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12,
+                peak_tflops=peak_flops / 1e12, mfu=achieved / peak_flops)
 
 
 def print_table(rows: List[Dict]) -> None:
-    header = ['config', 'arch', 'r', 'device', 'batch', 'steps', 'G params', 'sec/kimg', 'x skip', 'peak mem GB']
-    base = {row['config']: row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
+    header = ['config', 'arch', 'r', 'device', 'precision', 'batch', 'steps', 'G params', 'sec/kimg', 'x skip',
+              'peak mem GB', 'TFLOP/step', 'TFLOP/s', 'peak TFLOP/s', 'MFU']
+    base = {(row['config'], row['precision']): row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
     table = [header]
     for row in rows:
-        ratio = row['sec_per_kimg'] / base[row['config']] if row['config'] in base else float('nan')
+        ratio = row['sec_per_kimg'] / base.get((row['config'], row['precision']), float('nan'))
         table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['device'],
-                      str(row['batch']), str(row['steps']), f'{row["G_params"]:,}', f'{row["sec_per_kimg"]:.1f}',
-                      f'{ratio:.3f}', f'{row["peak_mem_gb"]:.2f}'])
+                      row['precision'], str(row['batch']), str(row['steps']), f'{row["G_params"]:,}',
+                      f'{row["sec_per_kimg"]:.1f}', f'{ratio:.3f}', f'{row["peak_mem_gb"]:.2f}',
+                      f'{row["step_tflop"]:.4f}', f'{row["achieved_tflops"]:.3f}', f'{row["peak_tflops"]:.2f}',
+                      f'{row["mfu"]:.1%}'])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for i, line in enumerate(table):
         print('  '.join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -127,29 +183,35 @@ def print_table(rows: List[Dict]) -> None:
 @click.option('--archs', default='skip,squeeze-r8', show_default=True, help='Comma list, e.g. skip,squeeze-r4')
 @click.option('--device', default=None, help='cpu or cuda  [default: cuda if available]')
 @click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True, help='Training steps per row')
+@click.option('--batch', type=click.IntRange(min=1), default=None, help='Batch  [default: per config and device]')
+@click.option('--precisions', default='fp16', show_default=True, help='Comma list of fp16, bf16, fp32 (the 4 highest '
+              'resolutions on a GPU; the CPU computes fp32 whatever is asked)')
 @click.option('--json', 'json_path', default=None, help='Also write the rows to this JSON file')
 @click.option('--child', hidden=True, default=None)
-def main(configs, archs, device, steps, json_path, child):
-    """Measure sec/kimg and peak memory of real training steps, stock vs squeeze."""
+def main(configs, archs, device, steps, batch, precisions, json_path, child):
+    """Measure sec/kimg, peak memory and MFU of real training steps, stock vs squeeze."""
     if child is not None:  # Child process: one row, printed as JSON.
-        config, arch_name = child.split(':')
-        print('BENCH-ROW ' + json.dumps(run_one(config, arch_name, device, steps)))
+        config, arch_name, precision = child.split(':')
+        print('BENCH-ROW ' + json.dumps(run_one(config, arch_name, device, steps, batch, precision)))
         return
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rows = []
     for config in configs.split(','):
-        for arch_name in archs.split(','):
-            print(f'{config} {arch_name}: training {steps} steps on {device}...', file=sys.stderr, flush=True)
-            cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}', f'--device={device}',
-                   f'--steps={steps}']
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-            lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
-            if out.returncode != 0 or not lines:
-                raise click.ClickException(f'{config} {arch_name} failed:\n{out.stderr[-3000:]}')
-            rows.append(json.loads(lines[-1][len('BENCH-ROW '):]))
+        for precision in precisions.split(','):
+            for arch_name in archs.split(','):
+                print(f'{config} {arch_name} {precision}: training {steps} steps on {device}...', file=sys.stderr,
+                      flush=True)
+                cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}:{precision}',
+                       f'--device={device}', f'--steps={steps}'] + ([f'--batch={batch}'] if batch else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+                lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
+                if out.returncode != 0 or not lines:
+                    raise click.ClickException(f'{config} {arch_name} {precision} failed:\n{out.stderr[-3000:]}')
+                rows.append(json.loads(lines[-1][len('BENCH-ROW '):]))
     print_table(rows)
-    print(f'sec/kimg excludes the first step; {os.cpu_count()} CPUs; torch {torch.__version__}.')
+    print(f'sec/kimg excludes the first step; {os.cpu_count()} CPUs; torch {torch.__version__}. MFU: FLOPs of one '
+          f'step (torch FLOP counter) x steps per second / the peak of a large matmul measured in the same process.')
     if json_path:
         with open(json_path, 'w') as f:
             json.dump(rows, f, indent=2)
