@@ -197,13 +197,14 @@ def test_broken_kernel_raises_under_strict_cuda_policy(monkeypatch):
         with pytest.raises(dispatch.KernelMismatchError, match=r'bias_act.*lrelu_clamp/float32, dx: max error'):
             dispatch.use_cuda_kernel('cuda', GPU, plugin)
     assert probe.devices == ['cuda:0']
+    assert not dispatch.probe_results()[('bias_act_plugin', 'cuda:0')].ok
     assert issubclass(dispatch.KernelMismatchError, RuntimeError)
 
 
 def test_plugin_without_probe_is_trusted(monkeypatch):
     plugin = _plugin(monkeypatch, None)
     assert dispatch.kernel_verdict(plugin, torch.device('cuda', 0), strict=True)
-    assert not dispatch._verdicts
+    assert not dispatch.probe_results()
 
 
 def test_op_plugins_have_probes():
@@ -281,6 +282,7 @@ def test_host_bias_act_kernel_passes_its_probe(bias_act_host, monkeypatch):
     bias_act_host.calls.clear()
     result = bias_act.probe_kernel('cpu')
     assert result.ok, result.describe()
+    print(result.describe())  # The probe's cost on the host build, for the log (never asserted).
     assert set(bias_act_host.calls) == {0, 1, 2}  # Value, gradient and the f'' term all ran the kernel.
 
 
@@ -290,6 +292,7 @@ def test_host_upfirdn2d_kernel_passes_its_probe(upfirdn2d_host, monkeypatch):
     upfirdn2d_host.kernels_used.clear()
     result = upfirdn2d.probe_kernel('cpu')
     assert result.ok, result.describe()
+    print(result.describe())  # The probe's cost on the host build, for the log (never asserted).
     assert upfirdn2d_host.kernels_used == {'general', 'tiled_planar', 'tiled_channel_groups'}
 
 
@@ -354,4 +357,4 @@ def test_first_gpu_call_probes_and_logs_once(capsys):
     device = f'cuda:{x.device.index}'
     for name in OPS:
         assert out.count(f'Ops: {name} kernel ok on {device} (probe ') == 1, out
-        assert dispatch._verdicts[(f'{name}_plugin', device)].ok
+        assert dispatch.probe_results()[(f'{name}_plugin', device)].ok

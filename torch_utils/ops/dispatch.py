@@ -131,6 +131,12 @@ def reset_kernel_verdicts() -> None:
         _warned.clear()
 
 
+def probe_results() -> Dict[Tuple[str, str], ProbeResult]:
+    """The probe results of this process so far, by (module name, device), e.g. for a report."""
+    with _verdict_lock:
+        return dict(_verdicts)
+
+
 def kernel_verdict(plugin: LazyPlugin, device: torch.device, strict: bool) -> bool:
     """Whether `plugin`'s kernel may run on `device`: its parity probe's verdict, probed on first use.
 
