@@ -139,6 +139,7 @@ RESUME_PRESETS = {
 # The augmentation presets of `training/augment.py` (AUGPIPE_SPECS holds their parameters).
 AUGPIPE_NAMES = tuple(AUGPIPE_SPECS)
 AUG_MODES = ('ada', 'noaug', 'fixed')
+PRECISIONS = ('fp16', 'bf16', 'fp32')   # --precision of the num_fp16_res blocks (training.networks.PRECISIONS + fp32).
 DEVICES = ('auto', 'cuda', 'cpu')
 
 # The value of every option that the user did not give. click shows these as the defaults.
@@ -164,6 +165,7 @@ DEFAULTS = dict(
     squeeze_noblend = False,
     squeeze_torgb   = 'squeeze',
     stop_snapshot   = True,
+    precision       = 'fp16',
 )
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
@@ -681,6 +683,7 @@ def build_training_plan(
     detector_dir:       Optional[str] = None,       # --detector-dir: folder with the metrics' feature networks.
     state_kimg:         Optional[float] = None,     # --state-kimg: training state every N kimg besides snapshots.
     stop_snapshot:      Optional[bool] = None,      # --stop-snapshot: a network snapshot too when a signal stops it.
+    precision:          Optional[str] = None,       # --precision: fp16, bf16 or fp32 for the num_fp16_res blocks.
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun ranks other than 0, which rank 0 speaks for).
@@ -937,10 +940,18 @@ def build_training_plan(
                             f'got {desc!r}')
         run_desc += f'-{desc}'
 
-    # Performance switches: not part of the description.
-    if opts.fp32:
+    # Performance switches: not part of the description. --fp32 is the official spelling of --precision=fp32.
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f'--precision must be one of {", ".join(PRECISIONS)}; got {precision!r}')
+    if opts.fp32 and precision not in (None, 'fp32'):
+        raise UserError(f'--fp32 contradicts --precision={precision}')
+    chosen = 'fp32' if opts.fp32 else opts.precision
+    if chosen == 'fp32':
         args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
         args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
+    elif chosen == 'bf16':
+        # Recorded only when not the default, so that fp16 runs keep the official init kwargs.
+        args.G_kwargs.synthesis_kwargs.precision = args.D_kwargs.precision = 'bf16'
     if opts.nhwc:
         args.G_kwargs.synthesis_kwargs.fp16_channels_last = args.D_kwargs.block_kwargs.fp16_channels_last = True
 
@@ -1413,7 +1424,10 @@ EXAMPLES = '''Examples:
               f'continue a run (its directory or {STATE_FILE_NAME})')
 @click.option('--freezed', type=click.IntRange(min=0), help='Keep the D layers below this index fixed (transfer learning)')
 # Performance.
-@_bool_option('--fp32', help='Float32 everywhere: no fp16 layers, no activation clamping')
+@click.option('--precision', type=click.Choice(PRECISIONS), default=DEFAULTS['precision'], show_default=True,
+              help='Precision of the 4 highest-resolution blocks of G and D on a GPU: fp16 (official), bf16 (no '
+              'overflow; H100/H200), or fp32 (= --fp32); everything else is float32')
+@_bool_option('--fp32', help='Float32 everywhere: no fp16 layers, no activation clamping (= --precision=fp32)')
 @_bool_option('--nhwc', help='Channels-last memory format for the fp16 layers')
 @_bool_option('--nobench', help='Do not let cuDNN time its algorithms (cudnn.benchmark off)')
 @_bool_option('--allow-tf32', help='Let matmuls and convolutions run in TF32 on recent GPUs')

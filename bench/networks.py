@@ -113,11 +113,11 @@ def parse_archs(archs: Sequence[str], squeeze_rs: Sequence[int]) -> List[Tuple[s
 
 
 def build_networks(config: str, arch: str, squeeze_r: Optional[int], fp16: bool = False,
-                   channels_last: bool = False) -> Tuple[torch.nn.Module, torch.nn.Module]:
+                   channels_last: bool = False, bf16: bool = False) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """Generator and discriminator of one configuration, on the CPU, with a fixed seed.
 
     `fp16=False` is `train.py --fp32`: no fp16 layers and no clamping. `channels_last` is `--nhwc` (it only
-    affects fp16 layers, as in the official code).
+    affects fp16 layers, as in the official code). `bf16` makes those layers bfloat16 (`train.py --precision=bf16`).
     """
     cfg = CONFIGS[config]
     synthesis_kwargs = dict(channel_base=cfg['channel_base'], channel_max=cfg['channel_max'],
@@ -125,6 +125,8 @@ def build_networks(config: str, arch: str, squeeze_r: Optional[int], fp16: bool 
                             conv_clamp=cfg['clamp'] if fp16 else None, architecture=arch)
     if arch == 'squeeze':
         synthesis_kwargs['squeeze_r'] = squeeze_r
+    precision = dict(precision='bf16') if fp16 and bf16 else {}
+    synthesis_kwargs.update(precision)
     d_block_kwargs = {}
     if channels_last:
         synthesis_kwargs['fp16_channels_last'] = True
@@ -137,7 +139,7 @@ def build_networks(config: str, arch: str, squeeze_r: Optional[int], fp16: bool 
                                channel_base=cfg['channel_base'], channel_max=cfg['channel_max'],
                                num_fp16_res=cfg['fp16_res'] if fp16 else 0,
                                conv_clamp=cfg['clamp'] if fp16 else None, block_kwargs=d_block_kwargs,
-                               mapping_kwargs={}, epilogue_kwargs=dict(mbstd_group_size=cfg['mbstd']))
+                               mapping_kwargs={}, epilogue_kwargs=dict(mbstd_group_size=cfg['mbstd']), **precision)
     return G, D
 
 
@@ -284,13 +286,14 @@ def run_benchmark(
     fp32:           bool = False,                       # Force fp32 on a GPU (the CPU always runs fp32).
     channels_last:  bool = False,                       # fp16 layers in channels-last memory format.
     threads:        Optional[int] = None,               # CPU threads for PyTorch ops; None = leave as is.
+    bf16:           bool = False,                       # The reduced-precision layers in bfloat16 (GPU).
     log:            Callable[[str], None] = lambda msg: None,  # Progress messages.
 ) -> Tuple[List[dict], dict]:
     """Build, count and time every (config, arch) pair; returns (rows, run description)."""
     if mode not in ('fwd', 'train', 'both'):
         raise ValueError(f'unknown mode {mode!r}; use fwd, train or both')
     with _num_threads(threads):
-        return _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log)
+        return _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16)
 
 
 @contextlib.contextmanager
@@ -306,7 +309,7 @@ def _num_threads(threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log):
+def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16=False):
     load_before = _load_average()
     device = torch.device(device)
     kind = 'cuda' if device.type == 'cuda' else 'cpu'
@@ -327,7 +330,7 @@ def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, cha
         for arch, r in archs:
             label = f'{config} {arch}' + (f' r={r}' if r else '')
             log(f'{label}: building')
-            G, D = build_networks(config, arch, r, fp16=fp16, channels_last=channels_last)
+            G, D = build_networks(config, arch, r, fp16=fp16, channels_last=channels_last, bf16=bf16)
             row = dict(config=config, arch=arch, r=r, g_params=num_params(G), d_params=num_params(D),
                        num_ws=G.synthesis.num_ws, batch=run['batch'], iters=run['iters'], warmup=run['warmup'])
             log(f'{label}: counting MACs')
@@ -348,7 +351,7 @@ def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, cha
     _add_ratios(rows)
     description = dict(device=str(device), device_name=_device_name(device), torch=torch.__version__,
                        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), load_before=load_before,
-                       precision='fp16 (num_fp16_res=4)' if fp16 else 'fp32',
+                       precision=f'{"bf16" if bf16 else "fp16"} (num_fp16_res=4)' if fp16 else 'fp32',
                        channels_last=channels_last, mode=mode, runs=runs)
     return rows, description
 
@@ -461,10 +464,11 @@ def _split(text: str) -> List[str]:
 @click.option('--warmup', type=click.IntRange(min=0), default=None, help='Warm-up iterations  [default: per device and config]')
 @click.option('--fp32', is_flag=True, help='No fp16 layers on a GPU (the CPU always runs fp32).')
 @click.option('--channels-last', is_flag=True, help='fp16 layers in channels-last memory format (GPU).')
+@click.option('--bf16', is_flag=True, help='The reduced-precision layers in bfloat16 instead of float16 (GPU).')
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='CPU threads for PyTorch  [default: PyTorch\'s]')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), default=None, help='Also write the rows here.')
 @click.option('--quiet', is_flag=True, help='No progress messages on stderr.')
-def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, channels_last, threads, json_path,
+def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, channels_last, bf16, threads, json_path,
          quiet):
     """Benchmark stock `skip` against `squeeze` generators: parameters, MACs, forward and training time."""
     try:
@@ -489,7 +493,8 @@ def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, ch
     start = time.perf_counter()
     try:
         rows, info = run_benchmark(config_list, arch_list, device=device, batch=batch, iters=iters, warmup=warmup,
-                                   mode=mode, fp32=fp32, channels_last=channels_last, threads=threads, log=log)
+                                   mode=mode, fp32=fp32, channels_last=channels_last, threads=threads, log=log,
+                                   bf16=bf16)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     elapsed = time.perf_counter() - start

@@ -879,3 +879,19 @@ def test_help_ends_with_examples_whose_flags_exist():
     # Every flag an example uses is an option of the script.
     for flag in {word.split('=')[0] for command in commands for word in command.split() if word.startswith('--')}:
         assert f'  {flag} ' in help_text or f'  {flag}, ' in help_text or f', {flag} ' in help_text, flag
+
+
+def test_precision(fake_data):
+    _, fp16 = build(cfg='paper256')
+    assert 'precision' not in fp16['G_kwargs']['synthesis_kwargs'] and 'precision' not in fp16['D_kwargs']
+    _, bf16 = build(cfg='paper256', precision='bf16')
+    assert bf16['G_kwargs']['synthesis_kwargs']['precision'] == bf16['D_kwargs']['precision'] == 'bf16'
+    assert bf16['G_kwargs']['synthesis_kwargs']['num_fp16_res'] == 4 and bf16['D_kwargs']['conv_clamp'] == 256
+    _, fp32 = build(cfg='paper256', precision='fp32')
+    assert fp32 == build(cfg='paper256', fp32=True)[1]
+    assert fp32['G_kwargs']['synthesis_kwargs']['num_fp16_res'] == 0 and fp32['D_kwargs']['conv_clamp'] is None
+    with pytest.raises(train.UserError, match='--fp32 contradicts --precision=bf16'):
+        build(fp32=True, precision='bf16')
+    # The option tree builds networks of this code base (the keyword exists there).
+    from training import networks
+    assert set(train.PRECISIONS) - {'fp32'} == set(networks.PRECISIONS)
