@@ -16,6 +16,7 @@ three seeds; images of max |x| 2-4): G fp16 at most 5.2 u (max abs 0.0082), bf16
 3.7 u (0.0010), bf16 5.7 u (0.0088). So the bound holds with a margin of 2-3 for bf16 and 3-4 for fp16.
 """
 
+import json
 import pickle
 
 import numpy as np
@@ -428,3 +429,28 @@ def test_bf16_snapshot_round_trips(tmp_path):
     assert G3.init_kwargs['synthesis_kwargs']['precision'] == 'bf16' and G3.synthesis.b16.precision == 'bf16'
     with networks.low_precision_on_cpu():
         assert torch.equal(G(z, None, noise_mode='const'), G3(z, None, noise_mode='const'))
+
+
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_the_training_loop_runs_with_reduced_precision_blocks(tmp_path, precision):
+    # The whole loop (four phases with lazy regularization, ADA, EMA, the gradient nan_to_num, snapshots) with
+    # the two highest resolutions of G and D in reduced precision.
+    from test_training_loop import make_image_folder, tiny_options
+
+    from training.training_loop import training_loop
+    data = make_image_folder(tmp_path / 'data')
+    opts = tiny_options(tmp_path / 'run', data, steps=4, steps_per_tick=2)
+    extra = dict(precision='bf16') if precision == 'bf16' else {}
+    opts['G_kwargs']['synthesis_kwargs'].update(num_fp16_res=2, **extra)
+    opts['D_kwargs'].update(num_fp16_res=2, conv_clamp=256, **extra)
+    (tmp_path / 'run').mkdir()
+    training_stats.reset()
+    with networks.low_precision_on_cpu():
+        state = training_loop(**opts)
+    assert state.cur_nimg == 4 * 8
+    for net in (state.G, state.D, state.G_ema):
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert state.G.synthesis.b16.use_fp16 and not state.G.synthesis.b4.use_fp16
+    with open(tmp_path / 'run' / 'stats.jsonl') as f:
+        last = json.loads(f.readlines()[-1])
+    assert np.isfinite(last['Loss/G/loss']['mean']) and np.isfinite(last['Loss/D/loss']['mean'])
