@@ -390,12 +390,12 @@ class HostPlugin:
         return out
 
 
-@pytest.fixture(scope='module')
-def host_plugin(tmp_path_factory):
+def build_host_plugin(directory) -> 'HostPlugin':
+    """Compile the harness and the kernels of bias_act.cu for the host into `directory` and load them (the test
+    skips without nvcc). Also used by test_ops_probe.py."""
     nvcc = shutil.which('nvcc')
     if nvcc is None:
         pytest.skip('nvcc not found on PATH')
-    directory = tmp_path_factory.mktemp('bias_act_host')
     source = directory / 'harness.cu'
     source.write_text(HARNESS_SOURCE)
     library = directory / 'libbias_act_host.so'
@@ -406,6 +406,11 @@ def host_plugin(tmp_path_factory):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return HostPlugin(ctypes.CDLL(str(library)))
+
+
+@pytest.fixture(scope='module')
+def host_plugin(tmp_path_factory):
+    return build_host_plugin(tmp_path_factory.mktemp('bias_act_host'))
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ good and broken; and through `dispatch.use_cuda_kernel`, whose per-(op, device) 
 fallback and strict error are checked with injected probes. The `cuda` tests run the real probe on a GPU.
 """
 
-import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -217,36 +215,13 @@ def test_op_plugins_have_probes():
 
 @pytest.fixture(scope='module')
 def bias_act_host(tmp_path_factory):
-    nvcc = shutil.which('nvcc')
-    if nvcc is None:
-        pytest.skip('nvcc not found on PATH')
-    directory = tmp_path_factory.mktemp('probe_bias_act_host')
-    source = directory / 'harness.cu'
-    source.write_text(test_ops_bias_act.HARNESS_SOURCE)
-    library = directory / 'libbias_act_host.so'
-    command = [nvcc, '-shared', '-std=c++17', '-Xcompiler', '-fPIC', f'-I{os.path.dirname(bias_act.__file__)}',
-               '-gencode', 'arch=compute_80,code=compute_80', str(source), '-o', str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return test_ops_bias_act.HostPlugin(ctypes.CDLL(str(library)))
+    return test_ops_bias_act.build_host_plugin(tmp_path_factory.mktemp('probe_bias_act_host'))
 
 
 @pytest.fixture(scope='module')
 def upfirdn2d_host(tmp_path_factory):
-    cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-    if cxx is None or not sys.platform.startswith('linux'):
-        pytest.skip('needs a C++ compiler on Linux (the CUDA emulation uses ucontext)')
-    directory = tmp_path_factory.mktemp('probe_upfirdn2d_host')
-    (directory / 'cuda_runtime.h').write_text(test_ops_upfirdn2d.EMULATION_HEADER)
-    (directory / 'cuda_fp16.h').write_text(test_ops_upfirdn2d.EMULATION_FP16)
-    source = directory / 'harness.cpp'
-    source.write_text(test_ops_upfirdn2d._host_kernel_source())
-    library = directory / 'libupfirdn2d_host.so'
-    command = [cxx, '-shared', '-fPIC', '-O2', '-std=c++17', f'-I{directory}',
-               f'-I{os.path.dirname(upfirdn2d.__file__)}', str(source), '-o', str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    host = test_ops_upfirdn2d.HostPlugin(ctypes.CDLL(str(library)))
+    # The real grid limits: the probe's shapes must reach every kernel as the plugin's launcher chooses them.
+    host = test_ops_upfirdn2d.build_host_plugin(tmp_path_factory.mktemp('probe_upfirdn2d_host'))
     host.variant = 0  # Let the launcher choose the kernel, as the real plugin does.
     return host
 

@@ -629,26 +629,32 @@ class HostPlugin:
         return y
 
 
-@pytest.fixture(scope='module')
-def host_plugin(tmp_path_factory):
+def build_host_plugin(directory, defines=()) -> 'HostPlugin':
+    """Compile upfirdn2d.cu's kernels with the CUDA emulation for the host into `directory` and load them (the
+    test skips without a C++ compiler on Linux). `defines` are extra -D flags. Also used by test_ops_probe.py."""
     cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
     if cxx is None:
         pytest.skip('no C++ compiler on PATH')
     if not sys.platform.startswith('linux'):
         pytest.skip('the CUDA emulation uses ucontext coroutines (Linux)')
-    directory = tmp_path_factory.mktemp('upfirdn2d_host')
     (directory / 'cuda_runtime.h').write_text(EMULATION_HEADER)
     (directory / 'cuda_fp16.h').write_text(EMULATION_FP16)
     source = directory / 'harness.cpp'
     source.write_text(_host_kernel_source())
     library = directory / 'libupfirdn2d_host.so'
     ops_dir = os.path.dirname(upfirdn2d_module.__file__)
-    # Tiny grid limits, so that blocks loop over several channel groups / grid strides even here.
-    command = [cxx, '-shared', '-fPIC', '-O2', '-std=c++17', f'-I{directory}', f'-I{ops_dir}',
-               '-DUPFIRDN2D_MAX_GRID_Z=2', '-DUPFIRDN2D_MAX_GENERAL_BLOCKS=3', str(source), '-o', str(library)]
+    command = [cxx, '-shared', '-fPIC', '-O2', '-std=c++17', f'-I{directory}', f'-I{ops_dir}', *defines,
+               str(source), '-o', str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return HostPlugin(ctypes.CDLL(str(library)))
+
+
+@pytest.fixture(scope='module')
+def host_plugin(tmp_path_factory):
+    # Tiny grid limits, so that blocks loop over several channel groups / grid strides even here.
+    return build_host_plugin(tmp_path_factory.mktemp('upfirdn2d_host'),
+                             defines=('-DUPFIRDN2D_MAX_GRID_Z=2', '-DUPFIRDN2D_MAX_GENERAL_BLOCKS=3'))
 
 
 @pytest.fixture

@@ -30,7 +30,8 @@ LOCK_FILE_NAME = '.run.lock'
 
 # The names of our temporary files, in one place so that the writers and the sweeper agree.
 # `dnnlib.util.write_atomically(path, ...)` writes `f'{path}.tmp-{uuid.uuid4().hex}'` (32 lowercase hex digits)
-# beside `path`; train.py writes the options through exactly `training_options.json.tmp`. A test writes a file
+# beside `path` (train.py's options file included); `training_options.json.tmp` is what earlier versions of
+# train.py left when killed while writing the options. A test writes a file
 # through `write_atomically` and checks that its temporary name matches, so a change to the writer that this
 # pattern does not follow fails there rather than silently leaving gigabytes behind. Nothing looser is swept:
 # a user's `notes.tmp` or `x.tmp-123` is not ours to delete.
