@@ -533,7 +533,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     if ignored:
         flags = ', '.join('--' + name.replace('_', '-') for name in ignored)
         _warn(f'{flags} ignored: a resumed training state keeps its own options (only '
-              f'{", ".join("--" + name for name in STATE_OVERRIDES)} may change)')
+              f'{", ".join("--" + name.replace("_", "-") for name in STATE_OVERRIDES)} may change)')
 
     if given.get('kimg') is not None:
         _check_finite('kimg', given['kimg'])
