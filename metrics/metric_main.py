@@ -29,21 +29,26 @@ from . import (
 
 _metric_dict: Dict[str, Callable] = dict()  # Name -> metric function.
 _metric_detectors: Dict[str, tuple] = dict()  # Name -> URLs of the feature networks the metric runs.
+_metric_features_only: Dict[str, bool] = dict()  # Name -> the metric uses only the detectors' features.
 
 
-def register_metric(fn: Optional[Callable] = None, *, detectors: Sequence[str] = ()) -> Callable:
+def register_metric(fn: Optional[Callable] = None, *, detectors: Sequence[str] = (),
+                    features_only: bool = False) -> Callable:
     """Decorator: make `fn(opts) -> dict` available under its function name.
 
     `detectors` are the URLs of the feature networks the metric runs (each metric module's DETECTOR_URL), so
-    that check_metrics_ready() can find their files before a run starts. Use as `@register_metric`,
-    `register_metric(fn)` (as in the official code) or `@register_metric(detectors=[...])`.
+    that check_metrics_ready() can find their files before a run starts. `features_only` says that the metric
+    calls them with return_features=True only, so that a substitute (metric_utils.SUBSTITUTES) will do when a
+    detector's own file is missing. Use as `@register_metric`, `register_metric(fn)` (as in the official code)
+    or `@register_metric(detectors=[...], features_only=True)`.
     """
     if fn is None:
-        return lambda fn: register_metric(fn, detectors=detectors)
+        return lambda fn: register_metric(fn, detectors=detectors, features_only=features_only)
     assert callable(fn)
     assert not isinstance(detectors, str), 'detectors is a list of URLs'
     _metric_dict[fn.__name__] = fn
     _metric_detectors[fn.__name__] = tuple(detectors)
+    _metric_features_only[fn.__name__] = bool(features_only)
     return fn
 
 
@@ -51,6 +56,7 @@ def unregister_metric(name: str) -> None:
     """Remove a metric (tests that register their own)."""
     _metric_dict.pop(name, None)
     _metric_detectors.pop(name, None)
+    _metric_features_only.pop(name, None)
 
 
 def is_valid_metric(metric: str) -> bool:
@@ -74,6 +80,12 @@ def metric_detectors(metric: str) -> List[str]:
     return list(_metric_detectors[metric])
 
 
+def metric_features_only(metric: str) -> bool:
+    """True when `metric` needs only detector features (a substitute detector will do)."""
+    _check_names([metric])
+    return _metric_features_only[metric]
+
+
 def check_metrics_ready(
     metrics:        List[str],              # Metric names, e.g. the list of train.py's --metrics.
     detector_dir:   Optional[str] = None,   # Folder with local copies of the detectors; None = $STYLEGAN_DETECTOR_DIR.
@@ -87,20 +99,20 @@ def check_metrics_ready(
     paths where it can be placed and the --detector-dir / $STYLEGAN_DETECTOR_DIR options.
     """
     _check_names(metrics)
-    needed_by = dict()  # Detector URL -> metric names, in the order first needed.
+    needed_by = dict()  # (detector URL, features only) -> metric names, in the order first needed.
     for metric in metrics:
         for url in _metric_detectors[metric]:
-            needed_by.setdefault(url, [])
-            if metric not in needed_by[url]:
-                needed_by[url].append(metric)
+            names = needed_by.setdefault((url, _metric_features_only[metric]), [])
+            if metric not in names:
+                names.append(metric)
     problems, where = [], []
-    for url, names in needed_by.items():
+    for (url, features_only), names in needed_by.items():
         try:
-            metric_utils.detector_path(url, detector_dir, verbose=True)
+            metric_utils.detector_source(url, detector_dir, features_only=features_only, verbose=True)
         except metric_utils.DetectorNotFoundError as e:
             problems.append(metric_utils.missing_detector_message(url, e.reason or str(e), e.where, needed_by=names,
-                                                                  options_hint=False))
-            where += e.where
+                                                                  options_hint=False, hint=e.hint))
+            where += [path for path in e.where if path not in where]
     if problems:
         message = '\n'.join(problems + [metric_utils.DETECTOR_OPTIONS_HINT])
         raise metric_utils.DetectorNotFoundError(message, where=where)
@@ -188,14 +200,14 @@ def _full_dataset(opts: metric_utils.MetricOptions) -> None:
     opts.dataset_kwargs.update(max_size=None, xflip=False)
 
 
-@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL], features_only=True)
 def fid50k_full(opts):
     _full_dataset(opts)
     fid = frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=50000)
     return dict(fid50k_full=fid)
 
 
-@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL])
+@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL], features_only=True)
 def kid50k_full(opts):
     _full_dataset(opts)
     kid = kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=50000, num_subsets=100,
@@ -203,7 +215,7 @@ def kid50k_full(opts):
     return dict(kid50k_full=kid)
 
 
-@register_metric(detectors=[precision_recall.DETECTOR_URL])
+@register_metric(detectors=[precision_recall.DETECTOR_URL], features_only=True)
 def pr50k3_full(opts):
     _full_dataset(opts)
     precision, recall = precision_recall.compute_pr(opts, max_real=200000, num_gen=50000, nhood_size=3,
@@ -228,7 +240,7 @@ def is50k(opts):
 # Quick check (ours, not an official metric).
 
 
-@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL], features_only=True)
 def fid2k(opts):
     """FID of 2,000 generated against the first 2,000 dataset images: minutes on a CPU, for smoke tests such as
     the quickstart. FID is biased upward at small sample counts, so this is not comparable with fid50k."""
@@ -240,14 +252,14 @@ def fid2k(opts):
 # Legacy metrics (StyleGAN / StyleGAN2 papers).
 
 
-@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL])
+@register_metric(detectors=[frechet_inception_distance.DETECTOR_URL], features_only=True)
 def fid50k(opts):
     opts.dataset_kwargs.update(max_size=None)
     fid = frechet_inception_distance.compute_fid(opts, max_real=50000, num_gen=50000)
     return dict(fid50k=fid)
 
 
-@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL])
+@register_metric(detectors=[kernel_inception_distance.DETECTOR_URL], features_only=True)
 def kid50k(opts):
     opts.dataset_kwargs.update(max_size=None)
     kid = kernel_inception_distance.compute_kid(opts, max_real=50000, num_gen=50000, num_subsets=100,
@@ -255,7 +267,7 @@ def kid50k(opts):
     return dict(kid50k=kid)
 
 
-@register_metric(detectors=[precision_recall.DETECTOR_URL])
+@register_metric(detectors=[precision_recall.DETECTOR_URL], features_only=True)
 def pr50k3(opts):
     opts.dataset_kwargs.update(max_size=None)
     precision, recall = precision_recall.compute_pr(opts, max_real=50000, num_gen=50000, nhood_size=3,

