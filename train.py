@@ -92,6 +92,8 @@ import click
 import torch
 
 import dnnlib
+from metrics import metric_main
+from training import checkpoint
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
 from training.networks import SQUEEZE_TORGB_SOURCES, SYNTHESIS_BLOCKS
@@ -117,12 +119,16 @@ class Preset(NamedTuple):
 
 
 PRESETS = {
-    'stylegan2': Preset(8, 25000,  32,  4, 1.0, 0.002,  10.0,   10.0, None, 8),
-    'paper256':  Preset(8, 25000,  64,  8, 0.5, 0.0025, 1.0,    20.0, None, 8),
-    'paper512':  Preset(8, 25000,  64,  8, 1.0, 0.0025, 0.5,    20.0, None, 8),
-    'paper1024': Preset(8, 25000,  32,  4, 1.0, 0.002,  2.0,    10.0, None, 8),
-    'cifar':     Preset(2, 100000, 64, 32, 1.0, 0.0025, 0.01,  500.0, 0.05, 2,
-                        loss=dict(pl_weight=0, style_mixing_prob=0), D=dict(architecture='orig')),
+    'stylegan2': Preset(ref_gpus=8, kimg=25000,  mb=32, mbstd=4,  fmaps=1.0, lrate=0.002,  gamma=10.0, ema=10.0,
+                        ramp=None, map=8),
+    'paper256':  Preset(ref_gpus=8, kimg=25000,  mb=64, mbstd=8,  fmaps=0.5, lrate=0.0025, gamma=1.0,  ema=20.0,
+                        ramp=None, map=8),
+    'paper512':  Preset(ref_gpus=8, kimg=25000,  mb=64, mbstd=8,  fmaps=1.0, lrate=0.0025, gamma=0.5,  ema=20.0,
+                        ramp=None, map=8),
+    'paper1024': Preset(ref_gpus=8, kimg=25000,  mb=32, mbstd=4,  fmaps=1.0, lrate=0.002,  gamma=2.0,  ema=10.0,
+                        ramp=None, map=8),
+    'cifar':     Preset(ref_gpus=2, kimg=100000, mb=64, mbstd=32, fmaps=1.0, lrate=0.0025, gamma=0.01, ema=500.0,
+                        ramp=0.05, map=2, loss=dict(pl_weight=0, style_mixing_prob=0), D=dict(architecture='orig')),
 }
 CFG_NAMES = ('auto',) + tuple(PRESETS)
 
@@ -258,35 +264,8 @@ def _check_finite(name: str, value: Optional[float]) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Hooks into modules that other parts of the project provide. Each is one small function, so that the
-# builder stays importable while a module is missing and tests can replace the hook (monkeypatch).
-
-
-def _optional_module(name: str) -> Any:
-    """Import module `name`, or None when it (or its package) does not exist. Other import errors propagate."""
-    import importlib
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (name == e.name or name.startswith(e.name + '.')):
-            return None
-        raise
-
-
-def _metric_registry() -> Any:
-    """`metrics.metric_main` (with is_valid_metric / list_valid_metrics), or None while it does not exist."""
-    return _optional_module('metrics.metric_main')
-
-
-def _augpipe_specs() -> Optional[Mapping[str, Mapping[str, Any]]]:
-    """`training.augment.AUGPIPE_SPECS` (preset name -> AugmentPipe kwargs), or None while it does not exist."""
-    module = _optional_module('training.augment')
-    return None if module is None else module.AUGPIPE_SPECS
-
-
-def _checkpoint_module() -> Any:
-    """`training.checkpoint` (find_state_file, read_state_options), or None while it does not exist."""
-    return _optional_module('training.checkpoint')
+# Hooks into the data, the snapshots, the devices and the metrics' files. Each is one small function, so that
+# tests can build option trees without image files, snapshots, GPUs or feature networks (they replace them).
 
 
 def _cuda_device_count() -> int:
@@ -298,7 +277,6 @@ def check_metrics_ready(metrics: Sequence[str], detector_dir: Optional[str]) -> 
     fails before the run directory exists instead of after the first tick. Tests replace this hook."""
     if not metrics:
         return
-    from metrics import metric_main
     try:
         metric_main.check_metrics_ready(list(metrics), detector_dir=detector_dir)
     except OSError as e:  # DetectorNotFoundError, DownloadError
@@ -478,16 +456,10 @@ def auto_preset(resolution: int, num_gpus: int) -> Preset:
 
 
 def _validate_metrics(metrics: List[str]) -> None:
-    if not metrics:
-        return
-    registry = _metric_registry()
-    if registry is None:
-        raise UserError(f'--metrics: metrics are not available yet (metrics/metric_main.py is missing), so '
-                        f'{", ".join(metrics)} cannot be computed; pass --metrics=none')
     for name in metrics:
-        if not registry.is_valid_metric(name):
+        if not metric_main.is_valid_metric(name):
             raise UserError(f'--metrics: unknown metric {name!r}; valid choices: '
-                            f'{", ".join(registry.list_valid_metrics())} (or none)')
+                            f'{", ".join(metric_main.list_valid_metrics())} (or none)')
 
 
 def _find_state_file(resume: str) -> Optional[str]:
@@ -500,10 +472,6 @@ def _find_state_file(resume: str) -> Optional[str]:
     is_dir = os.path.isdir(resume)
     if not is_dir and resume.lower().endswith('.pkl'):
         return None
-    checkpoint = _checkpoint_module()
-    if checkpoint is None:
-        raise UserError(f'--resume: resuming a training state ("{resume}") needs training/checkpoint.py, which is '
-                        f'not available yet; pass a .pkl snapshot instead')
     state_path = checkpoint.find_state_file(resume)
     if state_path is None:
         if is_dir:
@@ -514,7 +482,6 @@ def _find_state_file(resume: str) -> Optional[str]:
 
 def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     """Options of a run that continues from its training state (see the module docstring)."""
-    checkpoint = _checkpoint_module()
     try:
         stored = checkpoint.read_state_options(state_path)
     except (OSError, ValueError, KeyError) as e:
@@ -604,9 +571,7 @@ def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
     recorded = args.training_set_kwargs
     # As the builder opened it: every image once (no subset, no x-flips), with labels if it has them.
     info = inspect_dataset({**recorded, 'path': data, 'max_size': None, 'xflip': False, 'use_labels': True})
-    checkpoint = _checkpoint_module()
-    reader = getattr(checkpoint, 'read_state_data_info', None)
-    trained = reader(state_path) if reader is not None else {}
+    trained = checkpoint.read_state_data_info(state_path)
     differences = []
     if info.resolution != recorded.resolution:
         differences.append(f'{info.resolution}x{info.resolution} images instead of {recorded.resolution}x'
@@ -908,11 +873,7 @@ def build_training_plan(
     if opts.aug != 'noaug':
         if opts.augpipe not in AUGPIPE_NAMES:
             raise UserError(f'--augpipe must be one of {", ".join(AUGPIPE_NAMES)}; got {opts.augpipe!r}')
-        specs = _augpipe_specs()
-        if specs is None:
-            raise UserError(f'--aug={opts.aug} needs training/augment.py, which is not available yet; '
-                            f'pass --aug=noaug')
-        args.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **specs[opts.augpipe])
+        args.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **AUGPIPE_SPECS[opts.augpipe])
 
     # Transfer learning from a snapshot: a new run that starts from its weights.
     if resume == 'noresume':
@@ -1140,7 +1101,6 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
         extra = dict()
         if args.get('metrics'):
             # The loop (package `training`) may not import `metrics`; the script hands the evaluator in.
-            from metrics import metric_main
             extra['metric_fn'] = metric_main.run_training_metrics
         if stop_request is not None:
             extra['stop_request'] = stop_request

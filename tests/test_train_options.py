@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import sys
-import types
 from unittest import mock
 
 import click
@@ -24,6 +23,8 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
+from training import checkpoint
+from training.augment import AUGPIPE_SPECS
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'train_options')
 ARCHS = ('orig', 'skip', 'resnet', 'squeeze')
@@ -37,7 +38,7 @@ GOLDEN_RESOLUTIONS = dict(auto=256, stylegan2=1024, paper256=256, paper512=512, 
 _BLIT = dict(xflip=1, rotate90=1, xint=1)
 _GEOM = dict(scale=1, rotate=1, aniso=1, xfrac=1)
 _COLOR = dict(brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
-STANDIN_AUGPIPE_SPECS = dict(
+OFFICIAL_AUGPIPE_SPECS = dict(
     blit=_BLIT, geom=_GEOM, color=_COLOR, filter=dict(imgfilter=1), noise=dict(noise=1), cutout=dict(cutout=1),
     bg={**_BLIT, **_GEOM},
     bgc={**_BLIT, **_GEOM, **_COLOR},
@@ -45,9 +46,6 @@ STANDIN_AUGPIPE_SPECS = dict(
     bgcfn={**_BLIT, **_GEOM, **_COLOR, 'imgfilter': 1, 'noise': 1},
     bgcfnc={**_BLIT, **_GEOM, **_COLOR, 'imgfilter': 1, 'noise': 1, 'cutout': 1},
 )
-STANDIN_METRICS = ('fid50k_full', 'kid50k_full', 'pr50k3_full', 'is50k', 'ppl2_wend')
-STANDIN_REGISTRY = types.SimpleNamespace(is_valid_metric=lambda name: name in STANDIN_METRICS,
-                                         list_valid_metrics=lambda: list(STANDIN_METRICS))
 
 
 class FakeData:
@@ -81,10 +79,7 @@ def stand_ins(data=None, cuda_devices=0):
     data = data or FakeData()
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(train, 'inspect_dataset', data))
-        stack.enter_context(mock.patch.object(train, '_metric_registry', lambda: STANDIN_REGISTRY))
-        stack.enter_context(mock.patch.object(train, '_augpipe_specs', lambda: STANDIN_AUGPIPE_SPECS))
         stack.enter_context(mock.patch.object(train, '_cuda_device_count', lambda: cuda_devices))
-        stack.enter_context(mock.patch.object(train, '_checkpoint_module', lambda: None))
         stack.enter_context(mock.patch.object(train, 'check_metrics_ready', data.check_metrics_ready))
         stack.enter_context(mock.patch.object(train, 'inspect_snapshot', data.inspect_snapshot))
         yield data
@@ -222,7 +217,7 @@ def test_common_fields(fake_data):
     assert (args['D_kwargs']['num_fp16_res'], args['D_kwargs']['conv_clamp']) == (4, 256)
     assert args['metrics'] == ['fid50k_full'] and args['random_seed'] == 0
     assert (args['G_reg_interval'], args['D_reg_interval'], args['kimg_per_tick']) == (4, 16, 4)
-    assert args['augment_kwargs'] == dict(class_name='training.augment.AugmentPipe', **STANDIN_AUGPIPE_SPECS['bgc'])
+    assert args['augment_kwargs'] == dict(class_name='training.augment.AugmentPipe', **OFFICIAL_AUGPIPE_SPECS['bgc'])
     assert (args['augment_p'], args['ada_target'], args['ada_kimg']) == (0.0, 0.6, 500)
     assert args['image_snapshot_ticks'] == args['network_snapshot_ticks'] == 50
     assert args['resume_pkl'] is None and args['resume_state'] is None
@@ -494,27 +489,10 @@ def test_missing_outdir_for_a_real_run(fake_data):
     assert result.exit_code != 0 and '--outdir is required' in result.output
 
 
-def test_modules_not_available_yet(fake_data, monkeypatch):
-    monkeypatch.setattr(train, '_metric_registry', lambda: None)
-    with pytest.raises(train.UserError, match='metrics are not available yet.*--metrics=none'):
-        build()
-    assert build(metrics='none')[1]['metrics'] == []
-    monkeypatch.setattr(train, '_augpipe_specs', lambda: None)
-    with pytest.raises(train.UserError, match='training/augment.py.*--aug=noaug'):
-        build(metrics='none')
-    assert build(metrics='none', aug='noaug')[1]['augment_kwargs'] is None
-
-
-def test_real_hooks_find_modules_or_report_them_missing():
-    # Whatever exists in the checkout right now: the hooks return the module or None, never raise.
-    registry = train._metric_registry()
-    assert registry is None or hasattr(registry, 'is_valid_metric')
-    specs = train._augpipe_specs()
-    if specs is not None:  # The goldens hold the stand-in table, so it must be the real one.
-        assert {name: dict(spec) for name, spec in specs.items()} == STANDIN_AUGPIPE_SPECS
-        assert set(train.AUGPIPE_NAMES) == set(specs)
-    checkpoint = train._checkpoint_module()
-    assert checkpoint is None or hasattr(checkpoint, 'find_state_file')
+def test_augpipe_presets_are_the_real_table():
+    # The golden trees were made with this table; the builder reads training/augment.py's own.
+    assert {name: dict(spec) for name, spec in AUGPIPE_SPECS.items()} == OFFICIAL_AUGPIPE_SPECS
+    assert set(train.AUGPIPE_NAMES) == set(AUGPIPE_SPECS)
 
 
 @pytest.mark.parametrize('spelling, value', [
@@ -555,34 +533,21 @@ def test_resume_custom_pkl(fake_data, tmp_path):
     assert run_desc == 'fakedata-auto1-resumecustom' and args['resume_pkl'] == str(pkl)
 
 
-class FakeCheckpoint:
-    """Stands in for training/checkpoint.py: find_state_file and read_state_options."""
-
-    def __init__(self, options):
-        self.options = options
-
-    @staticmethod
-    def find_state_file(path):
-        if os.path.isdir(path):
-            candidate = os.path.join(path, 'training-state.pt')
-            return candidate if os.path.isfile(candidate) else None
-        return path if path.endswith('.pt') else None
-
-    def read_state_options(self, state_path):
-        return json.loads(json.dumps(self.options))
+def write_state(run_dir, options):
+    """A real training-state file (training/checkpoint.py) holding `options` and no weights."""
+    checkpoint.save_training_state(str(run_dir / 'training-state.pt'),
+                                   dict(options=options, progress={}, networks={}, optimizers={}))
 
 
 @pytest.fixture
-def stored_run(fake_data, tmp_path, monkeypatch):
-    """A run directory with a (fake) training state, and the checkpoint stand-in that reads it."""
+def stored_run(fake_data, tmp_path):
+    """A run directory with a training state; tests that change `stored` write it again with write_state."""
     _, stored = build(cfg='paper256', arch='squeeze', gpus=8)
     run_dir = tmp_path / '00003-fakedata-paper256-squeeze-r8'
     run_dir.mkdir()
-    (run_dir / 'training-state.pt').write_bytes(b'')
     # What the training loop records besides these options: where it ran, and per-process values.
     stored.update(run_dir='/somewhere/else/00003-fakedata-paper256-squeeze-r8', rank=0, device=None, ada_interval=4)
-    checkpoint = FakeCheckpoint(stored)
-    monkeypatch.setattr(train, '_checkpoint_module', lambda: checkpoint)
+    write_state(run_dir, stored)
     return run_dir, stored
 
 
@@ -627,10 +592,12 @@ def test_resume_state_continues_on_the_device_it_ran_on(stored_run, tmp_path):
     # on a machine without CUDA (the stand-in sees none).
     run_dir, stored = stored_run
     stored.update(device_type='cpu', num_gpus=1, batch_gpu=64)
+    write_state(run_dir, stored)
     run_desc, args, launch = train.build_training_plan(resume=str(run_dir))
     assert launch == dict(num_gpus=1, device_type='cpu') and args.device_type == 'cpu'
     # A recorded CUDA run still asks for CUDA; --device=cpu moves it.
     stored.update(device_type='cuda')
+    write_state(run_dir, stored)
     with pytest.raises(train.UserError, match='PyTorch sees no CUDA device'):
         train.build_training_plan(resume=str(run_dir))
     assert train.build_training_plan(resume=str(run_dir), device='cpu')[2].device_type == 'cpu'
@@ -658,23 +625,13 @@ def test_resume_state_under_torchrun(stored_run):
     assert (args['num_gpus'], args['batch_gpu']) == (2, 8)
 
 
-def test_resume_state_with_the_real_checkpoint_module(fake_data, tmp_path, monkeypatch):
-    checkpoint = pytest.importorskip('training.checkpoint')
-    monkeypatch.setattr(train, '_checkpoint_module', lambda: checkpoint)
-    _, stored = build(cfg='paper256', arch='squeeze')
-    run_dir = tmp_path / '00000-fakedata-paper256-squeeze-r8'
-    run_dir.mkdir()
-    checkpoint.save_training_state(str(run_dir / 'training-state.pt'),
-                                   dict(options=stored, progress={}, networks={}, optimizers={}))
-    run_desc, args = build(resume=str(run_dir), data=None, kimg=77)
-    assert run_desc == 'fakedata-paper256-squeeze-r8' and args['total_kimg'] == 77
-    assert args['G_kwargs'] == stored['G_kwargs']
+def test_resume_state_that_is_not_one(fake_data, tmp_path):
     (tmp_path / 'not-a-state.pt').write_bytes(b'junk')
     with pytest.raises(train.UserError, match='neither a .pkl snapshot nor a training-state file'):
         build(resume=str(tmp_path / 'not-a-state.pt'))
 
 
-def test_resume_state_errors(stored_run, tmp_path, monkeypatch):
+def test_resume_state_errors(stored_run, tmp_path):
     run_dir, _ = stored_run
     with pytest.raises(train.UserError, match='choose --gpus and --batch-gpu to divide it'):
         build(resume=str(run_dir), gpus=5)
@@ -688,9 +645,6 @@ def test_resume_state_errors(stored_run, tmp_path, monkeypatch):
     other.write_bytes(b'')
     with pytest.raises(train.UserError, match='neither a .pkl snapshot nor a training-state file'):
         build(resume=str(other))
-    monkeypatch.setattr(train, '_checkpoint_module', lambda: None)
-    with pytest.raises(train.UserError, match='needs training/checkpoint.py'):
-        build(resume=str(run_dir))
 
 
 def test_resume_state_from_the_command_line(stored_run, tmp_path, monkeypatch):
@@ -843,11 +797,10 @@ def test_torchrun_run_dir_failure_ends_every_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# The real dataset class, when it is there.
+# The real dataset class.
 
 
 def test_inspect_real_dataset(tmp_path):
-    pytest.importorskip('training.dataset')
     import numpy as np
     import PIL.Image
     for i in range(3):
