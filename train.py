@@ -23,7 +23,12 @@ strings that the loop resolves through `dnnlib.util.construct_class_by_name`. It
 `<run_dir>/training_options.json` and printed by `--dry-run`. An option the user did not give is passed as
 None (or left out) and takes its value from `DEFAULTS`, so the builder also knows what was given explicitly;
 `main` passes only the options whose click parameter source is not the default. Presets are the table
-`PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`).
+`PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`). The
+builder composes section builders (dataset, preset, networks, schedule, augmentation, transfer), each of which
+returns its part of the tree and its run-description pieces. Ranges and choices are checked once, by the click
+types; the builder checks what depends on several options or on the data. `--arch` and the flags of the
+synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered there
+brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check.
 
 Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`). The pieces, in order:
     <dataset name>
@@ -33,9 +38,10 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
     -<cfg>                  always; `auto` is written with the number of processes: -auto1, -auto8
                             (--gpus=0 is one CPU process: -auto1)
     -<arch>                 --arch other than skip: -orig, -resnet, -squeeze
-    -r<r>                   --arch=squeeze (always, default 8): -squeeze-r8
-    -noblend                --squeeze-noblend=1
-    -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
+    <block options>         what the block of --arch declares (networks.BlockOption.desc); for squeeze:
+      -r<r>                   --squeeze-r (always, default 8): -squeeze-r8
+      -noblend                --squeeze-noblend=1
+      -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
     -cbase<n> -cmax<n>      --cbase, --cmax given (network capacity)
     -map<n>                 --map-depth (or its alias --map) given
     -glr<g:g> -dlr<d:g>     --glr, --dlr given
@@ -96,7 +102,7 @@ from metrics import metric_main
 from training import checkpoint
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
-from training.networks import SQUEEZE_TORGB_SOURCES, SYNTHESIS_BLOCKS
+from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
 
 # ----------------------------------------------------------------------------
 # Constants: presets, defaults, names.
@@ -167,12 +173,16 @@ DEFAULTS = dict(
     allow_tf32      = False,
     workers         = 3,
     arch            = 'skip',
-    squeeze_r       = 8,
-    squeeze_noblend = False,
-    squeeze_torgb   = 'squeeze',
     stop_snapshot   = True,
     precision       = 'fp16',
 )
+
+
+
+def block_option_defaults() -> Dict[str, Any]:
+    """The defaults of the synthesis blocks' own options (networks.BlockOption), which click shows too."""
+    return {name: option.default for name, (option, _owners) in synthesis_block_options().items()}
+
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
 STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir', 'state_kimg',
@@ -183,7 +193,6 @@ _LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_fi
 # training_loop arguments that differ between the processes of one run; never part of the stored options.
 _PER_PROCESS_KEYS = ('rank', 'device')
 
-SQUEEZE_OPTIONS = ('squeeze_r', 'squeeze_noblend', 'squeeze_torgb')
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 OPTIONS_FILE_NAME = 'training_options.json'
 # Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after saving its state: EX_TEMPFAIL of sysexits.h,
@@ -255,12 +264,6 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(value):
             self.fail(f'{value} is not a finite number', param, ctx)
         return value
-
-
-def _check_finite(name: str, value: Optional[float]) -> None:
-    """The builder's own check, for callers that bypass the click types (tests, notebooks)."""
-    if value is not None and not math.isfinite(value):
-        raise UserError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
 
 
 # ----------------------------------------------------------------------------
@@ -501,27 +504,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
         flags = ', '.join('--' + name.replace('_', '-') for name in ignored)
         _warn(f'{flags} ignored: a resumed training state keeps its own options (only '
               f'{", ".join("--" + name.replace("_", "-") for name in STATE_OVERRIDES)} may change)')
-
-    if given.get('kimg') is not None:
-        _check_finite('kimg', given['kimg'])
-        if given['kimg'] <= 0:
-            raise UserError(f'--kimg must be positive, got {given["kimg"]:g}')
-        args.total_kimg = given['kimg']
-    if given.get('snap') is not None:
-        if given['snap'] < 1:
-            raise UserError(f'--snap must be at least 1, got {given["snap"]}')
-        args.image_snapshot_ticks = args.network_snapshot_ticks = given['snap']
-    if given.get('metrics') is not None:
-        args.metrics = parse_metrics(given['metrics'])
-        _validate_metrics(args.metrics)
-    if given.get('workers') is not None:
-        args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
-    if given.get('tick') is not None:
-        _check_finite('tick', given['tick'])
-        args.kimg_per_tick = given['tick']
-    for name in ('detector_dir', 'state_kimg', 'stop_snapshot'):
-        if given.get(name) is not None:
-            args[name] = given[name]
+    _apply_state_overrides(args, given)
 
     if given.get('data') is not None:
         _relocate_data(args, given['data'], state_path)
@@ -563,6 +546,25 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     args.run_dir = os.path.dirname(os.path.abspath(state_path))
     run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
     return run_desc, args, launch
+
+
+def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any]) -> None:
+    """The options in STATE_OVERRIDES that the command line gives replace the stored ones (except --gpus and
+    --batch-gpu, which the launch decides)."""
+    if given.get('kimg') is not None:
+        args.total_kimg = given['kimg']
+    if given.get('snap') is not None:
+        args.image_snapshot_ticks = args.network_snapshot_ticks = given['snap']
+    if given.get('metrics') is not None:
+        args.metrics = parse_metrics(given['metrics'])
+        _validate_metrics(args.metrics)
+    if given.get('workers') is not None:
+        args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
+    if given.get('tick') is not None:
+        args.kimg_per_tick = given['tick']
+    for name in ('detector_dir', 'state_kimg', 'stop_snapshot'):
+        if given.get(name) is not None:
+            args[name] = given[name]
 
 
 def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
@@ -633,9 +635,6 @@ def build_training_plan(
     allow_tf32:         Optional[bool] = None,      # --allow-tf32: allow TF32 matmul / convolutions.
     workers:            Optional[int] = None,       # --workers: DataLoader worker processes.
     arch:               Optional[str] = None,       # --arch: synthesis block type (SYNTHESIS_BLOCKS).
-    squeeze_r:          Optional[int] = None,       # --squeeze-r: squeeze ratio r (arch=squeeze).
-    squeeze_noblend:    Optional[bool] = None,      # --squeeze-noblend: ablation, f_o = f_e.
-    squeeze_torgb:      Optional[str] = None,       # --squeeze-torgb: ablation, toRGB input.
     cbase:              Optional[int] = None,       # --cbase: channel_base override (capacity).
     cmax:               Optional[int] = None,       # --cmax: channel_max override.
     map_depth:          Optional[int] = None,       # --map-depth (alias --map): mapping-network depth override.
@@ -652,17 +651,17 @@ def build_training_plan(
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun ranks other than 0, which rank 0 speaks for).
+    **block_options,                                # The synthesis blocks' own options (BlockOption), e.g. squeeze_r.
 ) -> tuple:
     """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type)).
 
-    Data and option errors come before device errors: a wrong --data is reported as such on any machine.
+    The values are those the click types of `main` accept (ranges and choices are checked there, once); this
+    builder checks what depends on several options or on the data. Data and option errors come before device
+    errors: a wrong --data is reported as such on any machine.
     """
-    given = {name: value for name, value in locals().items() if value is not None}
-    opts = dnnlib.EasyDict({**DEFAULTS, **given})
-    for name in ('gamma', 'kimg', 'p', 'target', 'tick', 'glr', 'dlr', 'state_kimg'):
-        _check_finite(name, given.get(name))
-    if state_kimg is not None and state_kimg <= 0:
-        raise UserError(f'--state-kimg must be positive, got {state_kimg:g}')
+    given = {name: value for name, value in locals().items() if value is not None and name != 'block_options'}
+    given.update({name: value for name, value in block_options.items() if value is not None})
+    opts = dnnlib.EasyDict({**DEFAULTS, **block_option_defaults(), **given})
 
     # A training state continues its own run; nothing below applies to it.
     state_path = _find_state_file(resume) if resume is not None else None
@@ -670,8 +669,42 @@ def build_training_plan(
         return _continue_state(state_path, given)
 
     launch = resolve_launch(gpus, device, distributed, probe_devices=False)
-    num_gpus = launch.num_gpus
-    args = dnnlib.EasyDict(
+    args = _base_args(opts, launch)
+    dataset, pieces, info = _dataset_section(opts)
+    spec, preset_pieces = _preset_section(opts, info.resolution, launch.num_gpus)
+    networks, network_pieces = _network_section(opts, given, spec)
+    schedule, schedule_pieces = _schedule_section(opts, given, spec, launch.num_gpus)
+    augment, augment_pieces = _augment_section(opts, given)
+    transfer, transfer_pieces = _transfer_section(opts, info, check_files)
+    args.training_set_kwargs = dataset
+    for part in (networks, schedule, augment, transfer):  # In this order: a transfer resets the EMA ramp-up.
+        args.update(part)
+    for part in (preset_pieces, network_pieces, schedule_pieces, augment_pieces, transfer_pieces):
+        pieces.update(part)
+    if desc is not None:
+        if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
+            raise UserError(f'--desc may hold letters, digits and _.+=- only (it becomes part of a directory name), '
+                            f'got {desc!r}')
+        pieces['desc'] = f'-{desc}'
+    run_desc = ''.join(pieces[key] for key in RUN_DESC_ORDER if key in pieces)
+
+    if check_files:
+        check_metrics_ready(args.metrics, detector_dir)
+    if check_devices:
+        resolve_launch(gpus, device, distributed)
+    return run_desc, args, launch
+
+
+# The order of the run-description pieces (see the module docstring); `block` holds the block options' pieces.
+RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'cbase', 'cmax', 'map', 'glr', 'dlr',
+                  'mbstd', 'gamma', 'kimg', 'batch', 'aug', 'p', 'target', 'augpipe', 'resume', 'freezed', 'desc')
+
+
+def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """The options tree with what no section decides: the loop's fixed settings and the run's switches."""
+    metrics = parse_metrics(opts.metrics)
+    _validate_metrics(metrics)
+    return dnnlib.EasyDict(
         training_set_kwargs     = None,
         data_loader_kwargs      = _data_loader_kwargs(opts.workers),
         G_kwargs                = None,
@@ -680,9 +713,9 @@ def build_training_plan(
         D_opt_kwargs            = None,
         augment_kwargs          = None,
         loss_kwargs             = None,
-        metrics                 = parse_metrics(opts.metrics),
+        metrics                 = metrics,
         random_seed             = opts.seed,
-        num_gpus                = num_gpus,
+        num_gpus                = launch.num_gpus,
         batch_size              = None,
         batch_gpu               = None,
         ema_kimg                = None,
@@ -701,226 +734,202 @@ def build_training_plan(
         cudnn_benchmark         = not opts.nobench,
         allow_tf32              = bool(opts.allow_tf32),
         device_type             = launch.device_type,
-        detector_dir            = detector_dir,
-        state_kimg              = state_kimg,
+        detector_dir            = opts.get('detector_dir'),
+        state_kimg              = opts.get('state_kimg'),
         stop_snapshot           = bool(opts.stop_snapshot),
     )
-    if opts.snap < 1:
-        raise UserError(f'--snap must be at least 1, got {opts.snap}')
-    _validate_metrics(args.metrics)
 
-    # Dataset.
-    if data is None:
+
+def _dataset_section(opts: dnnlib.EasyDict) -> tuple:
+    """--data --cond --subset --mirror -> (training_set_kwargs, run-name pieces, what the dataset holds)."""
+    if opts.get('data') is None:
         raise UserError('--data is required: a dataset folder or .zip archive (see dataset_tool.py)')
-    args.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data,
-                                               use_labels=True, max_size=None, xflip=False, resolution=None,
-                                               random_seed=opts.seed)
-    info = inspect_dataset(args.training_set_kwargs)
+    kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=True,
+                             max_size=None, xflip=False, resolution=None, random_seed=opts.seed)
+    info = inspect_dataset(kwargs)
     res = info.resolution
     if not isinstance(res, int) or res < 4 or res & (res - 1) != 0:
-        raise UserError(f'--data: the images of "{data}" are {res}x{res}; training needs a power of two '
+        raise UserError(f'--data: the images of "{opts.data}" are {res}x{res}; training needs a power of two '
                         f'(at least 4), e.g. 256 (dataset_tool.py can resize)')
-    args.training_set_kwargs.resolution = res
-    args.training_set_kwargs.max_size = info.size
-    run_desc = info.name
+    kwargs.update(resolution=res, max_size=info.size, use_labels=bool(opts.cond), xflip=bool(opts.mirror))
+    pieces = dict(data=info.name)
     if opts.cond:
         if not info.has_labels:
-            raise UserError(f'--cond=1 needs labels, but "{data}" has none (dataset.json with "labels")')
-        run_desc += '-cond'
-    args.training_set_kwargs.use_labels = bool(opts.cond)
-    if subset is not None:
-        if not 1 <= subset <= info.size:
-            raise UserError(f'--subset must be between 1 and the dataset size ({info.size}), got {subset}')
-        run_desc += f'-subset{subset}'
-        args.training_set_kwargs.max_size = subset
+            raise UserError(f'--cond=1 needs labels, but "{opts.data}" has none (dataset.json with "labels")')
+        pieces['cond'] = '-cond'
+    if opts.get('subset') is not None:
+        if opts.subset > info.size:
+            raise UserError(f'--subset must be between 1 and the dataset size ({info.size}), got {opts.subset}')
+        pieces['subset'] = f'-subset{opts.subset}'
+        kwargs.max_size = opts.subset
     if opts.mirror:
-        run_desc += '-mirror'
-        args.training_set_kwargs.xflip = True
+        pieces['mirror'] = '-mirror'
+    return kwargs, pieces, info
 
-    # Preset.
+
+def _preset_section(opts: dnnlib.EasyDict, resolution: int, num_gpus: int) -> tuple:
+    """--cfg -> (Preset, run-name pieces); `auto` is scaled to the resolution and the process count."""
     if opts.cfg == 'auto':
-        spec = auto_preset(res, num_gpus)
-        run_desc += f'-auto{num_gpus}'
-    elif opts.cfg in PRESETS:
-        spec = PRESETS[opts.cfg]
-        run_desc += f'-{opts.cfg}'
-    else:
-        raise UserError(f'--cfg: unknown preset {opts.cfg!r}; valid choices: {", ".join(CFG_NAMES)}')
+        return auto_preset(resolution, num_gpus), dict(cfg=f'-auto{num_gpus}')
+    return PRESETS[opts.cfg], dict(cfg=f'-{opts.cfg}')
 
-    # Synthesis architecture and the squeeze-block ablations.
-    if opts.arch not in SYNTHESIS_BLOCKS:
-        raise UserError(f'--arch: unknown architecture {opts.arch!r}; valid choices: {", ".join(SYNTHESIS_BLOCKS)}')
-    synthesis_kwargs = dnnlib.EasyDict(channel_base=int(spec.fmaps * 32768), channel_max=512, num_fp16_res=4,
-                                       conv_clamp=256, architecture=opts.arch)
+
+def _network_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Preset) -> tuple:
+    """--arch and the block options, capacity, mapping depth, mbstd group, frozen D layers, precision ->
+    (dict(G_kwargs, D_kwargs), run-name pieces)."""
+    synthesis_kwargs, pieces = _synthesis_section(opts, given)
+    channel_base = int(spec.fmaps * 32768) if opts.get('cbase') is None else opts.cbase
+    channel_max = 512 if opts.get('cmax') is None else opts.cmax
+    synthesis_kwargs.update(channel_base=channel_base, channel_max=channel_max)
+    G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
+                               mapping_kwargs=dnnlib.EasyDict(num_layers=spec.map), synthesis_kwargs=synthesis_kwargs)
+    D_kwargs = dnnlib.EasyDict(class_name='training.networks.Discriminator', channel_base=channel_base,
+                               channel_max=channel_max, num_fp16_res=4, conv_clamp=256, block_kwargs=dnnlib.EasyDict(),
+                               mapping_kwargs=dnnlib.EasyDict(),
+                               epilogue_kwargs=dnnlib.EasyDict(mbstd_group_size=spec.mbstd), **spec.D)
+    # Capacity flags (named as in StyleGAN3's train.py) make small networks for CPU runs possible.
+    if opts.get('cbase') is not None:
+        pieces['cbase'] = f'-cbase{opts.cbase:d}'
+    if opts.get('cmax') is not None:
+        pieces['cmax'] = f'-cmax{opts.cmax:d}'
+    if opts.get('map_depth') is not None:
+        pieces['map'] = f'-map{opts.map_depth:d}'
+        G_kwargs.mapping_kwargs.num_layers = opts.map_depth
+    if opts.get('mbstd_group') is not None:
+        pieces['mbstd'] = f'-mbstd{opts.mbstd_group}'
+        D_kwargs.epilogue_kwargs.mbstd_group_size = opts.mbstd_group
+    if opts.get('freezed') is not None:
+        pieces['freezed'] = f'-freezed{opts.freezed:d}'
+        D_kwargs.block_kwargs.freeze_layers = opts.freezed
+    _apply_precision(opts, given.get('precision'), G_kwargs, D_kwargs)
+    return dict(G_kwargs=G_kwargs, D_kwargs=D_kwargs), pieces
+
+
+def _synthesis_section(opts: dnnlib.EasyDict, given: Mapping[str, Any]) -> tuple:
+    """--arch and the options its block declares -> (synthesis_kwargs, run-name pieces). An option of another
+    block is refused: `--squeeze-r` means nothing to `--arch=skip`."""
+    kwargs = dnnlib.EasyDict(channel_base=None, channel_max=None, num_fp16_res=4, conv_clamp=256,
+                             architecture=opts.arch)
+    pieces = dict()
     if opts.arch != DEFAULTS['arch']:
-        run_desc += f'-{opts.arch}'
-    if opts.arch == 'squeeze':
-        if opts.squeeze_torgb not in SQUEEZE_TORGB_SOURCES:
-            raise UserError(f'--squeeze-torgb must be one of {", ".join(SQUEEZE_TORGB_SOURCES)}; '
-                            f'got {opts.squeeze_torgb!r}')
-        if not isinstance(opts.squeeze_r, int) or opts.squeeze_r < 1:
-            raise UserError(f'--squeeze-r must be a positive integer, got {opts.squeeze_r!r}')
-        synthesis_kwargs.squeeze_r = opts.squeeze_r
-        synthesis_kwargs.squeeze_blend = not opts.squeeze_noblend
-        synthesis_kwargs.squeeze_torgb = opts.squeeze_torgb
-        run_desc += f'-r{opts.squeeze_r}'
-        if opts.squeeze_noblend:
-            run_desc += '-noblend'
-        if opts.squeeze_torgb != DEFAULTS['squeeze_torgb']:
-            run_desc += f'-torgb{opts.squeeze_torgb}'
-    else:
-        for name in SQUEEZE_OPTIONS:
-            if name in given:
-                raise UserError(f'--{name.replace("_", "-")} applies only to --arch=squeeze (got --arch={opts.arch})')
+        pieces['arch'] = f'-{opts.arch}'
+    block_pieces = []
+    for name, (option, owners) in synthesis_block_options().items():
+        if opts.arch in owners:
+            kwargs[option.block_kwarg] = option.block_value(opts[name])
+            block_pieces.append(option.desc_piece(opts[name]))
+        elif name in given:
+            raise UserError(f'--{name.replace("_", "-")} applies only to '
+                            f'{" or ".join("--arch=" + owner for owner in owners)} (got --arch={opts.arch})')
+    pieces['block'] = ''.join(block_pieces)
+    return kwargs, pieces
 
-    args.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
-                                    mapping_kwargs=dnnlib.EasyDict(num_layers=spec.map),
-                                    synthesis_kwargs=synthesis_kwargs)
-    args.D_kwargs = dnnlib.EasyDict(class_name='training.networks.Discriminator',
-                                    channel_base=int(spec.fmaps * 32768), channel_max=512, num_fp16_res=4,
-                                    conv_clamp=256, block_kwargs=dnnlib.EasyDict(), mapping_kwargs=dnnlib.EasyDict(),
-                                    epilogue_kwargs=dnnlib.EasyDict(mbstd_group_size=spec.mbstd), **spec.D)
-    args.G_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8)
-    args.D_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8)
-    args.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.StyleGAN2Loss', r1_gamma=spec.gamma, **spec.loss)
-    args.total_kimg = spec.kimg
-    args.batch_size = spec.mb
-    # Presets fix the per-GPU batch for their reference GPU count; with more processes each gets a share.
-    args.batch_gpu = spec.mb // max(spec.ref_gpus, num_gpus)
-    args.ema_kimg = spec.ema
-    args.ema_rampup = spec.ramp
 
-    # Explicit overrides of the preset. Capacity flags (named as in StyleGAN3's train.py) make small networks
-    # for CPU runs and quick experiments possible.
-    if cbase is not None:
-        run_desc += f'-cbase{cbase:d}'
-        args.G_kwargs.synthesis_kwargs.channel_base = args.D_kwargs.channel_base = cbase
-    if cmax is not None:
-        run_desc += f'-cmax{cmax:d}'
-        args.G_kwargs.synthesis_kwargs.channel_max = args.D_kwargs.channel_max = cmax
-    if map_depth is not None:
-        run_desc += f'-map{map_depth:d}'
-        args.G_kwargs.mapping_kwargs.num_layers = map_depth
-    if tick is not None:
-        if tick <= 0:
-            raise UserError(f'--tick must be positive, got {tick:g}')
-        args.kimg_per_tick = tick
-    for flag, lr, opt_kwargs in (('glr', glr, args.G_opt_kwargs), ('dlr', dlr, args.D_opt_kwargs)):
-        if lr is not None:
-            if lr <= 0:
-                raise UserError(f'--{flag} must be positive, got {lr:g}')
-            run_desc += f'-{flag}{lr:g}'
-            opt_kwargs.lr = lr
-    mbstd = spec.mbstd
-    if mbstd_group is not None:
-        if mbstd_group < 1:
-            raise UserError(f'--mbstd-group must be at least 1, got {mbstd_group}')
-        run_desc += f'-mbstd{mbstd_group}'
-        mbstd = args.D_kwargs.epilogue_kwargs.mbstd_group_size = mbstd_group
-    if gamma is not None:
-        if gamma < 0:
-            raise UserError(f'--gamma must be non-negative, got {gamma:g}')
-        run_desc += f'-gamma{gamma:g}'
-        args.loss_kwargs.r1_gamma = gamma
-    if kimg is not None:
-        if kimg <= 0:
-            raise UserError(f'--kimg must be positive, got {kimg:g}')
-        run_desc += f'-kimg{kimg:g}'
-        args.total_kimg = kimg
-    if batch is not None:
-        if batch < 1:
-            raise UserError(f'--batch must be at least 1, got {batch}')
-        if batch % num_gpus != 0:
-            raise UserError(f'--batch={batch} must be a multiple of the number of GPUs ({num_gpus})')
-        run_desc += f'-batch{batch}'
-        args.batch_size = batch
-        args.batch_gpu = batch // num_gpus
-    if batch_gpu is not None:
-        # Not part of the description: it changes memory use, not the result (up to float rounding).
-        if batch_gpu < 1:
-            raise UserError(f'--batch-gpu must be at least 1, got {batch_gpu}')
-        args.batch_gpu = batch_gpu
-    _split_batch(args.batch_size, args.batch_gpu, num_gpus, mbstd,
-                 hint='choose --batch (a multiple of --gpus), --batch-gpu (a divisor of the per-GPU batch) '
-                      'or another --gpus')
-
-    # Augmentation.
-    if opts.aug not in AUG_MODES:
-        raise UserError(f'--aug must be one of {", ".join(AUG_MODES)}; got {opts.aug!r}')
-    if aug is not None:
-        run_desc += f'-{aug}'
-    if opts.aug == 'fixed' and p is None:
-        raise UserError('--aug=fixed requires --p (the fixed augmentation probability)')
-    if p is not None:
-        if opts.aug != 'fixed':
-            raise UserError('--p can only be given with --aug=fixed')
-        if not 0 <= p <= 1:
-            raise UserError(f'--p must be between 0 and 1, got {p:g}')
-        run_desc += f'-p{p:g}'
-        args.augment_p = float(p)
-    if target is not None:
-        if opts.aug != 'ada':
-            raise UserError('--target can only be given with --aug=ada')
-        if not 0 <= target <= 1:
-            raise UserError(f'--target must be between 0 and 1, got {target:g}')
-        run_desc += f'-target{target:g}'
-    if opts.aug == 'ada':
-        args.ada_target = float(opts.target)
-    if augpipe is not None:
-        if opts.aug == 'noaug':
-            raise UserError('--augpipe cannot be given with --aug=noaug')
-        run_desc += f'-{augpipe}'
-    if opts.aug != 'noaug':
-        if opts.augpipe not in AUGPIPE_NAMES:
-            raise UserError(f'--augpipe must be one of {", ".join(AUGPIPE_NAMES)}; got {opts.augpipe!r}')
-        args.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **AUGPIPE_SPECS[opts.augpipe])
-
-    # Transfer learning from a snapshot: a new run that starts from its weights.
-    if resume == 'noresume':
-        run_desc += '-noresume'
-    elif resume in RESUME_PRESETS:
-        run_desc += f'-resume{resume}'
-        args.resume_pkl = RESUME_PRESETS[resume]
-    elif resume is not None:
-        run_desc += '-resumecustom'
-        args.resume_pkl = resume
-    if args.resume_pkl is not None and check_files:
-        _check_resume_fits(args.resume_pkl, info)
-        args.ada_kimg = 100      # Let ADA react faster at the start of a transfer.
-        args.ema_rampup = None   # The loaded G_ema is already a good average.
-
-    if freezed is not None:
-        if freezed < 0:
-            raise UserError(f'--freezed must be non-negative, got {freezed}')
-        run_desc += f'-freezed{freezed:d}'
-        args.D_kwargs.block_kwargs.freeze_layers = freezed
-
-    if desc is not None:
-        if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
-            raise UserError(f'--desc may hold letters, digits and _.+=- only (it becomes part of a directory name), '
-                            f'got {desc!r}')
-        run_desc += f'-{desc}'
-
-    # Performance switches: not part of the description. --fp32 is the official spelling of --precision=fp32.
-    if precision is not None and precision not in PRECISIONS:
-        raise UserError(f'--precision must be one of {", ".join(PRECISIONS)}; got {precision!r}')
+def _apply_precision(opts: dnnlib.EasyDict, precision: Optional[str], G_kwargs: dnnlib.EasyDict,
+                     D_kwargs: dnnlib.EasyDict) -> None:
+    """--precision (`precision`: the value given, or None) / --fp32 and --nhwc: performance switches, not part
+    of the run name. --fp32 is the official spelling of --precision=fp32."""
     if opts.fp32 and precision not in (None, 'fp32'):
         raise UserError(f'--fp32 contradicts --precision={precision}')
     chosen = 'fp32' if opts.fp32 else opts.precision
+    synthesis_kwargs = G_kwargs.synthesis_kwargs
     if chosen == 'fp32':
-        args.G_kwargs.synthesis_kwargs.num_fp16_res = args.D_kwargs.num_fp16_res = 0
-        args.G_kwargs.synthesis_kwargs.conv_clamp = args.D_kwargs.conv_clamp = None
+        synthesis_kwargs.num_fp16_res = D_kwargs.num_fp16_res = 0
+        synthesis_kwargs.conv_clamp = D_kwargs.conv_clamp = None
     elif chosen == 'bf16':
         # Recorded only when not the default, so that fp16 runs keep the official init kwargs.
-        args.G_kwargs.synthesis_kwargs.precision = args.D_kwargs.precision = 'bf16'
+        synthesis_kwargs.precision = D_kwargs.precision = 'bf16'
     if opts.nhwc:
-        args.G_kwargs.synthesis_kwargs.fp16_channels_last = args.D_kwargs.block_kwargs.fp16_channels_last = True
+        synthesis_kwargs.fp16_channels_last = D_kwargs.block_kwargs.fp16_channels_last = True
 
+
+def _schedule_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Preset, num_gpus: int) -> tuple:
+    """Optimizers, loss, length, batch and EMA from the preset and --glr --dlr --gamma --kimg --batch
+    --batch-gpu --tick -> (options, run-name pieces)."""
+    part = dnnlib.EasyDict(
+        G_opt_kwargs    = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8),
+        D_opt_kwargs    = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8),
+        loss_kwargs     = dnnlib.EasyDict(class_name='training.loss.StyleGAN2Loss', r1_gamma=spec.gamma, **spec.loss),
+        total_kimg      = spec.kimg,
+        batch_size      = spec.mb,
+        # Presets fix the per-GPU batch for their reference GPU count; with more processes each gets a share.
+        batch_gpu       = spec.mb // max(spec.ref_gpus, num_gpus),
+        ema_kimg        = spec.ema,
+        ema_rampup      = spec.ramp,
+    )
+    pieces = dict()
+    for flag, opt_kwargs in (('glr', part.G_opt_kwargs), ('dlr', part.D_opt_kwargs)):
+        if given.get(flag) is not None:
+            pieces[flag] = f'-{flag}{given[flag]:g}'
+            opt_kwargs.lr = given[flag]
+    if given.get('gamma') is not None:
+        pieces['gamma'] = f'-gamma{given["gamma"]:g}'
+        part.loss_kwargs.r1_gamma = given['gamma']
+    if given.get('kimg') is not None:
+        pieces['kimg'] = f'-kimg{given["kimg"]:g}'
+        part.total_kimg = given['kimg']
+    if given.get('tick') is not None:
+        part.kimg_per_tick = given['tick']
+    if given.get('batch') is not None:
+        if given['batch'] % num_gpus != 0:
+            raise UserError(f'--batch={given["batch"]} must be a multiple of the number of GPUs ({num_gpus})')
+        pieces['batch'] = f'-batch{given["batch"]}'
+        part.batch_size = given['batch']
+        part.batch_gpu = given['batch'] // num_gpus
+    if given.get('batch_gpu') is not None:
+        # Not part of the description: it changes memory use, not the result (up to float rounding).
+        part.batch_gpu = given['batch_gpu']
+    mbstd = given.get('mbstd_group') or spec.mbstd
+    _split_batch(part.batch_size, part.batch_gpu, num_gpus, mbstd,
+                 hint='choose --batch (a multiple of --gpus), --batch-gpu (a divisor of the per-GPU batch) '
+                      'or another --gpus')
+    return part, pieces
+
+
+def _augment_section(opts: dnnlib.EasyDict, given: Mapping[str, Any]) -> tuple:
+    """--aug --p --target --augpipe -> (dict(augment_kwargs, augment_p, ada_target), run-name pieces). The
+    official script names --aug and --augpipe in the run when they are given, even at their defaults."""
+    part = dnnlib.EasyDict(augment_kwargs=None, augment_p=0.0, ada_target=None)
+    pieces = dict()
+    if 'aug' in given:
+        pieces['aug'] = f'-{opts.aug}'
+    if opts.aug == 'fixed' and opts.get('p') is None:
+        raise UserError('--aug=fixed requires --p (the fixed augmentation probability)')
+    if opts.get('p') is not None:
+        if opts.aug != 'fixed':
+            raise UserError('--p can only be given with --aug=fixed')
+        pieces['p'] = f'-p{opts.p:g}'
+        part.augment_p = float(opts.p)
+    if 'target' in given:
+        if opts.aug != 'ada':
+            raise UserError('--target can only be given with --aug=ada')
+        pieces['target'] = f'-target{opts.target:g}'
+    if opts.aug == 'ada':
+        part.ada_target = float(opts.target)
+    if 'augpipe' in given:
+        if opts.aug == 'noaug':
+            raise UserError('--augpipe cannot be given with --aug=noaug')
+        pieces['augpipe'] = f'-{opts.augpipe}'
+    if opts.aug != 'noaug':
+        part.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **AUGPIPE_SPECS[opts.augpipe])
+    return part, pieces
+
+
+def _transfer_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], check_files: bool) -> tuple:
+    """--resume with a snapshot: a new run that starts from its weights -> (options, run-name pieces)."""
+    resume = opts.get('resume')
+    if resume is None:
+        return dict(), dict()
+    if resume == 'noresume':
+        return dict(), dict(resume='-noresume')
+    resume_pkl = RESUME_PRESETS.get(resume, resume)
+    piece = f'-resume{resume}' if resume in RESUME_PRESETS else '-resumecustom'
+    part = dict(resume_pkl=resume_pkl)
     if check_files:
-        check_metrics_ready(args.metrics, detector_dir)
-    if check_devices:
-        resolve_launch(gpus, device, distributed)
-    return run_desc, args, launch
+        _check_resume_fits(resume_pkl, info)
+        part.update(ada_kimg=100,       # Let ADA react faster at the start of a transfer.
+                    ema_rampup=None)    # The loaded G_ema is already a good average.
+    return part, dict(resume=piece)
 
 
 def setup_training_options(**opts) -> tuple:
@@ -1364,13 +1373,7 @@ EXAMPLES = '''Examples:
               help='Mapping network depth (replaces the preset value; --map is an alias)')
 @click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), help='kimg per tick (progress line, snapshot '
               'unit)  [default: 4]')
-@click.option('--arch', type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'], show_default=True,
-              help='Generator synthesis block')
-@click.option('--squeeze-r', type=click.IntRange(min=1), default=DEFAULTS['squeeze_r'], show_default=True,
-              help='Squeeze ratio r (--arch=squeeze)')
-@_bool_option('--squeeze-noblend', help='Ablation: no feature blending, pass f_e on (--arch=squeeze)')
-@click.option('--squeeze-torgb', type=click.Choice(SQUEEZE_TORGB_SOURCES), default=DEFAULTS['squeeze_torgb'],
-              show_default=True, help='Ablation: the features toRGB reads (--arch=squeeze)')
+# (--arch and the options of the synthesis blocks come here: make_main() adds them from the registry.)
 # Augmentation.
 @click.option('--aug', type=click.Choice(AUG_MODES), default=DEFAULTS['aug'], show_default=True,
               help='ada: adaptive p; fixed: constant --p; noaug: none')
@@ -1393,7 +1396,7 @@ EXAMPLES = '''Examples:
 @_bool_option('--allow-tf32', help='Let matmuls and convolutions run in TF32 on recent GPUs')
 @click.option('--workers', type=click.IntRange(min=0), default=DEFAULTS['workers'], show_default=True,
               help='Data-loading worker processes per training process')
-def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) -> None:
+def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) -> None:
     """Train a StyleGAN2-ADA generator (stock blocks or the image squeeze connection).
 
     The run goes to <outdir>/<NNNNN>-<description>/ (training_options.json, log.txt, images, snapshots,
@@ -1438,6 +1441,39 @@ def main(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) ->
         # The training processes printed the stop line; a scheduler's requeue logic can key on the status.
         ctx.exit(EXIT_STOPPED)
 
+
+def _block_click_options() -> List[click.Option]:
+    """--arch with the names in SYNTHESIS_BLOCKS, and one option per user option of those blocks
+    (networks.BlockOption)."""
+    params = [click.Option(['--arch'], type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'],
+                           show_default=True, help='Generator synthesis block')]
+    for name, (option, owners) in synthesis_block_options().items():
+        if option.type is bool:
+            kwargs = dict(type=bool, metavar='BOOL', is_flag=False, flag_value=True)
+        elif option.choices:
+            kwargs = dict(type=click.Choice(option.choices))
+        elif option.type is int:
+            kwargs = dict(type=click.IntRange(min=option.min))
+        elif option.type is float:
+            kwargs = dict(type=FiniteFloatRange(min=option.min))
+        else:
+            kwargs = dict(type=option.type)
+        archs = ' or '.join(f'--arch={owner}' for owner in owners)
+        params.append(click.Option(['--' + name.replace('_', '-')], default=option.default, show_default=True,
+                                   help=f'{option.help} ({archs})', **kwargs))
+    return params
+
+
+def make_main() -> click.Command:
+    """The command line of train.py, with --arch and the flags of the synthesis blocks registered now (after
+    --tick). A block added to SYNTHESIS_BLOCKS brings its flags; `main` is built once, at import."""
+    command = copy.copy(_command)
+    at = [param.name for param in _command.params].index('tick') + 1
+    command.params = _command.params[:at] + _block_click_options() + _command.params[at:]
+    return command
+
+
+main = make_main()
 
 # ----------------------------------------------------------------------------
 

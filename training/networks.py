@@ -19,6 +19,7 @@ over whole blocks.
 """
 
 import contextlib
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -474,6 +475,34 @@ class ToRGBLayer(torch.nn.Module):
 # Synthesis blocks.
 
 
+class BlockOption(NamedTuple):
+    """A user option of a synthesis block. train.py turns each into the flag `--<name with - for _>`, checks
+    that it is given only with an architecture whose block declares it, passes it to the block as `kwarg`
+    and adds `desc` to the run name. A flat table entry, so that a new block brings its flags with it."""
+    name:       str                     # Option name, e.g. 'squeeze_r' (the flag --squeeze-r).
+    type:       type                    # int, float, bool or str.
+    default:    Any                     # The value when the flag is not given.
+    help:       str                     # Help text of the flag.
+    kwarg:      Optional[str] = None    # Block constructor keyword it sets; None = `name`.
+    invert:     bool = False            # A bool option that sets its keyword to `not value` (--x-noblend).
+    choices:    tuple = ()              # The allowed values of a str option; () = any.
+    min:        Optional[float] = None  # The smallest allowed value of a number; None = no bound.
+    desc:       Optional[str] = None    # Run-name piece, a format string of `value` (e.g. '-r{value}').
+    desc_always: bool = False           # Add the piece also for the default value (otherwise only when not).
+
+    @property
+    def block_kwarg(self) -> str:
+        return self.kwarg or self.name
+
+    def block_value(self, value: Any) -> Any:
+        return (not value) if self.invert else value
+
+    def desc_piece(self, value: Any) -> str:
+        if self.desc is None or (value == self.default and not self.desc_always):
+            return ''
+        return self.desc.format(value=value)
+
+
 class _SynthesisBlockBase(torch.nn.Module):
     """What every synthesis block shares: the block contract and the input/precision handling.
 
@@ -483,7 +512,9 @@ class _SynthesisBlockBase(torch.nn.Module):
     where img is None or [batch, img_channels, resolution, resolution] in float32.
     """
 
-    # Constructor options that only this block class understands (SynthesisNetwork checks them).
+    # User options of this block (train.py makes them flags) and the constructor keywords they set, which only
+    # this block class understands (SynthesisNetwork checks them).
+    user_options = ()
     block_options = ()
 
     def _setup_common(self, in_channels, out_channels, w_dim, resolution, img_channels, is_last, resample_filter,
@@ -638,7 +669,15 @@ class SqueezeSynthesisBlock(_SynthesisBlockBase):
     `squeeze_torgb='conv0'` / `'excite'` feed toRGB from f_i / f_e (Fig. 6b / 6c), with c input channels.
     """
 
-    block_options = ('squeeze_r', 'squeeze_blend', 'squeeze_torgb')
+    user_options = (
+        BlockOption('squeeze_r', int, 8, 'Squeeze ratio r: toRGB reads max(1, c_in // r) channels', min=1,
+                    desc='-r{value}', desc_always=True),
+        BlockOption('squeeze_noblend', bool, False, 'Ablation: no feature blending, pass f_e on (Fig. 6a)',
+                    kwarg='squeeze_blend', invert=True, desc='-noblend'),
+        BlockOption('squeeze_torgb', str, 'squeeze', 'Ablation: the features toRGB reads (Fig. 6b, 6c)',
+                    choices=SQUEEZE_TORGB_SOURCES, desc='-torgb{value}'),
+    )
+    block_options = tuple(option.block_kwarg for option in user_options)
 
     def __init__(self,
         in_channels,                        # Number of input channels c_in, 0 = first (4x4) block.
@@ -747,6 +786,18 @@ def synthesis_block_class(architecture: str) -> type:
         raise ValueError(f'Unknown synthesis architecture {architecture!r}; valid choices: '
                          f'{", ".join(SYNTHESIS_BLOCKS)}')
     return block_class
+
+
+def synthesis_block_options() -> dict:
+    """The user options of every registered block: name -> (BlockOption, names of the architectures whose
+    block declares it), in registry order. Read at call time, so a block registered later is included."""
+    options = dict()
+    for architecture, block_class in SYNTHESIS_BLOCKS.items():
+        for option in block_class.user_options:
+            known, owners = options.get(option.name, (option, ()))
+            assert known == option, f'Two blocks declare the option {option.name!r} differently'
+            options[option.name] = (option, owners + (architecture,))
+    return options
 
 
 def _check_block_options(architecture: str, block_kwargs: dict) -> None:
@@ -1114,7 +1165,7 @@ def num_params(module: torch.nn.Module) -> int:
 __all__ = [
     'normalize_2nd_moment', 'modulated_conv2d', 'FullyConnectedLayer', 'Conv2dLayer', 'MappingNetwork',
     'SynthesisLayer', 'ToRGBLayer', 'SynthesisBlock', 'SqueezeSynthesisBlock', 'SYNTHESIS_BLOCKS',
-    'SQUEEZE_TORGB_SOURCES', 'synthesis_block_class', 'SynthesisNetwork', 'Generator', 'DiscriminatorBlock',
+    'SQUEEZE_TORGB_SOURCES', 'synthesis_block_class', 'BlockOption', 'synthesis_block_options', 'SynthesisNetwork', 'Generator', 'DiscriminatorBlock',
     'MinibatchStdLayer', 'DiscriminatorEpilogue', 'Discriminator', 'num_params', 'PRECISIONS',
     'low_precision_on_cpu',
 ]
