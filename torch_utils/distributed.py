@@ -19,7 +19,9 @@ SLURM_STEP_NUM_TASKS > 1. A batch script sees SLURM_NTASKS (the tasks of the *jo
 even SLURM_PROCID=0 and SLURM_LOCALID=0, but no SLURM_STEP_NUM_TASKS, so `python train.py --gpus=8` in an sbatch
 script (or an salloc shell, or `srun --ntasks=1 python train.py --gpus=8`) is one process that spawns its 8
 ranks as on any machine; SLURM_NTASKS is never read for that reason. torchrun's variables take precedence:
-once RANK, WORLD_SIZE or LOCAL_RANK is set, torchrun started this process (it may itself run under srun).
+once RANK, WORLD_SIZE or LOCAL_RANK is set, torchrun started this process (it may itself run under srun). One
+look-alike remains: a shell that `srun --ntasks=N --pty bash` started carries that step's variables, so a run
+started from it is taken for task SLURM_PROCID of N; open such shells with one task.
 
 MASTER_PORT under srun: MASTER_PORT from the environment if set, else SRUN_PORT_BASE + SLURM_JOB_ID modulo
 SRUN_PORT_SPAN (20000 .. 29999). Every task of a job computes the same port without talking to the others;
