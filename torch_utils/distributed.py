@@ -52,8 +52,7 @@ __all__ = ['DEVICES', 'PROCESS_GROUP_TIMEOUT', 'LaunchError', 'torchrun_env', 's
 DEVICES = ('auto', 'cuda', 'cpu')
 
 # A collective that waits longer than this ends the process group (and so the run) instead of hanging.
-# It must cover the longest stretch one rank may spend alone: writing a snapshot, a slow data-loader start,
-# rank 0 computing a metric's statistics.
+# It must cover the longest stretch one rank may spend alone: writing a snapshot, a slow data-loader start.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=15)
 
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
