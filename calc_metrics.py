@@ -15,9 +15,10 @@ Examples:
 The network may be an official or our own `.pkl` snapshot, a TensorFlow pickle, a weights-only `.pt` file or a
 URL of any (training/legacy.py); official networks are adopted into this code base's classes unless `--adopt=0`.
 `--gpus` and `--device` mean what they mean for train.py: `--gpus=0` is one CPU process, `--gpus=N` runs N
-processes, one per CUDA device, or N processes on the CPU with `--device=cpu`. Valid metrics: fid50k_full,
-kid50k_full, pr50k3_full, ppl2_wend, is50k and the legacy fid50k, kid50k, pr50k3, ppl_zfull, ppl_wfull,
-ppl_zend, ppl_wend.
+processes, one per CUDA device, or N processes on the CPU with `--device=cpu`; train.py's resolver and spawn
+(torch_utils/distributed.py) start them, so their process group also gives up after 15 minutes of waiting
+instead of hanging. Valid metrics: fid50k_full, kid50k_full, pr50k3_full, ppl2_wend, is50k and the legacy
+fid50k, kid50k, pr50k3, ppl_zfull, ppl_wfull, ppl_zend, ppl_wend.
 """
 
 import json
@@ -30,10 +31,10 @@ import torch
 
 import dnnlib
 from metrics import metric_main, metric_utils
+from torch_utils import distributed
 from training import legacy
 
 OPTIONS_FILE_NAME = 'training_options.json'  # Marks a run directory; holds training_set_kwargs.
-DEVICES = ('auto', 'cpu', 'cuda')
 
 # ----------------------------------------------------------------------------
 # Pure helpers.
@@ -111,74 +112,45 @@ def dataset_kwargs_for(network: str, snapshot: dict, data: Optional[str], mirror
 
 
 def resolve_processes(gpus: int, device: str = 'auto') -> dnnlib.EasyDict:
-    """What `--gpus` and `--device` ask for, with train.py's meaning: EasyDict(num_gpus, device_type).
+    """What `--gpus` and `--device` ask for, with train.py's meaning and train.py's resolver
+    (torch_utils.distributed.resolve_device): EasyDict(num_gpus, device_type).
 
     `--gpus=0` is one CPU process; `--gpus=N` runs N processes, one per CUDA device, unless `--device=cpu`
     runs them on the CPU (gloo). A CUDA request on a machine without CUDA is an error that names the way out;
     it never falls back to the CPU silently.
     """
-    if device not in DEVICES:
-        raise click.BadParameter(f'--device must be one of {", ".join(DEVICES)}, got {device!r}')
-    if gpus < 0:
-        raise click.BadParameter(f'--gpus must be at least 0, got {gpus}')
-    if gpus == 0:
-        if device == 'cuda':
-            raise click.ClickException('--gpus=0 means one CPU process, which contradicts --device=cuda')
-        return dnnlib.EasyDict(num_gpus=1, device_type='cpu')
-    if device == 'cpu':
-        return dnnlib.EasyDict(num_gpus=gpus, device_type='cpu')
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if visible == 0:
-        if device == 'cuda':
-            raise click.ClickException('--device=cuda, but PyTorch sees no CUDA device')
-        raise click.ClickException(f'--gpus={gpus} asks for CUDA, but PyTorch sees no CUDA device; use --gpus=0 to '
-                                   f'compute in one CPU process, or --device=cpu to run {gpus} process(es) on the CPU')
-    if gpus > visible:
-        raise click.ClickException(f'--gpus={gpus}, but only {visible} CUDA device(s) are visible; lower --gpus')
-    return dnnlib.EasyDict(num_gpus=gpus, device_type='cuda')
+    try:
+        return distributed.resolve_device(gpus, device, work='compute')
+    except distributed.LaunchError as e:
+        raise click.ClickException(str(e)) from None
 
 # ----------------------------------------------------------------------------
 # One process.
 
 
-def _run_rank(rank: int, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List[dict]:
-    device = torch.device('cuda', rank) if args.device_type == 'cuda' else torch.device('cpu')
-    if args.num_gpus > 1:
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method=f'file://{os.path.join(temp_dir, "init")}',
-                                             rank=rank, world_size=args.num_gpus)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_gpus))
+def _run_rank(rank: int, device: torch.device, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List[dict]:
+    """One process; a spawned one (torch_utils.distributed.spawn) is already in the process group."""
     # TF32 would change the metrics' numbers on Ampere and later GPUs.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    try:
-        if args.G is not None:
-            G = args.G
-        else:  # A spawned rank: adopt as the parent did, whose check of the outputs need not be repeated.
-            G = load_snapshot(args.network, adopt=args.adopt, verbose=False, verify=False)['G_ema']
-        results = []
-        for metric in args.metrics:
-            if rank == 0 and args.verbose:
-                print(f'Calculating {metric}...', flush=True)
-            result = metric_main.calc_metric(metric, G=G, dataset_kwargs=args.dataset_kwargs, num_gpus=args.num_gpus,
-                                             rank=rank, device=device, detector_dir=args.detector_dir,
-                                             progress=metric_utils.ProgressMonitor(verbose=args.verbose and rank == 0))
-            if rank == 0:
-                metric_main.report_metric(result, run_dir=args.run_dir, snapshot_pkl=args.snapshot_pkl)
-            results.append(result)
-        if rank == 0 and temp_dir is not None:
-            with open(os.path.join(temp_dir, 'results.json'), 'w') as f:
-                json.dump(results, f)
-        return results
-    finally:
-        if args.num_gpus > 1:
-            torch.distributed.destroy_process_group()
-
-
-def _spawned_rank(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> None:
-    _run_rank(rank, args, temp_dir)
+    if args.G is not None:
+        G = args.G
+    else:  # A spawned rank: adopt as the parent did, whose check of the outputs need not be repeated.
+        G = load_snapshot(args.network, adopt=args.adopt, verbose=False, verify=False)['G_ema']
+    results = []
+    for metric in args.metrics:
+        if args.verbose:
+            distributed.print0(f'Calculating {metric}...', flush=True)
+        result = metric_main.calc_metric(metric, G=G, dataset_kwargs=args.dataset_kwargs, num_gpus=args.num_gpus,
+                                         rank=rank, device=device, detector_dir=args.detector_dir,
+                                         progress=metric_utils.ProgressMonitor(verbose=args.verbose and rank == 0))
+        if rank == 0:
+            metric_main.report_metric(result, run_dir=args.run_dir, snapshot_pkl=args.snapshot_pkl)
+        results.append(result)
+    if rank == 0 and temp_dir is not None:
+        with open(os.path.join(temp_dir, 'results.json'), 'w') as f:
+            json.dump(results, f)
+    return results
 
 # ----------------------------------------------------------------------------
 
@@ -200,10 +172,10 @@ def calc_metrics(
     Option and data errors (metric names, the snapshot, the dataset) are reported before device errors.
     """
     metrics = parse_metric_list(metrics)
-    if device not in DEVICES:
-        raise click.BadParameter(f'--device must be one of {", ".join(DEVICES)}, got {device!r}')
-    if gpus < 0:
-        raise click.BadParameter(f'--gpus must be at least 0, got {gpus}')
+    try:
+        distributed.check_request(gpus, device)
+    except distributed.LaunchError as e:
+        raise click.BadParameter(str(e)) from None
     snapshot = load_snapshot(network, adopt=adopt, verbose=verbose)
     G = snapshot.get('G_ema')
     if G is None:
@@ -224,9 +196,9 @@ def calc_metrics(
         G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
     )
     if launch.num_gpus == 1:
-        return _run_rank(0, args, None)
-    with tempfile.TemporaryDirectory() as temp_dir:
-        torch.multiprocessing.spawn(fn=_spawned_rank, args=(args, temp_dir), nprocs=launch.num_gpus)
+        return _run_rank(0, distributed.rank_device(launch.device_type, 0), args, None)
+    with tempfile.TemporaryDirectory(prefix='stylegan-metrics-') as temp_dir:
+        distributed.spawn(_run_rank, (args, temp_dir), launch.num_gpus, launch.device_type, temp_dir)
         with open(os.path.join(temp_dir, 'results.json')) as f:
             return [dnnlib.EasyDict(result, results=dnnlib.EasyDict(result['results'])) for result in json.load(f)]
 
@@ -261,7 +233,7 @@ Examples:
 @click.option('--verbose', type=bool, default=True, show_default=True, metavar='BOOL', help='Print progress')
 @click.option('--detector-dir', metavar='DIR', default=None,
               help=f'Folder with inception-2015-12-05.pt and vgg16.pt [default: ${metric_utils.DETECTOR_DIR_ENV} or download]')
-@click.option('--device', type=click.Choice(DEVICES), default='auto', show_default=True,
+@click.option('--device', type=click.Choice(distributed.DEVICES), default='auto', show_default=True,
               help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
 @click.option('--adopt', type=bool, default=True, show_default=True, metavar='BOOL',
               help="Rebuild an official snapshot's G_ema as this code base's class (fp32 off the GPU, our kernels); "

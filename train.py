@@ -17,6 +17,9 @@ Examples:
     # Several processes: `--gpus=N` spawns them here, or let torchrun start them (also across nodes):
     torchrun --nproc_per_node=4 train.py --outdir=runs --data=ffhq256.zip --cfg=paper256
 
+    # Or SLURM, one task per GPU on 2 nodes of 8 GPUs (each task seeing all GPUs of its node), without --gpus:
+    srun --nodes=2 --ntasks-per-node=8 python train.py --outdir=runs --data=ffhq256.zip --cfg=paper256
+
 Structure. `setup_training_options(**opts)` is a pure function from command-line values to
 `(run_desc, args)`: `args` is the kwargs tree of `training.training_loop.training_loop`, with `class_name`
 strings that the loop resolves through `dnnlib.util.construct_class_by_name`. It is written whole to
@@ -79,13 +82,15 @@ the training processes is one line (`RunFailed`) with the traceback in log.txt.
 Processes. `--gpus=N` runs N processes (one per CUDA device; `torch.multiprocessing.spawn` for N > 1, the
 ranks meeting through a file in a temporary directory). `--gpus=0` is one CPU process; `--device=cpu` runs the
 N processes on the CPU with the gloo backend. Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT set) every process builds the same options, the group forms through `env://`, rank 0 creates the
-run directory and sends its path to the others. Any process count works, not only powers of two.
+MASTER_PORT set) or as a task of an `srun` step of several tasks (SLURM_PROCID, SLURM_LOCALID,
+SLURM_STEP_NUM_TASKS, the first node of the step; torch_utils/distributed.py has the rules) every process builds
+the same options, the group forms, rank 0 creates the run directory and sends its path to the others. Any
+process count works, not only powers of two. Process groups time out after 15 minutes of waiting
+(torch_utils.distributed.PROCESS_GROUP_TIMEOUT) instead of hanging.
 """
 
 import contextlib
 import copy
-import datetime
 import json
 import math
 import os
@@ -99,6 +104,7 @@ import torch
 
 import dnnlib
 from metrics import metric_main
+from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training import checkpoint
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
@@ -152,7 +158,6 @@ RESUME_PRESETS = {
 AUGPIPE_NAMES = tuple(AUGPIPE_SPECS)
 AUG_MODES = ('ada', 'noaug', 'fixed')
 PRECISIONS = ('fp16', 'bf16', 'fp32')   # --precision of the num_fp16_res blocks (training.networks.PRECISIONS + fp32).
-DEVICES = ('auto', 'cuda', 'cpu')
 
 # The value of every option that the user did not give. click shows these as the defaults.
 DEFAULTS = dict(
@@ -193,17 +198,12 @@ _LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_fi
 # training_loop arguments that differ between the processes of one run; never part of the stored options.
 _PER_PROCESS_KEYS = ('rank', 'device')
 
-TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 OPTIONS_FILE_NAME = 'training_options.json'
 # Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after saving its state: EX_TEMPFAIL of sysexits.h,
 # "try again later", distinct from errors (1) and usage errors (2).
 EXIT_STOPPED = 75
 LOG_FILE_NAME = 'log.txt'
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
-
-# A collective that waits longer than this ends the process group (and so the run) instead of hanging.
-# It must cover the longest stretch one rank may spend alone: writing a snapshot, a slow data-loader start.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=15)
 
 # ----------------------------------------------------------------------------
 # Errors and small helpers.
@@ -272,7 +272,8 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def _cuda_device_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """The CUDA devices this process sees; tests replace this hook."""
+    return launcher.cuda_device_count()
 
 
 def check_metrics_ready(metrics: Sequence[str], detector_dir: Optional[str]) -> None:
@@ -352,76 +353,33 @@ def inspect_dataset(training_set_kwargs: Mapping[str, Any]) -> dnnlib.EasyDict:
 
 
 def distributed_env(environ: Mapping[str, str]) -> Optional[Dict[str, Any]]:
-    """The torchrun rendezvous described by `environ`, or None when this process was not started that way.
-
-    Returns dict(rank, world_size, local_rank, master_addr, master_port). MASTER_ADDR / MASTER_PORT alone do
-    not count (they are often exported for other reasons); once RANK, WORLD_SIZE or LOCAL_RANK is set, all
-    five variables must be present and valid.
+    """Where torchrun or an srun step placed this process, or None when it starts its ranks itself (see
+    torch_utils/distributed.py for when SLURM variables count). Returns dict(rank, world_size, local_rank,
+    master_addr, master_port); an incomplete or inconsistent environment is a UserError.
     """
-    if not any(name in environ for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')):
-        return None
-    missing = [name for name in TORCHRUN_VARS if not environ.get(name)]
-    if missing:
-        raise UserError(f'Incomplete torchrun environment: {", ".join(missing)} not set (a distributed run needs '
-                        f'all of {", ".join(TORCHRUN_VARS)})')
-    values = {}
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT'):
-        try:
-            values[name] = int(environ[name])
-        except ValueError:
-            raise UserError(f'Environment variable {name}={environ[name]!r} is not an integer') from None
-    if values['WORLD_SIZE'] < 1 or not 0 <= values['RANK'] < values['WORLD_SIZE'] or values['LOCAL_RANK'] < 0:
-        raise UserError(f'Inconsistent torchrun environment: RANK={values["RANK"]}, '
-                        f'WORLD_SIZE={values["WORLD_SIZE"]}, LOCAL_RANK={values["LOCAL_RANK"]}')
-    return dict(rank=values['RANK'], world_size=values['WORLD_SIZE'], local_rank=values['LOCAL_RANK'],
-                master_addr=environ['MASTER_ADDR'], master_port=values['MASTER_PORT'])
+    try:
+        return launcher.launch_env(environ)
+    except launcher.LaunchError as e:
+        raise UserError(str(e)) from None
 
 
 def resolve_launch(
     gpus:           Optional[int] = None,               # --gpus; None = default (1). 0 = one CPU process.
     device:         Optional[str] = None,               # --device: auto, cuda or cpu; None = auto.
-    distributed:    Optional[Mapping[str, Any]] = None, # distributed_env() of a torchrun process, or None.
+    distributed:    Optional[Mapping[str, Any]] = None, # distributed_env() of a torchrun/srun process, or None.
     probe_devices:  bool = True,                        # Check that the CUDA devices exist (False: --dry-run).
 ) -> dnnlib.EasyDict:
-    """How many processes train and on what: EasyDict(num_gpus, device_type). Raises UserError on a mismatch.
-
-    `num_gpus` keeps the training loop's name but counts processes, whatever their device. Without
-    `probe_devices`, a CUDA request is taken at its word: a login node without GPUs can prepare a GPU job.
+    """How many processes train and on what: EasyDict(num_gpus, device_type) (torch_utils.distributed.
+    resolve_device). Raises UserError on a mismatch. Without `probe_devices`, a CUDA request is taken at its
+    word: a login node without GPUs can prepare a GPU job.
     """
-    device = device or DEFAULTS['device']
-    if device not in DEVICES:
-        raise UserError(f'--device must be one of {", ".join(DEVICES)}; got {device!r}')
-    if distributed is not None:
-        world_size = distributed['world_size']
-        if gpus is not None and gpus != world_size:
-            raise UserError(f'--gpus={gpus} disagrees with torchrun (WORLD_SIZE={world_size}); leave --gpus out '
-                            f'when torchrun starts the processes')
-        num_gpus, local_needed = world_size, distributed['local_rank'] + 1
-    else:
-        gpus = DEFAULTS['gpus'] if gpus is None else gpus
-        if gpus < 0:
-            raise UserError(f'--gpus must be at least 0, got {gpus}')
-        if gpus == 0:
-            if device == 'cuda':
-                raise UserError('--gpus=0 means one CPU process, which contradicts --device=cuda')
-            return dnnlib.EasyDict(num_gpus=1, device_type='cpu')
-        num_gpus = local_needed = gpus
-    if device == 'cpu':
-        return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cpu')
-    if not probe_devices:
-        return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cuda')
-
-    visible = _cuda_device_count()
-    if visible == 0:
-        if device == 'cuda':
-            raise UserError('--device=cuda, but PyTorch sees no CUDA device')
-        request = f'WORLD_SIZE={num_gpus} (torchrun)' if distributed is not None else f'--gpus={num_gpus}'
-        raise UserError(f'{request} asks for CUDA, but PyTorch sees no CUDA device; use --gpus=0 to train in one '
-                        f'CPU process, or --device=cpu to run {num_gpus} process(es) on the CPU')
-    if local_needed > visible:
-        raise UserError(f'{local_needed} CUDA devices needed on this machine, but only {visible} visible; '
-                        f'lower --gpus (any count works)')
-    return dnnlib.EasyDict(num_gpus=num_gpus, device_type='cuda')
+    if gpus is None and distributed is None:
+        gpus = DEFAULTS['gpus']
+    try:
+        return launcher.resolve_device(gpus, device or DEFAULTS['device'], distributed, probe_devices,
+                                           count_devices=_cuda_device_count, work='train')
+    except launcher.LaunchError as e:
+        raise UserError(str(e)) from None
 
 
 def _split_batch(batch_size: int, batch_gpu: int, num_gpus: int, mbstd: Optional[int], hint: str) -> None:
@@ -516,7 +474,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
         raise UserError(f'--resume: the training data of this run cannot be read: {e.message.removeprefix("--data: ")}'
                         ) from None
 
-    # Without --gpus the stored process count stays (under torchrun, its world size decides); without
+    # Without --gpus the stored process count stays (under torchrun or srun, their world size decides); without
     # --device the run continues on the kind of device it ran on (a CPU run stays on the CPU).
     gpus = given.get('gpus')
     if gpus is None and given.get('distributed') is None:
@@ -612,7 +570,7 @@ def build_training_plan(
     data:               Optional[str] = None,       # --data: dataset folder or .zip.
     gpus:               Optional[int] = None,       # --gpus: number of processes, 0 = one CPU process.
     device:             Optional[str] = None,       # --device: auto, cuda or cpu.
-    distributed:        Optional[dict] = None,      # distributed_env() under torchrun, else None.
+    distributed:        Optional[dict] = None,      # distributed_env() under torchrun or srun, else None.
     snap:               Optional[int] = None,       # --snap: snapshot interval in ticks.
     metrics:            Any = None,                 # --metrics: list or comma-separated string, 'none' = [].
     seed:               Optional[int] = None,       # --seed: random seed.
@@ -650,7 +608,7 @@ def build_training_plan(
     precision:          Optional[str] = None,       # --precision: fp16, bf16 or fp32 for the num_fp16_res blocks.
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
-                                                    # (False: torchrun ranks other than 0, which rank 0 speaks for).
+                                                    # (False: torchrun/srun ranks other than 0, which rank 0 speaks for).
     **block_options,                                # The synthesis blocks' own options (BlockOption), e.g. squeeze_r.
 ) -> tuple:
     """`setup_training_options` plus how to launch: (run_desc, args, EasyDict(num_gpus, device_type)).
@@ -1059,18 +1017,6 @@ def describe(args: Mapping[str, Any], run_dir: str, device_type: str) -> str:
 # Launching.
 
 
-def _rank_device(device_type: str, local_rank: int) -> torch.device:
-    return torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
-
-
-def _init_process_group(rank: int, world_size: int, device: torch.device, init_method: str) -> None:
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
-                                         init_method=init_method, rank=rank, world_size=world_size,
-                                         timeout=PROCESS_GROUP_TIMEOUT)
-
-
 def _failure_line(error: BaseException) -> str:
     """One line for an error raised by the training loop (TrainingStopped carries its own)."""
     from training.training_loop import TrainingStopped, one_line
@@ -1131,29 +1077,23 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
             logger.close()
 
 
-def _spawned_rank(rank: int, world_size: int, args: Mapping[str, Any], device_type: str, init_file: str,
-                  loop: str, stop_value: Any) -> None:
-    """Entry point of a process started by torch.multiprocessing.spawn. A failure leaves its one-line message
-    in `<init_file>.rank<r>.error`, a signal stop in `<init_file>.stopped`, for the launching process."""
+def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp_dir: str, loop: str,
+                  stop_value: Any) -> None:
+    """A process that launcher.start() spawned, already in the process group. A failure leaves its one-line
+    message in `<temp_dir>/rank<r>.error`, a signal stop in `<temp_dir>/stopped`, for the launching process."""
     from training import preemption
 
-    device = _rank_device(device_type, rank)
-    if device.type == 'cpu':
-        # CPU ranks share the cores; each using all of them only slows every one down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    _init_process_group(rank, world_size, device, f'file://{init_file}')
     try:
-        message = _run_rank(rank, world_size, args, device, loop, preemption.StopRequest(shared=stop_value))
+        message = _run_rank(rank, args['num_gpus'], args, device, loop, preemption.StopRequest(shared=stop_value))
         if message is not None:
-            with open(f'{init_file}.stopped', 'w') as f:
+            with open(os.path.join(temp_dir, 'stopped'), 'w') as f:
                 f.write(message)
     except RunFailed as e:
-        # Stamped with the system-wide monotonic clock (file times are too coarse to order the ranks).
-        with open(f'{init_file}.rank{rank}.error', 'w') as f:
+        # Stamped with the system-wide monotonic clock (file times are too coarse to order the ranks). Written
+        # before the launcher takes this rank out of the group, so before any peer can notice that it is gone.
+        with open(os.path.join(temp_dir, f'rank{rank}.error'), 'w') as f:
             f.write(f'{time.monotonic_ns()}\n{e.message}')
         raise
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _first_error(temp_dir: str) -> Optional[str]:
@@ -1222,14 +1162,12 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
     assert args.get('run_dir') is not None, 'launch_training() needs args.run_dir'
     world_size = args['num_gpus']
     if world_size == 1:
-        return _run_rank(0, 1, args, _rank_device(device_type, 0), loop)
+        return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop)
     _start_resource_tracker_without_sigusr1()
     spawn = torch.multiprocessing.get_context('spawn')
     stop_value = spawn.Value('i', 0)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
-        init_file = os.path.abspath(os.path.join(temp_dir, '.torch_distributed_init'))
-        context = torch.multiprocessing.spawn(fn=_spawned_rank, nprocs=world_size, join=False,
-                                              args=(world_size, args, device_type, init_file, loop, stop_value))
+        context = launcher.start(_spawned_rank, (args, temp_dir, loop, stop_value), world_size, device_type, temp_dir)
         try:
             with _forward_stop_signals(stop_value, context.processes):
                 while not context.join():
@@ -1244,7 +1182,7 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
             how = f'was killed by {e.signal_name}' if e.signal_name else f'exited with code {e.exit_code}'
             raise RunFailed(f'Training stopped: rank {e.error_index} (PID {e.error_pid}) {how}; the other ranks '
                             f'were stopped', traceback=False) from None
-        stopped = f'{init_file}.stopped'
+        stopped = os.path.join(temp_dir, 'stopped')
         if os.path.isfile(stopped):
             with open(stopped) as f:
                 return f.read()
@@ -1253,10 +1191,11 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
 
 def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
                     dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
-    """This process's share of a torchrun launch: rank 0 prepares (and locks) the run directory and shares its
-    path. Returns the stop message on rank 0 when a signal stopped the run."""
+    """This process's share of a torchrun or srun launch (`dist` from distributed_env()): rank 0 prepares (and
+    locks) the run directory and shares its path. Returns the stop message on rank 0 when a signal stopped the
+    run."""
     rank, world_size = dist['rank'], dist['world_size']
-    device = _rank_device(device_type, dist['local_rank'])
+    device = launcher.rank_device(device_type, dist['local_rank'])
     is_new_run = args.get('run_dir') is None
     if world_size == 1:
         with prepare_run_dir(args, outdir, run_desc):
@@ -1264,7 +1203,7 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
                 return _run_rank(0, 1, args, device, loop)
             except RunFailed as e:
                 raise finish_failed_run(e, args.run_dir, is_new_run) from None
-    _init_process_group(rank, world_size, device, 'env://')
+    launcher.init_process_group(rank, world_size, device, launcher.launch_init_method(dist, os.environ))
     lock = None
     try:
         message = [None, None]  # [run_dir, error]: every rank learns whether rank 0 succeeded.
@@ -1330,7 +1269,7 @@ EXAMPLES = '''Examples:
 @click.option('--outdir', type=click.Path(file_okay=False), help='Where to make the run directory (new runs)')
 @click.option('--gpus', type=click.IntRange(min=0), default=DEFAULTS['gpus'], show_default=True,
               help='Number of processes (GPUs); 0 = train on the CPU')
-@click.option('--device', type=click.Choice(DEVICES), default=DEFAULTS['device'], show_default=True,
+@click.option('--device', type=click.Choice(launcher.DEVICES), default=DEFAULTS['device'], show_default=True,
               help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
 @click.option('--snap', type=click.IntRange(min=1), default=DEFAULTS['snap'], show_default=True,
               help='Ticks between image and network snapshots')
@@ -1405,8 +1344,8 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
     source = click.core.ParameterSource
     given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) != source.DEFAULT}
     dist = distributed_env(os.environ)
-    # Under torchrun every process builds the plan; only rank 0 reads the resume snapshot and the feature
-    # networks (if it fails, torchrun stops the others).
+    # Under torchrun or srun every process builds the plan; only rank 0 reads the resume snapshot and the
+    # feature networks (if it fails, the launcher stops the others).
     run_desc, args, launch = build_training_plan(distributed=dist, check_devices=not dry_run,
                                                  check_files=dist is None or dist['rank'] == 0, **given)
     is_resumed_state = args.get('resume_state') is not None

@@ -1,8 +1,10 @@
-"""calc_metrics.py: --gpus and --device mean what they mean for train.py; clear one-line errors; help examples.
+"""calc_metrics.py: --gpus and --device mean what they mean for train.py; a real two-process CPU run; clear
+one-line errors; help examples.
 
 (The metric computations themselves, the registry and the metric files are tested in test_metrics.py.)
 """
 
+import json
 import os
 import pickle
 import subprocess
@@ -144,3 +146,43 @@ def test_help_ends_with_examples():
     assert text.rstrip().endswith(examples.rstrip())
     assert '\n    python calc_metrics.py --network=net.pkl --data=data.zip --gpus=0' in examples
     assert '0 = one CPU process' in text
+
+
+# A parent script that adds a cheap metric: spawned ranks run the parent's main file too (without its
+# `__main__` block), so they know the metric as well.
+RANK_SUM_SCRIPT = '''\
+import sys
+import torch
+sys.path.insert(0, {repo!r})
+import calc_metrics
+from metrics import metric_main
+
+
+def rank_sum(opts):
+    """Sum of rank + 1 over the group, and this rank's torch threads: proves the group and the CPU split."""
+    total = torch.tensor([opts.rank + 1.0])
+    torch.distributed.all_reduce(total)
+    return dict(rank_sum=total.item(), threads=torch.get_num_threads())
+
+
+metric_main.register_metric(rank_sum)
+if __name__ == '__main__':
+    calc_metrics.main()
+'''
+
+
+def test_gpus_two_on_the_cpu_runs_two_processes_in_one_group(network_and_data, tmp_path):
+    # The real path of `calc_metrics.py --gpus=2 --device=cpu`: torch_utils.distributed.spawn from the script
+    # (its functions live in __main__), a gloo group through the rendezvous file, results back from rank 0.
+    network, data = network_and_data
+    script = tmp_path / 'calc_with_rank_sum.py'
+    script.write_text(RANK_SUM_SCRIPT.format(repo=REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run([sys.executable, str(script), f'--network={network}', f'--data={data}', '--gpus=2',
+                             '--device=cpu', '--metrics=rank_sum', '--verbose=false'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+    assert len(lines) == 1  # Rank 0 reports; rank 1 prints nothing.
+    assert lines[0]['metric'] == 'rank_sum' and lines[0]['num_gpus'] == 2
+    assert lines[0]['results'] == dict(rank_sum=3.0, threads=max(1, (os.cpu_count() or 1) // 2))
