@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from generate import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
+from training.sampling import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
 
 VGG16_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt'
 DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'  # Folder searched for vgg16.pt before downloading it.
