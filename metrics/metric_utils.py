@@ -29,6 +29,7 @@ from . import fid_helper_inception
 DETECTOR_URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
 INCEPTION_URL = DETECTOR_URL_BASE + 'inception-2015-12-05.pt'  # Inception-v3 as used by the TF FID/IS code.
 VGG16_URL = DETECTOR_URL_BASE + 'vgg16.pt'                     # VGG16 with LPIPS linear layers.
+LPIPS_RESOLUTION = 256                                         # LPIPS was calibrated on images of this size.
 DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'                     # Folder holding local copies of the detectors.
 DOWNLOAD_ATTEMPTS = 3                                          # Tries on server errors (unreachable hosts fail at once).
 
