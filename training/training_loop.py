@@ -30,7 +30,7 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, health, legacy, preemption, transfer
+from training import checkpoint, dataset, health, legacy, preemption, transfer
 from training.augment import AdaController
 from training.loss import phase_plan
 
@@ -211,12 +211,9 @@ def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
     training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
     sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
                                    seed=opts.random_seed, start_index=start_nimg)
-    loader_kwargs = dict(opts.data_loader_kwargs)
-    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
-    if loader_kwargs.get('num_workers', 0) == 0:
-        loader_kwargs.pop('prefetch_factor', None)  # DataLoader rejects it without workers.
     loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
-                                         batch_size=opts.batch_size // opts.num_gpus, **loader_kwargs)
+                                         batch_size=opts.batch_size // opts.num_gpus,
+                                         **dataset.loader_kwargs_on(opts.data_loader_kwargs, device))
     return training_set, iter(loader)
 
 
