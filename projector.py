@@ -28,7 +28,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from typing import Any, Iterator, Optional
 
 import click
@@ -38,11 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from generate import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
-
-VGG16_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt'
-DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'  # Folder searched for vgg16.pt before downloading it.
-LPIPS_RESOLUTION = 256                      # Larger images are averaged down to this size before VGG16.
+from metrics import metric_utils
+from metrics.metric_utils import DETECTOR_DIR_ENV, LPIPS_RESOLUTION, VGG16_URL
+from training.sampling import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
 
 # ----------------------------------------------------------------------------
 # The LPIPS feature network.
@@ -54,18 +51,7 @@ def find_vgg16(detector_dir: Optional[str] = None) -> str:
 
     Cheap when the file is there: projector.py calls it before any other work.
     """
-    try:
-        from metrics import metric_utils
-    except ImportError:
-        metric_utils = None
-    if metric_utils is not None:
-        return metric_utils.detector_path(VGG16_URL, detector_dir)
-    if detector_dir is None:
-        detector_dir = os.environ.get(DETECTOR_DIR_ENV) or None
-    path = os.path.join(detector_dir, os.path.basename(VGG16_URL)) if detector_dir else None
-    if path is not None and os.path.isfile(path):
-        return path
-    return dnnlib.util.open_url(VGG16_URL, return_filename=True)
+    return metric_utils.detector_path(VGG16_URL, detector_dir)
 
 
 def _vgg16_problem(error: BaseException, detector_dir: Optional[str]) -> str:
@@ -78,32 +64,9 @@ def _vgg16_problem(error: BaseException, detector_dir: Optional[str]) -> str:
 
 
 def _load_vgg16(device: Any, detector_dir: Optional[str] = None) -> torch.jit.ScriptModule:
-    """The VGG16 TorchScript module of the metrics, on `device`.
-
-    `metrics.metric_utils.get_feature_detector` does the work (it caches detectors and knows the download
-    rules). Should the metrics package be unavailable, `vgg16.pt` is read here from `detector_dir` (default:
-    $STYLEGAN_DETECTOR_DIR) when it is there, else fetched through the download cache of dnnlib.util.open_url.
-    A missing file raises an OSError.
-    """
-    device = torch.device(device)
-    try:
-        from metrics import metric_utils
-    except ImportError:
-        metric_utils = None
-    if metric_utils is not None:
-        return metric_utils.get_feature_detector(VGG16_URL, device=device, detector_dir=detector_dir)
-
-    if detector_dir is None:
-        detector_dir = os.environ.get(DETECTOR_DIR_ENV) or None
-    path = os.path.join(detector_dir, os.path.basename(VGG16_URL)) if detector_dir else None
-    # The metrics' networks exist only as TorchScript files, so torch.jit.load stays the way to read them
-    # even though recent PyTorch marks it deprecated.
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*torch.jit.load.* is deprecated', category=DeprecationWarning)
-        if path is not None and os.path.isfile(path):
-            return torch.jit.load(path, map_location=device).eval().to(device)
-        with dnnlib.util.open_url(VGG16_URL) as f:
-            return torch.jit.load(f, map_location=device).eval().to(device)
+    """The VGG16 TorchScript module of the metrics, on `device`, through the metrics' loader (which caches
+    detectors and knows the download rules). A missing file raises an OSError."""
+    return metric_utils.get_feature_detector(VGG16_URL, device=torch.device(device), detector_dir=detector_dir)
 
 
 def _lpips_features(vgg16: Any, images: torch.Tensor) -> torch.Tensor:

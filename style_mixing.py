@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from generate import (
+from training.sampling import (
     adopt_option,
     load_generator,
     make_label,

@@ -556,14 +556,11 @@ def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
 
 
 def _data_loader_kwargs(workers: int, base: Optional[Mapping[str, Any]] = None) -> dnnlib.EasyDict:
+    """--workers as the run's DataLoader options; training.dataset.data_loader_kwargs decides them."""
+    from training.dataset import data_loader_kwargs
     if workers < 0:
         raise UserError(f'--workers must be at least 0, got {workers}')
-    kwargs = dnnlib.EasyDict(base or dict(pin_memory=True))
-    kwargs.num_workers = workers
-    kwargs.pop('prefetch_factor', None)
-    if workers > 0:
-        kwargs.prefetch_factor = 2  # DataLoader rejects prefetch_factor when there are no worker processes.
-    return kwargs
+    return data_loader_kwargs(workers, base)
 
 
 def build_training_plan(

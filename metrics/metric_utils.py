@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 import dnnlib
+import training.dataset
 
 from . import fid_helper_inception
 
 DETECTOR_URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
 INCEPTION_URL = DETECTOR_URL_BASE + 'inception-2015-12-05.pt'  # Inception-v3 as used by the TF FID/IS code.
 VGG16_URL = DETECTOR_URL_BASE + 'vgg16.pt'                     # VGG16 with LPIPS linear layers.
+LPIPS_RESOLUTION = 256                                         # LPIPS was calibrated on images of this size.
 DETECTOR_DIR_ENV = 'STYLEGAN_DETECTOR_DIR'                     # Folder holding local copies of the detectors.
 DOWNLOAD_ATTEMPTS = 3                                          # Tries on server errors (unreachable hosts fail at once).
 
@@ -518,10 +520,10 @@ def rank_items(num_items: int, num_gpus: int, rank: int) -> list:
 
 
 def default_data_loader_kwargs(device: torch.device) -> dict:
-    """Background workers help a GPU; on a CPU they only compete with the detector for the cores."""
-    if torch.device(device).type == 'cuda':
-        return dict(pin_memory=True, num_workers=3, prefetch_factor=2)
-    return dict(num_workers=0)
+    """Background workers help a GPU; on a CPU they only compete with the detector for the cores. The options
+    themselves are training.dataset's, as for a training run."""
+    workers = 3 if torch.device(device).type == 'cuda' else 0
+    return training.dataset.loader_kwargs_on(training.dataset.data_loader_kwargs(workers), device)
 
 
 def dataset_stats_cache_file(opts: MetricOptions, dataset_name: str, detector_url: str, detector_kwargs: dict,

@@ -78,7 +78,7 @@ def path_length_distances(G: Any, vgg16: Any, z0: torch.Tensor, z1: torch.Tensor
     images = G.synthesis(torch.stack([wt0, wt1], dim=1).flatten(0, 1), noise_mode='const', force_fp32=True)
     if crop:
         images = crop_face(images)
-    factor = images.shape[2] // 256
+    factor = images.shape[2] // metric_utils.LPIPS_RESOLUTION
     if factor > 1:
         # LPIPS was calibrated on 256x256 images: box-downsample larger ones.
         n, ch, h, w = images.shape

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from torch_utils import misc
+import dnnlib
+from torch_utils import misc, training_stats
 from torch_utils.ops import grid_sample_gradfix
-from training import augment
+from training import augment, training_loop
+from training.loss import STAT_SIGNS_REAL
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -326,3 +328,83 @@ def test_bench_script_runs():
     assert [(row['preset'], row['res']) for row in rows] == [('blit', 16), ('bgc', 16)]
     assert all(row['fwd_ips'] > 0 and row['r1_ips'] > 0 for row in rows)
     assert 'bgc' in bench.format_table(rows)
+
+# ----------------------------------------------------------------------------
+# ADA's controller.
+
+
+@pytest.fixture
+def fresh_stats():
+    training_stats.reset()
+    yield
+    training_stats.reset()
+
+
+def _report_signs(signs):
+    training_stats.report(STAT_SIGNS_REAL, torch.as_tensor(signs, dtype=torch.float32))
+
+
+def test_ada_controller_moves_p_by_the_closed_form(fresh_stats):
+    # Every `interval` steps: p <- max(0, p + sign(mean - target) * batch * interval / (kimg * 1000)), with the
+    # mean over exactly the signs reported since the previous adjustment (a tick's flush in between included).
+    target, interval, kimg, batch = 0.25, 3, 0.5, 8
+    unit = batch * interval / (kimg * 1000)
+    ada = augment.AdaController(_pipe(p=0.0), target=target, interval=interval, kimg=kimg, batch_size=batch)
+    rng = np.random.default_rng(0)
+    # One window of interval * batch = 24 signs per adjustment: how many are +1, -1 and 0 (zero logits).
+    windows = [(10, 14, 0),     # Mean -1/6, below the target: down, but p is 0 and stays there.
+               (20, 4, 0),      # 2/3: up.
+               (24, 0, 0),      # 1: up.
+               (12, 12, 0),     # 0: down.
+               (9, 3, 12),      # 1/4, the target itself: sign 0, p stays.
+               (18, 6, 0)]      # 1/2: up.
+    expected, batch_idx = 0.0, 0
+    for plus, minus, zero in windows:
+        signs = rng.permutation(np.array([1.0] * plus + [-1.0] * minus + [0.0] * zero))
+        for step_signs in signs.reshape(interval, batch):
+            _report_signs(step_signs)
+            batch_idx += 1
+            if batch_idx % 2 == 0:
+                ada.flush()  # A tick in the middle of a window: the signs stay pending.
+            ada.step(batch_idx)
+            if batch_idx % interval != 0:
+                assert ada.augment_pipe.p.item() == pytest.approx(expected, abs=1e-7)  # Not an adjustment step.
+        expected = max(0.0, expected + float(np.sign(signs.mean() - target)) * unit)
+        assert ada.augment_pipe.p.item() == pytest.approx(expected, abs=1e-6), (plus, minus, zero)
+        assert ada.pending.tolist() == [0, 0, 0]
+    assert expected == pytest.approx(2 * unit)  # The windows moved p: held at the clamp, up, down, held, up.
+
+
+def test_ada_controller_state_dict_carries_the_pending_signs(fresh_stats, tmp_path):
+    # The training state stores state_dict() and a resumed run loads it into a fresh controller in a fresh
+    # process: the adjustment after the resume must see the signs of before it.
+    ada = augment.AdaController(_pipe(p=0.5), target=0.25, interval=2, kimg=1, batch_size=10)
+    _report_signs([1.0, 1.0, 1.0])
+    ada.step(1)  # Not an adjustment step.
+    ada.flush()
+    state = ada.state_dict()
+    assert state == dict(pending=[3.0, 3.0, 3.0]) and all(type(v) is float for v in state['pending'])
+    torch.save(state, tmp_path / 'ada.pt')
+    state = torch.load(tmp_path / 'ada.pt', weights_only=True)  # As the training state is read.
+
+    def resumed(load):
+        training_stats.reset()  # The resumed process starts with no statistics.
+        controller = augment.AdaController(_pipe(p=0.5), target=0.25, interval=2, kimg=1, batch_size=10)
+        if load:
+            controller.load_state_dict(state)
+        _report_signs([-1.0])
+        controller.step(2)
+        return controller.augment_pipe.p.item()
+    # Mean of the four signs (3 - 1) / 4 = 0.5 is above the target: p goes up by 10 * 2 / 1000. Without the
+    # pending signs the mean would be -1 and p would go down: the check is not vacuous.
+    assert resumed(load=True) == pytest.approx(0.5 + 0.02)
+    assert resumed(load=False) == pytest.approx(0.5 - 0.02)
+
+
+def test_ada_controller_is_built_by_class_name(fresh_stats):
+    pipe = _pipe(p=0.0)
+    ada = dnnlib.util.construct_class_by_name(class_name=training_loop.ADA_CONTROLLER_CLASS, augment_pipe=pipe,
+                                              target=0.6, interval=4, kimg=500, batch_size=64)
+    assert type(ada) is augment.AdaController and ada.augment_pipe is pipe
+    assert (ada.target, ada.interval, ada.kimg, ada.batch_size) == (0.6, 4, 500, 64)
+    assert training_loop.AdaController is augment.AdaController  # The old import path still works.

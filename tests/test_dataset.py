@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import Dataset, ImageFolderDataset, image_to_array
+from training.dataset import Dataset, ImageFolderDataset, data_loader_kwargs, image_to_array, loader_kwargs_on
 
 
 def random_image(seed, size=8, channels=3, height=None):
@@ -370,3 +370,41 @@ def test_damaged_zip_member_is_named(tmp_path):
     dataset = ImageFolderDataset(str(archive))
     with pytest.raises(ValueError, match='Cannot read "img1.png" from .*CRC'):
         dataset[1]
+
+
+# ----------------------------------------------------------------------------
+# DataLoader options.
+
+
+def test_data_loader_kwargs_are_recorded_independent_of_the_device():
+    assert data_loader_kwargs(0) == dict(pin_memory=True, num_workers=0)  # No prefetch_factor without workers.
+    assert data_loader_kwargs(3) == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
+    # A resumed run's stored options keep their other keys; prefetch_factor follows the new worker count.
+    stored = dict(pin_memory=False, num_workers=3, prefetch_factor=2, persistent_workers=True)
+    assert data_loader_kwargs(0, stored) == dict(pin_memory=False, num_workers=0, persistent_workers=True)
+    assert stored['num_workers'] == 3  # The stored options are not modified.
+    assert data_loader_kwargs(1, dict(pin_memory=True, num_workers=0)).prefetch_factor == 2  # An EasyDict.
+
+
+def test_loader_kwargs_on_a_device():
+    recorded = data_loader_kwargs(3)
+    assert loader_kwargs_on(recorded, 'cuda:1') == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
+    assert loader_kwargs_on(recorded, torch.device('cpu')) == dict(pin_memory=False, num_workers=3, prefetch_factor=2)
+    # Options written by hand may hold a prefetch_factor without workers, which DataLoader rejects.
+    assert loader_kwargs_on(dict(num_workers=0, prefetch_factor=2), 'cpu') == dict(pin_memory=False, num_workers=0)
+    assert recorded == data_loader_kwargs(3)  # Not modified.
+
+
+def test_the_metrics_and_train_py_take_their_loader_options_from_here():
+    import train
+    from metrics import metric_utils
+    assert metric_utils.default_data_loader_kwargs('cpu') == loader_kwargs_on(data_loader_kwargs(0), 'cpu')
+    assert metric_utils.default_data_loader_kwargs('cuda') == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
+    assert train._data_loader_kwargs(2) == data_loader_kwargs(2)
+    with pytest.raises(train.UserError, match='--workers must be at least 0'):
+        train._data_loader_kwargs(-1)
+    # A DataLoader accepts what it is given on this machine's CPU, with and without workers.
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2,
+                                             **loader_kwargs_on(data_loader_kwargs(workers), 'cpu'))
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from test_legacy import make_generator  # Tiny generators with every tensor moved off its initial value.
 
 import generate
+import projector
 import style_mixing
-from training import legacy
+from training import legacy, sampling
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -43,6 +44,24 @@ def run(command, args):
 def read_png(path):
     with PIL.Image.open(path) as image:
         return image.mode, np.asarray(image).copy()
+
+
+# ----------------------------------------------------------------------------
+# Where the shared helpers live.
+
+
+SHARED_HELPERS = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'load_generator', 'make_label', 'parse_range',
+                  'resolve_device', 'seed_to_z', 'seeds_callback', 'to_pil', 'to_uint8']
+
+
+def test_shared_helpers_live_in_the_package_and_generate_reexports_them():
+    # The scripts take them from training.sampling; generate.<name> keeps working for outside code.
+    for name in SHARED_HELPERS:
+        assert getattr(generate, name) is getattr(sampling, name), name
+        assert name in generate.__all__
+    for script in (style_mixing, projector):
+        imported = [name for name in SHARED_HELPERS if getattr(script, name, None) is getattr(sampling, name)]
+        assert imported and 'generate' not in vars(script), script.__name__  # No script imports another.
 
 
 # ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -307,7 +308,7 @@ def test_generate_images_of_adopted_and_embedded_networks_agree(official_pkl, tm
         result = CliRunner().invoke(generate.main, ['--network', official_pkl, '--seeds', '3', '--device', 'cpu',
                                                     '--outdir', str(outdir)] + flag)
         assert result.exit_code == 0, result.output
-        outs.append(np.asarray(generate.PIL.Image.open(outdir / 'seed0003.png'), dtype=np.int32))
+        outs.append(np.asarray(PIL.Image.open(outdir / 'seed0003.png'), dtype=np.int32))
     # The embedded network computes its fp16 blocks in float16 on the CPU: a pixel may round differently.
     assert np.abs(outs[0] - outs[1]).max() <= 2
 
@@ -317,7 +318,7 @@ def test_projector_adopts_by_default(official_pkl, tmp_path, loaded_types, monke
     monkeypatch.setattr(projector, '_load_vgg16', lambda device, detector_dir=None: None)
     monkeypatch.setattr(projector, 'find_vgg16', lambda detector_dir=None: 'vgg16.pt')
     target = tmp_path / 't.png'
-    generate.PIL.Image.fromarray(np.zeros([16, 16, 3], np.uint8)).save(target)
+    PIL.Image.fromarray(np.zeros([16, 16, 3], np.uint8)).save(target)
     for flag in ([], ['--adopt=false']):
         result = CliRunner().invoke(projector.main, ['--network', official_pkl, '--target', str(target),
                                                      '--save-video', '0', '--num-steps', '1', '--device', 'cpu',

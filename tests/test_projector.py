@@ -22,6 +22,7 @@ from test_legacy import REPO_ROOT, make_generator  # Tiny generators with every 
 
 import generate
 import projector
+from metrics import metric_utils
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -212,13 +213,13 @@ def test_project_loads_vgg16_from_the_detector_dir(G):
     assert w_out.shape == (2, G.num_ws, G.w_dim)
 
 
-def test_vgg16_loader_without_the_metrics_package(detector_dir, vgg16, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'metrics', None)     # `from metrics import metric_utils` now fails.
-    fallback = projector._load_vgg16('cpu')
-    images = torch.rand([2, 3, 16, 16]) * 255
-    kwargs = dict(resize_images=False, return_lpips=True)
-    assert torch.equal(fallback(images, **kwargs), vgg16(images, **kwargs))
-    assert torch.equal(projector._load_vgg16('cpu', detector_dir)(images, **kwargs), vgg16(images, **kwargs))
+def test_vgg16_comes_from_the_metrics_loader(detector_dir, vgg16):
+    # One loader and one set of names for the detector: the projector's VGG16 is the metrics' cached module,
+    # found under the metrics' file name, URL and environment variable.
+    assert projector._load_vgg16('cpu', detector_dir) is metric_utils.get_feature_detector(
+        metric_utils.VGG16_URL, device='cpu', detector_dir=detector_dir)
+    assert projector.find_vgg16(detector_dir) == metric_utils.detector_path(metric_utils.VGG16_URL, detector_dir)
+    assert projector.DETECTOR_DIR_ENV is metric_utils.DETECTOR_DIR_ENV and projector.VGG16_URL is metric_utils.VGG16_URL
 
 
 def test_project_grayscale_network():

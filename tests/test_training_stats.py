@@ -144,6 +144,24 @@ def test_keep_previous_true_and_false():
     _check_moments(drop, 'x', [7.0])
 
 
+def test_moments_are_the_raw_interval_totals_as_a_copy():
+    c = Collector(regex='x', keep_previous=False)
+    assert c.moments('x') is None  # Before the first update nothing is known.
+    report('x', [1.0, -1.0, 3.0, float('nan')])  # The NaN is skipped, as by num/mean/std.
+    report('unmatched', 5.0)
+    c.update()
+    moments = c.moments('x')
+    assert moments.dtype == np.float64 and moments.tolist() == [3.0, 3.0, 11.0]
+    assert c.moments('unmatched') is None
+    moments += 100  # A copy: accumulating into it leaves the collector's numbers alone.
+    assert c.moments('x').tolist() == [3.0, 3.0, 11.0] and c.num('x') == 3
+    report('x', 2.0)
+    c.update()
+    assert c.moments('x').tolist() == [1.0, 2.0, 4.0]  # The new interval only.
+    c.update()
+    assert c.moments('x').tolist() == [0.0, 0.0, 0.0]  # keep_previous=False: an empty interval is zeros.
+
+
 def test_independent_collectors():
     a, b = Collector(), Collector()
     report('x', 1.0)

@@ -256,6 +256,17 @@ class Collector:
     def _get(self, name: str) -> Optional[np.ndarray]:
         return self._moments.get(name)
 
+    def moments(self, name: str) -> Optional[np.ndarray]:
+        """The last interval's raw moments of `name` as a new float64 array [count, sum, sum of squares], None
+        if the name did not match at the last `update()`.
+
+        For readers that pool several intervals before they decide (ADA's controller adds up the signs of the
+        ticks between two adjustments): counts and sums add, means do not. The array is a copy, so the caller
+        may accumulate into it.
+        """
+        moments = self._get(name)
+        return None if moments is None else np.array(moments, dtype=np.float64)
+
     def num(self, name: str) -> int:
         """Number of finite samples of `name` in the last interval (0 if unknown)."""
         moments = self._get(name)

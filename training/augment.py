@@ -18,6 +18,9 @@ Stages 1-2 are affine maps of the image plane and are written as 3x3 sampling ma
 position); stage 3 is an affine map of RGB space, a 4x4 matrix. The whole pipeline is differentiable to any
 order with respect to the images, which R1 regularization of augmented reals needs.
 
+`AdaController` (at the end) is the other half of ADA: it moves `p` toward a target of the overfitting
+heuristic r_t = E[sign(D(real))] while training runs.
+
 The constructor keywords, their defaults, the attribute names and the buffer names (`p`, `Hz_geom`,
 `Hz_fbank`, with the official shapes [], [12] and [4, 43]) follow the public StyleGAN2-ADA release, so that
 `misc.copy_params_and_buffers` moves the state of the `augment_pipe` inside an official snapshot into this
@@ -46,13 +49,15 @@ official code; the distributions are the paper's. Differences in behaviour, all 
 """
 
 import math
+import re
 import statistics
 
 import numpy as np
 import torch
 
-from torch_utils import misc, persistence
+from torch_utils import misc, persistence, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix, upfirdn2d
+from training.loss import STAT_SIGNS_REAL
 
 # ----------------------------------------------------------------------------
 # Wavelet low-pass (decomposition) filters of the symlet family, the published coefficients. Both are
@@ -584,3 +589,65 @@ class AugmentPipe(torch.nn.Module):
         outside_y = (rows.reshape(1, H, 1) - centre[:, 1, None, None]).abs() >= size.reshape(N, 1, 1) / 2
         keep = (outside_x | outside_y).to(images.dtype)
         return images * keep.reshape(N, 1, H, W)
+
+# ----------------------------------------------------------------------------
+# Adaptive augmentation strength.
+
+
+class AdaController:
+    """Adjusts `augment_pipe.p` toward a target of the overfitting heuristic r_t = E[sign(D(real))] (Karras et
+    al. 2020, Sec. 3): every `interval` steps, p moves by sign(r_t - target) times the images seen since the
+    last adjustment over `kimg` thousand, so that p can go from 0 to 1 in `kimg` kimg; p never drops below 0.
+
+    r_t is read from the statistic the loss reports (training.loss.STAT_SIGNS_REAL), reduced over ranks by a
+    training_stats.Collector. `flush()` moves what arrived since the last adjustment into `pending` (count, sum,
+    sum of squares); `state_dict()` holds `pending`, so an interrupted and resumed run adjusts p exactly as the
+    uninterrupted one. p itself is a buffer of the pipe and travels with it.
+
+    Built by the training loop through dnnlib.util.construct_class_by_name (`class_name` =
+    'training.augment.AdaController'), as the other components of a run are.
+    """
+
+    def __init__(self,
+        augment_pipe,           # The AugmentPipe whose buffer `p` is adjusted in place.
+        target      = 0.6,      # Target value of r_t = E[sign(D(real))].
+        interval    = 4,        # Adjust p every N training steps.
+        kimg        = 500,      # p can go from 0 to 1 in this many kimg.
+        batch_size  = 64,       # Images per training step, all processes together.
+    ):
+        self.augment_pipe = augment_pipe
+        self.target = target
+        self.interval = interval
+        self.kimg = kimg
+        self.batch_size = batch_size
+        # keep_previous=False: the tick's flush often comes right after an adjustment's flush, with no step in
+        # between; that empty interval must add nothing, not the previous interval's signs a second time.
+        self.collector = training_stats.Collector(regex=re.escape(STAT_SIGNS_REAL), keep_previous=False)
+        self.pending = np.zeros(3)  # count, sum, sum of squares
+
+    def flush(self) -> None:
+        """Take in the signs reported so far (a collective in multi-process runs: every rank calls it)."""
+        self.collector.update()
+        moments = self.collector.moments(STAT_SIGNS_REAL)
+        if moments is not None:
+            self.pending += moments
+
+    def step(self, batch_idx: int) -> None:
+        """Called after every training step with the number of steps done; adjusts p every `interval` steps."""
+        if batch_idx % self.interval != 0:
+            return
+        self.flush()
+        count, total = self.pending[0], self.pending[1]
+        self.pending = np.zeros(3)
+        if count == 0:
+            return
+        adjust = np.sign(total / count - self.target) * (self.batch_size * self.interval) / (self.kimg * 1000)
+        p = self.augment_pipe.p
+        p.copy_((p + adjust).clamp(min=0))
+
+    def state_dict(self) -> dict:
+        """Plain floats, for the training state (read with torch.load(weights_only=True))."""
+        return dict(pending=[float(v) for v in self.pending])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = np.asarray(state['pending'], dtype=np.float64)

@@ -409,3 +409,34 @@ class ImageFolderDataset(Dataset):
         if missing:
             raise ValueError(f'{where} has no label for "{missing[0]}" ({len(missing)} image(s) without one)')
         return labels_to_array([labels[fname] for fname in self._image_fnames], self._image_fnames, where)
+
+# ----------------------------------------------------------------------------
+# DataLoader options: the one place that decides them, for the training options (train.py), the training
+# loop and the metrics.
+
+
+def data_loader_kwargs(workers: int, base: Optional[Dict[str, Any]] = None) -> dnnlib.EasyDict:
+    """The DataLoader options of a run, as they are recorded in training_options.json and the training state:
+    `base` (default: pinned memory) with `workers` background processes, each loading 2 batches ahead.
+
+    The recorded options do not depend on the device (a run may resume elsewhere); `loader_kwargs_on()` adapts
+    them where the loader is made.
+    """
+    assert workers >= 0, workers  # The launcher turns a negative --workers into a user error first.
+    kwargs = dnnlib.EasyDict(base or dict(pin_memory=True))
+    kwargs.num_workers = workers
+    kwargs.pop('prefetch_factor', None)
+    if workers > 0:
+        kwargs.prefetch_factor = 2  # DataLoader rejects prefetch_factor when there are no worker processes.
+    return kwargs
+
+
+def loader_kwargs_on(kwargs: Dict[str, Any], device: Any) -> Dict[str, Any]:
+    """What torch.utils.data.DataLoader gets on `device` for the options `kwargs`: pinned memory only when the
+    batches go to a CUDA device (pinning speeds up host-to-GPU copies only, and warns without CUDA), and no
+    prefetch_factor without workers (options written by hand or by older versions may hold one)."""
+    kwargs = dict(kwargs)
+    kwargs['pin_memory'] = bool(kwargs.get('pin_memory', False)) and torch.device(device).type == 'cuda'
+    if kwargs.get('num_workers', 0) == 0:
+        kwargs.pop('prefetch_factor', None)
+    return kwargs

@@ -32,11 +32,14 @@ import re
 import statistics
 from typing import Dict, List, Mapping, Optional, Sequence
 
-LOSS_NAMES = ('Loss/G/loss', 'Loss/D/loss')
+from training.loss import STAT_D_LOSS, STAT_G_LOSS
+
+LOSS_NAMES = (STAT_G_LOSS, STAT_D_LOSS)
 
 # Everything the monitor reads, for a training_stats.Collector(regex=STATS_REGEX, keep_previous=False).
-STATS_REGEX = r'Loss/(G|D)/loss|Health/[^/]+/nonfinite_grads'
-_GRADIENT_FLAG_RE = re.compile(r'Health/([^/]+)/nonfinite_grads')
+_GRADIENT_FLAG_PATTERN = r'Health/([^/]+)/nonfinite_grads'
+STATS_REGEX = '|'.join([re.escape(name) for name in LOSS_NAMES] + [_GRADIENT_FLAG_PATTERN])
+_GRADIENT_FLAG_RE = re.compile(_GRADIENT_FLAG_PATTERN)
 
 
 def nonfinite_grads_name(phase_name: str) -> str:

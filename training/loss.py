@@ -21,6 +21,20 @@ from torch_utils.ops import conv2d_gradfix
 
 PHASES = ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth')
 
+# The statistics the loss reports (training_stats), defined once here: their readers (ADA's controller in
+# training.augment, the divergence monitor in training.health) import these names, so that a rename cannot
+# leave a reader listening to a statistic that no longer exists, and grep finds every use.
+STAT_SCORES_REAL    = 'Loss/scores/real'    # D's logits of reals.
+STAT_SCORES_FAKE    = 'Loss/scores/fake'    # D's logits of fakes.
+STAT_SIGNS_REAL     = 'Loss/signs/real'     # sign(D(real)); ADA's overfitting heuristic r_t is its mean.
+STAT_SIGNS_FAKE     = 'Loss/signs/fake'     # sign(D(fake)).
+STAT_G_LOSS         = 'Loss/G/loss'         # generator_loss per sample.
+STAT_G_REG          = 'Loss/G/reg'          # Weighted path-length penalty per sample.
+STAT_PL_PENALTY     = 'Loss/pl_penalty'     # Path-length penalty per sample, unweighted.
+STAT_D_LOSS         = 'Loss/D/loss'         # D's loss on fakes plus reals per sample.
+STAT_D_REG          = 'Loss/D/reg'          # Weighted R1 penalty per sample.
+STAT_R1_PENALTY     = 'Loss/r1_penalty'     # R1 penalty per sample, unweighted.
+
 # ----------------------------------------------------------------------------
 # Loss terms.
 
@@ -82,9 +96,9 @@ def style_mixing_mask(num_ws: int, prob: float, device: torch.device) -> torch.T
     return torch.arange(num_ws, device=device) >= cutoff
 
 
-def _report_scores(kind: str, logits: torch.Tensor) -> None:
-    training_stats.report(f'Loss/scores/{kind}', logits)
-    training_stats.report(f'Loss/signs/{kind}', logits.sign())
+def _report_scores(scores_name: str, signs_name: str, logits: torch.Tensor) -> None:
+    training_stats.report(scores_name, logits)
+    training_stats.report(signs_name, logits.sign())
 
 # ----------------------------------------------------------------------------
 # Lazy regularization schedule.
@@ -203,9 +217,9 @@ class StyleGAN2Loss(Loss):
         with torch.autograd.profiler.record_function('Gmain_forward'):
             gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=sync)
             gen_logits = self.run_D(gen_img, gen_c, sync=False)
-            _report_scores('fake', gen_logits)
+            _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Gmain = generator_loss(gen_logits)
-            training_stats.report('Loss/G/loss', loss_Gmain)
+            training_stats.report(STAT_G_LOSS, loss_Gmain)
         with torch.autograd.profiler.record_function('Gmain_backward'):
             loss_Gmain.mean().mul(gain).backward()
 
@@ -216,9 +230,9 @@ class StyleGAN2Loss(Loss):
             lengths = path_lengths(gen_img, gen_ws)
             pl_penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.pl_decay)
             self.pl_mean.copy_(new_mean)
-            training_stats.report('Loss/pl_penalty', pl_penalty)
+            training_stats.report(STAT_PL_PENALTY, pl_penalty)
             loss_Gpl = pl_penalty * self.pl_weight
-            training_stats.report('Loss/G/reg', loss_Gpl)
+            training_stats.report(STAT_G_REG, loss_Gpl)
         with torch.autograd.profiler.record_function('Gpl_backward'):
             # The zero term ties the loss to the image, so that DDP sees every synthesis parameter take part.
             (gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain).backward()
@@ -227,7 +241,7 @@ class StyleGAN2Loss(Loss):
         with torch.autograd.profiler.record_function('Dgen_forward'):
             gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=False)
             gen_logits = self.run_D(gen_img, gen_c, sync=False)  # Synced by the real-image pass that follows.
-            _report_scores('fake', gen_logits)
+            _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Dgen = discriminator_loss_fake(gen_logits)
         with torch.autograd.profiler.record_function('Dgen_backward'):
             loss_Dgen.mean().mul(gain).backward()
@@ -238,16 +252,16 @@ class StyleGAN2Loss(Loss):
         with torch.autograd.profiler.record_function(name + '_forward'):
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
             real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
-            _report_scores('real', real_logits)
+            _report_scores(STAT_SCORES_REAL, STAT_SIGNS_REAL, real_logits)
             loss_Dreal = 0
             if do_Dmain:
                 loss_Dreal = discriminator_loss_real(real_logits)
-                training_stats.report('Loss/D/loss', loss_Dgen + loss_Dreal)
+                training_stats.report(STAT_D_LOSS, loss_Dgen + loss_Dreal)
             loss_Dr1 = 0
             if do_Dr1:
                 penalty = r1_penalty(real_logits, real_img_tmp)
                 loss_Dr1 = penalty * (self.r1_gamma / 2)
-                training_stats.report('Loss/r1_penalty', penalty)
-                training_stats.report('Loss/D/reg', loss_Dr1)
+                training_stats.report(STAT_R1_PENALTY, penalty)
+                training_stats.report(STAT_D_REG, loss_Dr1)
         with torch.autograd.profiler.record_function(name + '_backward'):
             (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()

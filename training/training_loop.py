@@ -30,8 +30,13 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, health, legacy, preemption, transfer
+from training import checkpoint, dataset, health, legacy, preemption, transfer
+from training.augment import AdaController
 from training.loss import phase_plan
+
+# The class of ADA's controller, built by name like every other component of a run. It is not an option of
+# the run (the recorded options and training_options.json stay as they are); the controller's settings are.
+ADA_CONTROLLER_CLASS = 'training.augment.AdaController'
 
 
 class TrainingStopped(RuntimeError):
@@ -86,47 +91,6 @@ def save_image_grid(img, fname: str, drange, grid_size) -> None:
     img = img.reshape(gh, gw, C, H, W).transpose(0, 3, 1, 4, 2).reshape(gh * H, gw * W, C)
     image = PIL.Image.fromarray(img[:, :, 0], 'L') if C == 1 else PIL.Image.fromarray(img, 'RGB')
     dnnlib.util.write_atomically(fname, lambda f: image.save(f, format='PNG'))
-
-# ----------------------------------------------------------------------------
-# Adaptive augmentation.
-
-
-class AdaController:
-    """Adjusts the augmentation probability p toward a target overfitting heuristic r_t = E[sign(D(real))]
-    (Karras et al. 2020, Sec. 3): every `interval` steps, p moves by sign(r_t - target) times the number of
-    images seen since the last adjustment over `kimg` thousand, so p can go from 0 to 1 in `kimg` kimg.
-
-    The signs are read from training_stats ('Loss/signs/real', reduced over ranks). `flush()` moves what
-    arrived since the last adjustment into `pending`, which the training state stores, so an interrupted
-    and resumed run adjusts p exactly as the uninterrupted one.
-    """
-
-    def __init__(self, augment_pipe, target: float, interval: int, kimg: float, batch_size: int):
-        self.augment_pipe = augment_pipe
-        self.target = target
-        self.interval = interval
-        self.kimg = kimg
-        self.batch_size = batch_size
-        self.collector = training_stats.Collector(regex='Loss/signs/real', keep_previous=False)
-        self.pending = np.zeros(3)  # count, sum, sum of squares
-
-    def flush(self) -> None:
-        """Take in the signs reported so far (a collective in multi-process runs)."""
-        self.collector.update()
-        if 'Loss/signs/real' in self.collector.names():
-            self.pending += self.collector._get('Loss/signs/real')
-
-    def step(self, batch_idx: int) -> None:
-        if batch_idx % self.interval != 0:
-            return
-        self.flush()
-        count, total = self.pending[0], self.pending[1]
-        self.pending = np.zeros(3)
-        if count == 0:
-            return
-        adjust = np.sign(total / count - self.target) * (self.batch_size * self.interval) / (self.kimg * 1000)
-        p = self.augment_pipe.p
-        p.copy_((p + adjust).clamp(min=0))
 
 # ----------------------------------------------------------------------------
 # The state of a run.
@@ -247,12 +211,9 @@ def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
     training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
     sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
                                    seed=opts.random_seed, start_index=start_nimg)
-    loader_kwargs = dict(opts.data_loader_kwargs)
-    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
-    if loader_kwargs.get('num_workers', 0) == 0:
-        loader_kwargs.pop('prefetch_factor', None)  # DataLoader rejects it without workers.
     loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
-                                         batch_size=opts.batch_size // opts.num_gpus, **loader_kwargs)
+                                         batch_size=opts.batch_size // opts.num_gpus,
+                                         **dataset.loader_kwargs_on(opts.data_loader_kwargs, device))
     return training_set, iter(loader)
 
 
@@ -370,7 +331,9 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
                                                      **opts.loss_kwargs)
     state.phases = _build_phases(opts, G, D)
     if opts.ada_target is not None and augment_pipe is not None:
-        state.ada = AdaController(augment_pipe, opts.ada_target, opts.ada_interval, opts.ada_kimg, opts.batch_size)
+        state.ada = dnnlib.util.construct_class_by_name(class_name=ADA_CONTROLLER_CLASS, augment_pipe=augment_pipe,
+                                                        target=opts.ada_target, interval=opts.ada_interval,
+                                                        kimg=opts.ada_kimg, batch_size=opts.batch_size)
     if resume_record is not None:
         _restore_state(state, resume_record)
     _setup_logs(state)
@@ -399,7 +362,7 @@ def _state_record(state: TrainingState) -> dict:
                        (('G', state.G), ('D', state.D), ('G_ema', state.G_ema), ('augment_pipe', state.augment_pipe))},
         optimizers  = {phase.name[0]: phase.opt.state_dict() for phase in state.phases},
         loss        = dict(pl_mean=getattr(state.loss, 'pl_mean', torch.zeros([])).detach().cpu()),
-        ada         = dict(pending=[float(v) for v in state.ada.pending]) if state.ada is not None else None,
+        ada         = state.ada.state_dict() if state.ada is not None else None,
         health      = state.health_monitor.state_dict() if state.health_monitor is not None else None,
         rng         = checkpoint.capture_rng_state(),
     )
@@ -418,7 +381,7 @@ def _restore_state(state: TrainingState, record: dict) -> None:
     if hasattr(state.loss, 'pl_mean'):
         state.loss.pl_mean.copy_(record['loss']['pl_mean'])
     if state.ada is not None and record.get('ada') is not None:
-        state.ada.pending = np.asarray(record['ada']['pending'], dtype=np.float64)
+        state.ada.load_state_dict(record['ada'])
     if state.health_monitor is not None and record.get('health') is not None:
         state.health_monitor.load_state_dict(record['health'])  # States from before it start a new warmup.
     checkpoint.restore_rng_state(record['rng'])
