@@ -99,6 +99,66 @@ def read_state_data_info(state_path: str) -> dict:
                 c_dim=int(embed.shape[1]) if embed is not None else (0 if G else None))
 
 # ----------------------------------------------------------------------------
+# A training state assembled from named components.
+
+
+class CheckpointIO:
+    """The stateful parts of a run under the names the training state stores them by.
+
+    Each component has `state_dict()` / `load_state_dict(state)` (networks, optimizers, the loss, ADA's
+    controller, the progress counters, the RNG); a dict groups components under one record key
+    (`networks={'G': G, ...}`). None stands for a component this run does not have (no augmentation, fixed p).
+    Adding a stateful component to the training state is one more keyword here.
+    """
+
+    def __init__(self, **components):
+        self.components = components
+
+    def state_dict(self) -> dict:
+        return {key: _group_state(value) if isinstance(value, dict) else _state_of(value)
+                for key, value in self.components.items()}
+
+    def load_state_dict(self, record: dict) -> None:
+        """Restore every component, in the order they were given (the RNG last, so nothing consumes it after).
+
+        A group must match the record exactly (a network present in only one of them is an error); a single
+        component missing from the record (a state written before it existed) keeps its fresh value."""
+        for key, value in self.components.items():
+            saved = record.get(key)
+            if isinstance(value, dict):
+                _load_group(key, value, saved or {})
+            elif value is not None and saved is not None:
+                value.load_state_dict(saved)
+
+
+def _state_of(component):
+    return None if component is None else component.state_dict()
+
+
+def _group_state(group: dict) -> dict:
+    return {name: _state_of(component) for name, component in group.items()}
+
+
+def _load_group(key: str, group: dict, saved: dict) -> None:
+    for name, component in group.items():
+        state = saved.get(name)
+        if (component is None) != (state is None):
+            raise ValueError(f'The training state and the options disagree about {key} {name!r} (present in '
+                             f'one only)')
+        if component is not None:
+            component.load_state_dict(state)
+
+
+class RngState:
+    """The global random generators as a checkpoint component."""
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_rng_state(state)
+
+# ----------------------------------------------------------------------------
 # Random number generators.
 
 

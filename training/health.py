@@ -13,7 +13,7 @@ GAN training does not produce.
    gradients before the optimizer step (fp16 training overflows now and then, and one bad batch must not stop a
    run), so a single bad step never triggers; a phase whose gradients are always non-finite has stopped
    learning, although its weights stay finite. The loop reports one 0/1 sample per phase run as
-   `Health/<phase>/nonfinite_grads` (rank 0 only: DDP has made the gradients of all ranks equal).
+   `Health/<phase>/nonfinite_grads` (rank 0 only: the gradients of all ranks are equal after their all-reduce).
 3. Loss explosion: once a loss has the means of at least `warmup` (3) healthy ticks, a tick mean |m| with
    |m| > `factor` (1000) x the median of the previous `window` (8) healthy tick means AND |m| > `floor` (100).
    The StyleGAN2 losses are softplus values of order 1-10, and D's logits would have to reach about a thousand

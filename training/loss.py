@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from torch_utils import misc, training_stats
+from torch_utils import training_stats
 from torch_utils.ops import conv2d_gradfix
 
 PHASES = ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth')
@@ -140,24 +140,66 @@ def phase_plan(name: str, reg_interval: Optional[int], opt_kwargs: Dict) -> List
 
 
 class Loss:
-    """Interface of the training loop's loss: accumulate gradients for one phase and one minibatch round."""
+    """Interface of the training loop's loss: accumulate gradients for one phase and one minibatch round.
+
+    `trained_networks` names the networks the loop makes phases and optimizers for (`<name>main`/`<name>reg`,
+    one optimizer per network from `<name>_opt_kwargs`). `sync` is True in a phase's last round; the loop
+    averages gradients over the ranks itself after the last round, so a loss need not act on it. The loss's
+    own running values go into the training state through `state_dict` / `load_state_dict`.
+    """
+
+    trained_networks = ('G', 'D')
 
     def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, sync, gain):
+        raise NotImplementedError()
+
+    def state_dict(self) -> dict:
+        return dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        del state  # A loss without running values has nothing to restore.
+
+
+class DiscriminatorTerm:
+    """An extra term of D's loss, added by StyleGAN2Loss in D's phases (GGDR and GLeaD, training/regularizers.py).
+
+    A term declares what it reads, so that every pass computes each input once:
+      on_fakes        adds `fake_loss` to D's loss on fakes (Dmain phases only; G is frozen there);
+      on_reals        adds `real_loss` to D's loss on reals, in every phase that evaluates reals (Dmain and
+                      the lazy R1 step, with that step's gain);
+      g_feature_res   the resolution of G's feature that `fake_loss` needs, None = none.
+    In the passes it takes part in, D also runs its decoder, and the augmentation of the images is applied to
+    G's feature too. Both methods return one value per sample, [N], already weighted.
+    """
+
+    on_fakes        = False
+    on_reals        = False
+    g_feature_res   = None
+
+    def fake_loss(self, decoded, g_feature, gen_img):
+        """decoded: D's decoder outputs on the augmented fakes; g_feature: G's feature with the same
+        augmentation (or None); gen_img: the fakes before augmentation, detached."""
+        raise NotImplementedError()
+
+    def real_loss(self, decoded, real_img):
+        """decoded: D's decoder outputs on the augmented reals; real_img: the reals before augmentation."""
         raise NotImplementedError()
 
 
 class StyleGAN2Loss(Loss):
     def __init__(self,
         device,                         # Device of the networks.
-        G_mapping,                      # Generator mapping network (possibly wrapped in DDP).
-        G_synthesis,                    # Generator synthesis network (possibly wrapped in DDP).
-        D,                              # Discriminator (possibly wrapped in DDP).
+        G_mapping,                      # Generator mapping network.
+        G_synthesis,                    # Generator synthesis network.
+        D,                              # Discriminator (with its decoder, if any).
         augment_pipe        = None,     # Augmentation applied to every image D sees, None = no augmentation.
         style_mixing_prob   = 0.9,      # Probability of mixing two latents in a generated image, 0 = off.
         r1_gamma            = 10,       # R1 weight gamma; the penalty is gamma / 2 * ||grad D||^2, 0 = off.
         pl_batch_shrink     = 2,        # The path-length pass uses batch_size // pl_batch_shrink samples.
         pl_decay            = 0.01,     # Decay of the running mean of path lengths.
         pl_weight           = 2,        # Path-length weight, 0 = off.
+        d_terms             = (),       # Extra terms of D's loss: class_name + arguments of DiscriminatorTerms
+                                        # (built with G_synthesis and device), e.g. the GGDR cosine term.
     ):
         super().__init__()
         self.device = torch.device(device)
@@ -171,28 +213,45 @@ class StyleGAN2Loss(Loss):
         self.pl_decay = pl_decay
         self.pl_weight = pl_weight
         self.pl_mean = torch.zeros([], device=self.device)
+        self.d_terms = [dnnlib.util.construct_class_by_name(**term, G_synthesis=G_synthesis, device=self.device)
+                        for term in d_terms]
+
+    def state_dict(self) -> dict:
+        return dict(pl_mean=self.pl_mean.detach().cpu())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pl_mean.copy_(state['pl_mean'])
 
     # Running the networks.
 
-    def run_G(self, z, c, sync):
+    def run_G(self, z, c, sync, feature_res=None):
         """Generate images; with probability style_mixing_prob the rows after a random cutoff come from a
-        second latent (mixing regularization). Returns (img, ws)."""
-        with misc.ddp_sync(self.G_mapping, sync):
-            ws = self.G_mapping(z, c)
-            if self.style_mixing_prob > 0:
-                with torch.autograd.profiler.record_function('style_mixing'):
-                    mask = style_mixing_mask(ws.shape[1], self.style_mixing_prob, ws.device)
-                    ws2 = self.G_mapping(torch.randn_like(z), c, skip_w_avg_update=True)
-                    ws = torch.where(mask.reshape(1, -1, 1), ws2, ws)
-        with misc.ddp_sync(self.G_synthesis, sync):
-            img = self.G_synthesis(ws)
-        return img, ws
+        second latent (mixing regularization). Returns (img, ws), or (img, ws, feature) with G's feature at
+        `feature_res`. `sync` is the loop protocol's (see Loss) and does not change the computation."""
+        del sync
+        ws = self.G_mapping(z, c)
+        if self.style_mixing_prob > 0:
+            with torch.autograd.profiler.record_function('style_mixing'):
+                mask = style_mixing_mask(ws.shape[1], self.style_mixing_prob, ws.device)
+                ws2 = self.G_mapping(torch.randn_like(z), c, skip_w_avg_update=True)
+                ws = torch.where(mask.reshape(1, -1, 1), ws2, ws)
+        if feature_res is None:
+            return self.G_synthesis(ws), ws
+        img, features = self.G_synthesis(ws, return_features=[feature_res])
+        return img, ws, features[feature_res]
 
-    def run_D(self, img, c, sync):
-        if self.augment_pipe is not None:
+    def run_D(self, img, c, sync, feature=None, decode=False):
+        """D's logits of augmented images; with `decode`, (logits, decoder outputs, the feature augmented like
+        the images or None)."""
+        del sync
+        if self.augment_pipe is not None and feature is not None:
+            img, (feature,) = self.augment_pipe(img, features=[feature])
+        elif self.augment_pipe is not None:
             img = self.augment_pipe(img)
-        with misc.ddp_sync(self.D, sync):
+        if not decode:
             return self.D(img, c)
+        logits, decoded = self.D(img, c, decode=True)
+        return logits, decoded, feature
 
     # The phases.
 
@@ -234,24 +293,48 @@ class StyleGAN2Loss(Loss):
             loss_Gpl = pl_penalty * self.pl_weight
             training_stats.report(STAT_G_REG, loss_Gpl)
         with torch.autograd.profiler.record_function('Gpl_backward'):
-            # The zero term ties the loss to the image, so that DDP sees every synthesis parameter take part.
+            # The zero term ties the loss to the image, so that every synthesis parameter gets a gradient (zero
+            # for the last toRGB bias, which path lengths do not depend on) and Adam moves every moment alike.
             (gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain).backward()
 
     def _accumulate_Dgen(self, gen_z, gen_c, gain):
+        terms = [term for term in self.d_terms if term.on_fakes]
         with torch.autograd.profiler.record_function('Dgen_forward'):
-            gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=False)
-            gen_logits = self.run_D(gen_img, gen_c, sync=False)  # Synced by the real-image pass that follows.
+            if not terms:
+                gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=False)
+                gen_logits = self.run_D(gen_img, gen_c, sync=False)
+                loss_terms = 0
+            else:
+                gen_logits, loss_terms = self._run_fake_terms(terms, gen_z, gen_c)
             _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Dgen = discriminator_loss_fake(gen_logits)
         with torch.autograd.profiler.record_function('Dgen_backward'):
-            loss_Dgen.mean().mul(gain).backward()
+            (loss_Dgen + loss_terms).mean().mul(gain).backward()
         return loss_Dgen.detach()
+
+    def _run_fake_terms(self, terms, gen_z, gen_c):
+        """D's logits of fakes and the sum of the terms on them, from one G pass and one D pass."""
+        resolutions = {term.g_feature_res for term in terms} - {None}
+        if len(resolutions) > 1:
+            raise ValueError(f'The D terms ask for G features at several resolutions ({sorted(resolutions)})')
+        feature_res = resolutions.pop() if resolutions else None
+        generated = self.run_G(gen_z, gen_c, sync=False, feature_res=feature_res)
+        gen_img, feature = generated[0], (generated[2] if feature_res is not None else None)
+        gen_logits, decoded, feature = self.run_D(gen_img, gen_c, sync=False, feature=feature, decode=True)
+        loss_terms = sum(term.fake_loss(decoded, feature, gen_img.detach()) for term in terms)
+        return gen_logits, loss_terms
 
     def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, sync, gain):
         name = 'Dreal_Dr1' if do_Dmain and do_Dr1 else 'Dreal' if do_Dmain else 'Dr1'
         with torch.autograd.profiler.record_function(name + '_forward'):
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
-            real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
+            terms = [term for term in self.d_terms if term.on_reals]
+            loss_terms = 0
+            if terms:
+                real_logits, decoded, _ = self.run_D(real_img_tmp, real_c, sync=sync, decode=True)
+                loss_terms = sum(term.real_loss(decoded, real_img.detach()) for term in terms)
+            else:
+                real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
             _report_scores(STAT_SCORES_REAL, STAT_SIGNS_REAL, real_logits)
             loss_Dreal = 0
             if do_Dmain:
@@ -264,4 +347,4 @@ class StyleGAN2Loss(Loss):
                 training_stats.report(STAT_R1_PENALTY, penalty)
                 training_stats.report(STAT_D_REG, loss_Dr1)
         with torch.autograd.profiler.record_function(name + '_backward'):
-            (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()
+            (real_logits * 0 + loss_Dreal + loss_Dr1 + loss_terms).mean().mul(gain).backward()

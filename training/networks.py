@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
+import dnnlib
 from torch_utils import misc, persistence
 from torch_utils.ops import bias_act, conv2d_resample, fma, upfirdn2d
 
@@ -866,12 +867,53 @@ class SynthesisNetwork(torch.nn.Module):
             w_idx += block.num_conv
         return result
 
-    def forward(self, ws, **block_kwargs):
+    def forward(self, ws, return_features=None, **block_kwargs):
+        """ws -> img; with `return_features` (resolutions), (img, {res: the feature that block res passes to the
+        next block, in float32}). Only the requested features are kept, and the image is the same either way."""
         with torch.autograd.profiler.record_function('split_ws'):
             all_ws = self.block_ws(ws)
+        wanted = self._check_feature_resolutions(return_features)
         x = img = None
+        features = dict()
         for res, cur_ws in zip(self.block_resolutions, all_ws, strict=True):
             x, img = getattr(self, f'b{res}')(x, img, cur_ws, **block_kwargs)
+            if res in wanted:
+                features[res] = x.to(torch.float32)  # A target for another network: full precision.
+        return img if return_features is None else (img, features)
+
+    def _check_feature_resolutions(self, resolutions):
+        wanted = set(resolutions or ())
+        unknown = sorted(wanted - set(self.block_resolutions))
+        if unknown:
+            raise ValueError(f'SynthesisNetwork has no block at resolution {unknown[0]}; its blocks: '
+                             f'{", ".join(map(str, self.block_resolutions))}')
+        return wanted
+
+    def tail_resolutions(self, above_res):
+        """The resolutions of the blocks above `above_res`, those that `forward_from(above_res, ...)` runs."""
+        if above_res not in self.block_resolutions or above_res == self.img_resolution:
+            raise ValueError(f'forward_from needs a block resolution below {self.img_resolution}, got {above_res!r}')
+        return [res for res in self.block_resolutions if res > above_res]
+
+    def tail_num_ws(self, above_res):
+        """How many rows of ws the blocks above `above_res` consume (GLeaD repeats one predicted w that often):
+        the rows from their first conv onwards, as block_ws assigns them."""
+        first = self.tail_resolutions(above_res)[0]
+        w_idx = sum(getattr(self, f'b{res}').num_conv for res in self.block_resolutions if res < first)
+        return self.num_ws - w_idx
+
+    def forward_from(self, above_res, x, img, ws, **block_kwargs):
+        """Run only the blocks above `above_res`, from a given feature x [N, C, above_res, above_res] and image
+        img (or None) at that resolution; ws [N, tail_num_ws(above_res), w_dim] are the rows those blocks
+        consume. With the x, img and ws rows of a full forward pass this gives the same image (GLeaD runs G's
+        upper blocks on what its discriminator predicts)."""
+        resolutions = self.tail_resolutions(above_res)
+        misc.assert_shape(ws, [None, self.tail_num_ws(above_res), self.w_dim])
+        w_idx = 0
+        for res in resolutions:
+            block = getattr(self, f'b{res}')
+            x, img = block(x, img, ws.narrow(1, w_idx, block.num_conv + block.num_torgb), **block_kwargs)
+            w_idx += block.num_conv
         return img
 
     def extra_repr(self):
@@ -1107,6 +1149,8 @@ class Discriminator(torch.nn.Module):
         mapping_kwargs      = None,     # Arguments for MappingNetwork (the label embedding).
         epilogue_kwargs     = None,     # Arguments for DiscriminatorEpilogue.
         precision           = 'fp16',   # Reduced dtype of those resolutions: 'fp16' (float16) or 'bf16' (bfloat16).
+        decoder_kwargs      = None,     # A decoder on the block outputs (GGDR, GLeaD): class_name and arguments,
+                                        # None = none (the official discriminator).
     ):
         if not isinstance(img_resolution, int) or img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f'img_resolution must be a power of two >= 4, got {img_resolution!r}')
@@ -1142,14 +1186,44 @@ class Discriminator(torch.nn.Module):
                                           **mapping_kwargs)
         self.b4 = DiscriminatorEpilogue(channels_dict[4], cmap_dim=cmap_dim, resolution=4, **epilogue_kwargs,
                                         **common)
+        self.decoder = None
+        if decoder_kwargs is not None:
+            # Built by name, so that a regularizer's decoder is a registered option of D, not a D subclass.
+            self.decoder = dnnlib.util.construct_class_by_name(**decoder_kwargs, channels=channels_dict,
+                                                               img_resolution=img_resolution)
 
-    def forward(self, img, c, **block_kwargs):
+    def forward(self, img, c, return_features=None, decode=False, **block_kwargs):
+        """img, c -> logits [N, 1]. With `return_features` (resolutions r), also {r: enc[r]}, the output of the
+        block that ends at r (r = 4 is the epilogue's input); with `decode`, also the decoder's outputs on those
+        features (a dict; needs decoder_kwargs). Extras come after the logits, in that order; the logits are the
+        same either way."""
         misc.assert_shape(img, [None, self.img_channels, self.img_resolution, self.img_resolution])
+        wanted = self._wanted_features(return_features, decode)
+        features = dict()
         x = None
         for res in self.block_resolutions:
             x, img = getattr(self, f'b{res}')(x, img, **block_kwargs)
+            if res // 2 in wanted:
+                features[res // 2] = x
         cmap = self.mapping(None, c) if self.c_dim > 0 else None
-        return self.b4(x, img, cmap)
+        logits = self.b4(x, img, cmap)
+        extras = []
+        if return_features is not None:
+            extras.append({res: features[res] for res in sorted(set(return_features))})
+        if decode:
+            extras.append(self.decoder(features))
+        return (logits, *extras) if extras else logits
+
+    def _wanted_features(self, return_features, decode):
+        wanted = set(return_features or ())
+        unknown = sorted(wanted - set(res // 2 for res in self.block_resolutions))
+        if unknown:
+            raise ValueError(f'Discriminator has no block that ends at resolution {unknown[0]}')
+        if decode:
+            if self.decoder is None:
+                raise ValueError('Discriminator(decode=True) needs a decoder (D_kwargs.decoder_kwargs)')
+            wanted |= set(self.decoder.input_resolutions)
+        return wanted
 
     def extra_repr(self):
         return f'c_dim={self.c_dim:d}, img_resolution={self.img_resolution:d}, img_channels={self.img_channels:d}'

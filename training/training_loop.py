@@ -15,7 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import errno
-import inspect
 import json
 import os
 import re
@@ -99,6 +98,7 @@ def save_image_grid(img, fname: str, drange, grid_size) -> None:
 @dataclasses.dataclass
 class PhaseRuntime:
     name:       str
+    network:    str             # Name of the trained network ('G', 'D'): its optimizer's key in the state.
     module:     torch.nn.Module
     opt:        torch.optim.Optimizer
     interval:   int
@@ -135,7 +135,33 @@ class _PhaseTimer:
 
 
 @dataclasses.dataclass
+class Progress:
+    """The counters of a run: what the training state stores besides its components' own states."""
+    cur_nimg:           int = 0     # Images shown to D so far.
+    cur_tick:           int = 0     # Completed ticks.
+    batch_idx:          int = 0     # Training steps so far (the per-step seed and the lazy phases use it).
+    tick_start_nimg:    int = 0     # cur_nimg at the start of the current tick.
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        # The saved tick was complete: the resumed run starts the next one where the saved run stopped.
+        self.cur_nimg = state['cur_nimg']
+        self.cur_tick = state['cur_tick'] + 1
+        self.batch_idx = state['batch_idx']
+        self.tick_start_nimg = state['cur_nimg']
+
+
+def _progress_field(name: str) -> property:
+    """state.cur_nimg etc. read and write state.progress, so the loop and its tests keep their short names."""
+    return property(lambda self: getattr(self.progress, name),
+                    lambda self, value: setattr(self.progress, name, value))
+
+
+@dataclasses.dataclass
 class TrainingState:
+    """What one process of a run holds: its options, the runtime objects, and the persisted progress."""
     opts:               dnnlib.EasyDict     # The training_loop kwargs.
     device:             torch.device
     rank:               int
@@ -148,13 +174,10 @@ class TrainingState:
     loss:               Any
     phases:             List[PhaseRuntime]
     ada:                Optional[AdaController]
+    progress:           Progress = dataclasses.field(default_factory=Progress)
     grid_size:          Any = None
     grid_z:             Any = None
     grid_c:             Any = None
-    cur_nimg:           int = 0
-    cur_tick:           int = 0
-    batch_idx:          int = 0
-    tick_start_nimg:    int = 0
     start_time:         float = 0.0
     tick_start_time:    float = 0.0
     maintenance_time:   float = 0.0
@@ -169,6 +192,11 @@ class TrainingState:
     stop_request:       Any = None              # preemption.StopRequest: signals received, shared launcher flag.
     stopped_by:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
     last_state_nimg:    int = 0                 # cur_nimg of the last training state written (--state-kimg).
+
+    cur_nimg = _progress_field('cur_nimg')
+    cur_tick = _progress_field('cur_tick')
+    batch_idx = _progress_field('batch_idx')
+    tick_start_nimg = _progress_field('tick_start_nimg')
 
     @property
     def is_main(self) -> bool:
@@ -250,43 +278,32 @@ def _resume_from_pkl(state: TrainingState, resume_pkl: str) -> None:
             state.log('\n'.join(transfer.format_report(name, report)))
 
 
-def _distribute(state: TrainingState):
-    """Wrap the trained modules in DDP and make every rank start from rank 0's weights."""
-    opts = state.opts
-    modules = dict(G_mapping=state.G.mapping, G_synthesis=state.G.synthesis, D=state.D)
-    if opts.num_gpus == 1:
-        return modules
+def _broadcast_weights(state: TrainingState) -> None:
+    """Make every rank start from rank 0's weights. Gradients are averaged by `_reduce_gradients`, not by DDP
+    wrappers: a parameter that a phase does not use (a decoder outside the phases of its regularizer) then
+    simply has no gradient on any rank, with no unused-parameter search and no zero-weighted dummy terms."""
+    if state.opts.num_gpus == 1:
+        return
     for module in (state.G, state.D, state.G_ema, state.augment_pipe):
         if module is not None:
             for tensor in misc.params_and_buffers(module):
                 torch.distributed.broadcast(tensor, src=0)
-    device_ids = [state.device] if state.device.type == 'cuda' else None
-    for name, module in list(modules.items()):
-        module.requires_grad_(True)
-        modules[name] = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **_no_buffer_sync())
-        module.requires_grad_(False)
-    return modules
 
 
-def _no_buffer_sync() -> dict:
-    """DDP option for "do not broadcast buffers at every forward pass" (each rank keeps its own w_avg, as in the
-    official code). Newer PyTorch names it forward_sync_buffers and deprecates broadcast_buffers; decided by the
-    signature, not the version. A sync at construction is harmless: the buffers were just broadcast anyway."""
-    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    return dict(forward_sync_buffers=False) if 'forward_sync_buffers' in parameters else dict(broadcast_buffers=False)
-
-
-def _build_phases(opts, G, D) -> List[PhaseRuntime]:
+def _build_phases(opts, networks: dict) -> List[PhaseRuntime]:
+    """The phases of every trained network (the loss names them) and one optimizer per network, with settings
+    from `<name>_opt_kwargs` and lazy regularization from `<name>_reg_interval`."""
     phases = []
-    for name, module, opt_kwargs, reg_interval in (('G', G, opts.G_opt_kwargs, opts.G_reg_interval),
-                                                   ('D', D, opts.D_opt_kwargs, opts.D_reg_interval)):
-        plan = phase_plan(name, reg_interval, opt_kwargs)
+    for name, module in networks.items():
+        if not any(True for _ in module.parameters()):
+            raise ValueError(f'The loss trains {name}, which has no parameters')
+        plan = phase_plan(name, opts[f'{name}_reg_interval'], opts[f'{name}_opt_kwargs'])
         opt_kwargs = dict(plan[0].opt_kwargs)
         if opt_kwargs.get('class_name') == 'torch.optim.Adam':
             # StyleGAN's betas unless given, as floats: torch's Adam rejects a mix of int and float (SPEC §4).
             opt_kwargs['betas'] = tuple(float(b) for b in opt_kwargs.get('betas', (0.0, 0.99)))
         opt = dnnlib.util.construct_class_by_name(params=module.parameters(), **opt_kwargs)
-        phases += [PhaseRuntime(phase.name, module, opt, phase.interval) for phase in plan]
+        phases += [PhaseRuntime(phase.name, name, module, opt, phase.interval) for phase in plan]
     return phases
 
 
@@ -326,10 +343,10 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     if opts.resume_pkl is not None and resume_record is None and rank == 0:
         _resume_from_pkl(state, opts.resume_pkl)
 
-    ddp_modules = _distribute(state)
-    state.loss = dnnlib.util.construct_class_by_name(device=device, augment_pipe=augment_pipe, **ddp_modules,
-                                                     **opts.loss_kwargs)
-    state.phases = _build_phases(opts, G, D)
+    _broadcast_weights(state)
+    state.loss = dnnlib.util.construct_class_by_name(device=device, G_mapping=G.mapping, G_synthesis=G.synthesis,
+                                                     D=D, augment_pipe=augment_pipe, **opts.loss_kwargs)
+    state.phases = _build_phases(opts, {name: getattr(state, name) for name in state.loss.trained_networks})
     if opts.ada_target is not None and augment_pipe is not None:
         state.ada = dnnlib.util.construct_class_by_name(class_name=ADA_CONTROLLER_CLASS, augment_pipe=augment_pipe,
                                                         target=opts.ada_target, interval=opts.ada_interval,
@@ -352,45 +369,27 @@ def _print_setup(state: TrainingState) -> None:
 # Training state (exact resume).
 
 
-def _state_record(state: TrainingState) -> dict:
-    opts_plain = legacy.to_plain(dict(state.opts), 'options')
-    return dict(
-        options     = opts_plain,
-        progress    = dict(cur_nimg=state.cur_nimg, cur_tick=state.cur_tick, batch_idx=state.batch_idx,
-                           tick_start_nimg=state.tick_start_nimg),
-        networks    = {name: (module.state_dict() if module is not None else None) for name, module in
-                       (('G', state.G), ('D', state.D), ('G_ema', state.G_ema), ('augment_pipe', state.augment_pipe))},
-        optimizers  = {phase.name[0]: phase.opt.state_dict() for phase in state.phases},
-        loss        = dict(pl_mean=getattr(state.loss, 'pl_mean', torch.zeros([])).detach().cpu()),
-        ada         = state.ada.state_dict() if state.ada is not None else None,
-        health      = state.health_monitor.state_dict() if state.health_monitor is not None else None,
-        rng         = checkpoint.capture_rng_state(),
+def _checkpoint_io(state: TrainingState) -> checkpoint.CheckpointIO:
+    """The components of the training state (checkpoint.py's docstring has the layout). A network's
+    optimizer is stored under the network's name; the loss brings its own state (the path-length mean)."""
+    return checkpoint.CheckpointIO(
+        progress    = state.progress,
+        networks    = dict(G=state.G, D=state.D, G_ema=state.G_ema, augment_pipe=state.augment_pipe),
+        optimizers  = {phase.network: phase.opt for phase in state.phases},  # Main and reg phases share one.
+        loss        = state.loss,
+        ada         = state.ada,
+        health      = state.health_monitor,     # States from before it existed start a new warmup.
+        rng         = checkpoint.RngState(),    # Last: restoring the others draws no random numbers after it.
     )
 
 
+def _state_record(state: TrainingState) -> dict:
+    return dict(options=legacy.to_plain(dict(state.opts), 'options'), **_checkpoint_io(state).state_dict())
+
+
 def _restore_state(state: TrainingState, record: dict) -> None:
-    for name in ('G', 'D', 'G_ema', 'augment_pipe'):
-        module, saved = getattr(state, name), record['networks'].get(name)
-        if (module is None) != (saved is None):
-            raise ValueError(f'The training state and the options disagree about {name} (present in one only)')
-        if module is not None:
-            module.load_state_dict(saved, strict=True)
-    for phase in state.phases:
-        if phase.interval == 1 or phase.name.endswith('both'):  # One optimizer per network.
-            phase.opt.load_state_dict(record['optimizers'][phase.name[0]])
-    if hasattr(state.loss, 'pl_mean'):
-        state.loss.pl_mean.copy_(record['loss']['pl_mean'])
-    if state.ada is not None and record.get('ada') is not None:
-        state.ada.load_state_dict(record['ada'])
-    if state.health_monitor is not None and record.get('health') is not None:
-        state.health_monitor.load_state_dict(record['health'])  # States from before it start a new warmup.
-    checkpoint.restore_rng_state(record['rng'])
-    progress = record['progress']
-    state.cur_nimg = progress['cur_nimg']
-    state.cur_tick = progress['cur_tick'] + 1  # The saved tick was complete.
-    state.batch_idx = progress['batch_idx']
-    state.tick_start_nimg = progress['cur_nimg']
-    state.log(f'Resumed the training state at {state.cur_nimg / 1000:.1f} kimg (tick {progress["cur_tick"]})')
+    _checkpoint_io(state).load_state_dict(record)
+    state.log(f'Resumed the training state at {state.cur_nimg / 1000:.1f} kimg (tick {record["progress"]["cur_tick"]})')
 
 # ----------------------------------------------------------------------------
 # Logs and grids.
@@ -500,10 +499,12 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
                                         sync=(round_idx == num_rounds - 1), gain=gain)
     phase.module.requires_grad_(False)
     with torch.autograd.profiler.record_function(phase.name + '_opt'):
-        grads = [param.grad for param in phase.module.parameters() if param.grad is not None]
+        params = [param for param in phase.module.parameters() if param.grad is not None]
+        _reduce_gradients(params, opts.num_gpus)
+        grads = [param.grad for param in params]
         if grads:
             # One 0/1 device tensor per phase run, read at the tick (health.DivergenceMonitor decides there), so
-            # that the check costs no host sync. Rank 0's flag speaks for all: DDP has made the gradients equal.
+            # that the check costs no host sync. Rank 0's flag speaks for all: the gradients are averaged by now.
             flag = []
             if state.is_main:
                 flag = torch.stack([torch.isfinite(grad).all() for grad in grads]).all().logical_not().float()
@@ -513,6 +514,19 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
             torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
         phase.opt.step()
     phase.timer.stop()
+
+
+def _reduce_gradients(params: List[torch.nn.Parameter], num_gpus: int) -> None:
+    """Average the gradients over the ranks, in one all-reduce of their concatenation (as StyleGAN3 does).
+    Every rank runs the same phases on the same networks, so all ranks hold gradients for the same
+    parameters, in the same order."""
+    if num_gpus == 1 or not params:
+        return
+    flat = torch.cat([param.grad.flatten() for param in params])
+    torch.distributed.all_reduce(flat)
+    flat /= num_gpus
+    for param, grad in zip(params, flat.split([param.numel() for param in params]), strict=True):
+        param.grad.copy_(grad.reshape(param.shape))
 
 
 @torch.no_grad()

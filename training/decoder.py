@@ -1,0 +1,95 @@
+"""The discriminator-side decoders of GGDR and GLeaD (SPEC §5), built by `Discriminator(decoder_kwargs=...)`.
+
+GGDR ("Generator Knows What Discriminator Should Learn", Lee et al., ECCV 2022) asks D to predict the
+generator's feature map at one resolution from its own encoder features; GLeaD ("Improving GANs with a
+Generator-Leading Task", Bai et al., CVPR 2023) adds heads that turn that prediction into the input of G's
+upper blocks. Both read enc[r], the output of D's block that ends at resolution r, and run in float32.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from torch_utils import misc, persistence
+from training.networks import Conv2dLayer
+
+
+def decoder_resolutions(out_res: int):
+    """The resolutions of the decoder blocks, 8, 16, ..., out_res."""
+    return [2 ** i for i in range(3, int(np.log2(out_res)) + 1)]
+
+
+@persistence.persistent_class
+class FeatureDecoder(torch.nn.Module):
+    """U-Net-like decoder on D's encoder features: dec[8] = up(enc[4]), dec[r] = up(cat(dec[r/2], enc[r/2])).
+
+    Each step is a 1x1 equalized-lr convolution with the [1,3,3,1] FIR 2x upsampling and a bias, without a
+    nonlinearity or normalization (GGDR's decoder); the output dec[out_res] has C[out_res] channels, the shape
+    of G's feature at that resolution when G and D share channel_base and channel_max.
+    """
+
+    def __init__(self,
+        channels,                   # D's channels per resolution, {res: C[res]} (given by the Discriminator).
+        img_resolution,             # D's input resolution (given by the Discriminator).
+        out_res         = 64,       # Resolution of the decoded feature (--ggdr-res; GLeaD decodes to 64).
+        heads           = None,     # GLeaD's heads on dec[out_res]: dict(img_channels, feat_channels, w_dim),
+                                    # None = GGDR (the decoded feature only).
+    ):
+        if out_res not in [2 ** i for i in range(3, 16)] or out_res > img_resolution:
+            raise ValueError(f'The decoder resolution must be a power of two in [8, {img_resolution}] (the image '
+                             f'resolution), got {out_res!r}')
+        super().__init__()
+        self.out_res = out_res
+        self.img_resolution = img_resolution
+        self.input_resolutions = [res // 2 for res in decoder_resolutions(out_res)]  # enc[4], ..., enc[out_res/2]
+        self.out_channels = channels[out_res]
+        for res in decoder_resolutions(out_res):
+            in_channels = channels[4] if res == 8 else channels[res // 2] * 2
+            setattr(self, f'dec{res}', Conv2dLayer(in_channels, channels[res], kernel_size=1, activation='linear',
+                                                   up=2))
+        self.heads = GLeaDHeads(channels[out_res], **heads) if heads is not None else None
+
+    def forward(self, features: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """{r: enc[r]} -> dict(feature=dec[out_res]) and, with heads, image, head_feature and w."""
+        x = None
+        for res in decoder_resolutions(self.out_res):
+            enc = features[res // 2].to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            misc.assert_shape(enc, [None, None, res // 2, res // 2])
+            x = getattr(self, f'dec{res}')(enc if x is None else torch.cat([x, enc], dim=1))
+        outputs = dict(feature=x)
+        if self.heads is not None:
+            outputs.update(self.heads(x))
+        return outputs
+
+    def extra_repr(self):
+        return f'out_res={self.out_res:d}, out_channels={self.out_channels:d}, heads={self.heads is not None}'
+
+
+@persistence.persistent_class
+class GLeaDHeads(torch.nn.Module):
+    """GLeaD's three linear 1x1 heads on the decoded feature: an intermediate RGB image (img_proj), the feature
+    that G's upper blocks start from (feat_proj1), and one w for them (feat_proj2, then a global average pool)."""
+
+    def __init__(self,
+        in_channels,                # Channels of the decoded feature, C[decoder_res].
+        img_channels    = 3,        # Channels of the predicted image.
+        feat_channels   = 512,      # Channels of the predicted G feature, C[glead_res_g].
+        w_dim           = 512,      # Dimensionality of the predicted w.
+    ):
+        super().__init__()
+        self.img_proj = Conv2dLayer(in_channels, img_channels, kernel_size=1, activation='linear')
+        self.feat_proj1 = Conv2dLayer(in_channels, feat_channels, kernel_size=1, activation='linear')
+        self.feat_proj2 = Conv2dLayer(in_channels, w_dim, kernel_size=1, activation='linear')
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        w = self.feat_proj2(x).mean(dim=[2, 3]).unsqueeze(1)  # [N, 1, w_dim]
+        return dict(image=self.img_proj(x), head_feature=self.feat_proj1(x), w=w)
+
+
+def decoder_kwargs(out_res: int, heads: Optional[dict] = None) -> dict:
+    """The D_kwargs.decoder_kwargs entry that train.py writes into the options tree."""
+    kwargs = dict(class_name='training.decoder.FeatureDecoder', out_res=out_res)
+    if heads is not None:
+        kwargs['heads'] = dict(heads)
+    return kwargs
