@@ -2,6 +2,7 @@
 second order, pickling, and the preset table."""
 
 import importlib.util
+import math
 import os
 import pickle
 import statistics
@@ -9,6 +10,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc, training_stats
@@ -283,6 +285,154 @@ def test_second_derivatives_through_the_whole_pipeline():
 
     assert torch.autograd.gradcheck(fn, [images], fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, [images], fast_mode=True)
+
+# ----------------------------------------------------------------------------
+# Feature maps (GGDR): the geometric transforms of the images, at each feature's own size.
+
+# Only small geometric transforms, so that the centre of the output reads the centre of the input.
+SMALL_GEOMETRY = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, scale_std=0.05,
+                      rotate_max=0.05, aniso_std=0.05, xfrac_std=0.03)
+
+
+def _smooth_images(n, channels, size, seed=0):
+    """Sums of four plane waves of at most ~1.4 cycles per image: smooth enough that box downsampling and
+    resampling nearly commute."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    y, x = torch.meshgrid(centres, centres, indexing='ij')
+    out = torch.zeros([n, channels, size, size], dtype=torch.float64)
+    for _ in range(4):
+        fx, fy = (torch.rand(2, generator=generator, dtype=torch.float64) * 2 - 1).tolist()
+        phase = torch.rand([n, channels, 1, 1], generator=generator, dtype=torch.float64) * (2 * math.pi)
+        out += torch.cos(2 * math.pi * (fx * x + fy * y) + phase)
+    return out.float()
+
+
+def _run_with_features(pipe, images, features, seed=0, debug_percentile=None):
+    torch.manual_seed(seed)
+    return pipe(images, features=features, debug_percentile=debug_percentile)
+
+
+def test_features_at_p0_are_exactly_unchanged():
+    images, features = _images(3), _images(16, size=8, seed=5)
+    every = {name: 1 for name in augment.ALL_TRANSFORMS}
+    for pipe in [_pipe(0.0, **every), _pipe(1.0), _pipe(1.0, **augment.AUGPIPE_SPECS['color'])]:
+        out, out_features = _run_with_features(pipe, images, features)
+        assert torch.equal(out_features, features)
+    assert not torch.allclose(out, images, atol=1e-3)     # The last pipe changes the colours only.
+
+
+@pytest.mark.parametrize('preset', ['blit', 'geom', 'bgcfnc'])
+@pytest.mark.parametrize('p', [0.0, 0.6, 1.0])
+def test_features_change_neither_the_images_nor_the_random_state(preset, p):
+    images = _images(3)
+    pipe = _pipe(p, **augment.AUGPIPE_SPECS[preset])
+    plain = _run(pipe, images, seed=2)
+    after_plain = torch.get_rng_state()
+    assert torch.equal(_run_with_features(pipe, images, None, seed=2), plain)
+    out, _ = _run_with_features(pipe, images, [_images(8, size=8), _images(4, size=4)], seed=2)
+    assert torch.equal(out, plain)
+    assert torch.equal(torch.get_rng_state(), after_plain)    # No draw of its own.
+
+
+@pytest.mark.parametrize('preset', ['blit', 'geom', 'bg'])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_a_feature_that_is_the_image_follows_the_image_path(preset, seed):
+    images = _images(3, size=16)
+    pipe = _pipe(1.0, **augment.AUGPIPE_SPECS[preset])
+    out, out_features = _run_with_features(pipe, images, images, seed=seed)
+    assert not torch.equal(out, images)
+    assert torch.equal(out_features, out)
+    # Colour, filtering, noise and cutout draw after the geometric stage: the same seed gives the same
+    # geometry, which the features follow, while the images also get the other stages.
+    full = _pipe(1.0, **augment.AUGPIPE_SPECS['bgcfnc'])
+    out_full, features_full = _run_with_features(full, images, images, seed=seed)
+    if preset == 'bg':
+        assert torch.equal(features_full, out)
+        assert not torch.allclose(out_full, out, atol=1e-3)
+
+
+@pytest.mark.parametrize('factor', [2, 4])
+def test_flips_and_quarter_turns_are_exact_at_any_feature_size(factor):
+    images, features = _images(3, size=16), _images(5, size=16 // factor)
+    out, out_features = _pipe(0.0, xflip=1)(images, features=features, debug_percentile=0.9)
+    assert torch.equal(out, images.flip(3)) and torch.equal(out_features, features.flip(3))
+    for percentile, quarter_turns in [(0.3, 1), (0.6, 2), (0.9, 3)]:
+        _, out_features = _pipe(0.0, rotate90=1)(images, features=features, debug_percentile=percentile)
+        assert torch.equal(out_features, torch.rot90(features, -quarter_turns, dims=(2, 3)))
+
+
+def test_integer_translations_scale_to_the_feature_size():
+    # The largest shift, round(0.125 * 16) = 2 image pixels, is 1 pixel at half size: a whole-pixel move.
+    images, features = _images(3, size=16), _images(5, size=8)
+    _, out_features = _pipe(0.0, xint=1)(images, features=features, debug_percentile=1.0)
+    assert torch.equal(out_features[:, :, 1:, 1:], features[:, :, :-1, :-1])
+    assert torch.equal(out_features[:, :, 1:, 0], features[:, :, :-1, 1])       # Mirrored in.
+
+    # At quarter size it is half a pixel, which the resampling interpolates; it moves a linear ramp by
+    # exactly 0.5 * slope away from the borders (where the mirror padding bends the ramp).
+    images = torch.zeros([2, 3, 128, 128])
+    r = torch.arange(32, dtype=torch.float32)
+    ramp = (0.3 * r.reshape(1, 1, 1, 32) + 0.7 * r.reshape(1, 1, 32, 1)).expand(2, 2, 32, 32)
+    pipe = _pipe(0.0, xint=1, xint_max=1 / 64)                                 # 2 image pixels.
+    out, out_features = pipe(images, features=ramp, debug_percentile=1.0)
+    inner = (..., slice(6, -6), slice(6, -6))
+    assert torch.allclose(out_features[inner], ramp[inner] - 0.5 * (0.3 + 0.7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('factor, atol', [(2, 0.03), (4, 0.1)])
+def test_features_at_lower_resolution_match_the_downsampled_augmented_images(factor, atol):
+    # Augmenting a box-downsampled image nearly equals box-downsampling the augmented image (measured: at most
+    # 0.013 at half and 0.05 at quarter size on values up to 4, in the centre, which the borders' mirror
+    # padding does not reach). Rounding the scaled integer shifts instead gives at least 0.28, leaving
+    # the translations unscaled at least 0.68.
+    images = _smooth_images(8, 3, 64)
+    pipe = _pipe(1.0, **SMALL_GEOMETRY)
+    features = F.avg_pool2d(images, factor)
+    for seed in range(3):
+        out, out_features = _run_with_features(pipe, images, features, seed=seed)
+        expected = F.avg_pool2d(out, factor)
+        size = features.shape[3]
+        centre = (..., slice(size // 4, size - size // 4), slice(size // 4, size - size // 4))
+        assert (out_features[centre] - expected[centre]).abs().max() < atol
+
+
+def test_several_features_of_different_sizes():
+    images = _images(3, size=16)
+    features = [_images(3, size=16, seed=1), _images(32, size=8, seed=2), _images(2, size=4, seed=3)]
+    pipe = _pipe(1.0, **augment.AUGPIPE_SPECS['bgcfnc'])
+    out, out_features = _run_with_features(pipe, images, features, seed=4)
+    assert isinstance(out_features, list) and len(out_features) == 3
+    for feature, out_feature in zip(features, out_features, strict=True):
+        assert out_feature.shape == feature.shape and not torch.equal(out_feature, feature)
+        out_alone, alone = _run_with_features(pipe, images, feature, seed=4)
+        assert isinstance(alone, torch.Tensor) and torch.equal(alone, out_feature)
+        assert torch.equal(out_alone, out)
+    _, from_tuple = _run_with_features(pipe, images, tuple(features), seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(from_tuple, out_features, strict=True))
+
+
+def test_features_are_validated():
+    pipe = _pipe(1.0, xflip=1)
+    with pytest.raises(ValueError, match='N = 4'):
+        pipe(_images(3), features=torch.zeros([2, 8, 8, 8]))
+    with pytest.raises(ValueError, match='aspect ratio'):
+        pipe(_images(3), features=torch.zeros([4, 8, 8, 4]))
+
+
+def test_gradients_flow_to_the_features():
+    pipe = _pipe(1.0, **augment.AUGPIPE_SPECS['bg'])
+    images = _images(3, n=2, size=16)
+    features = _images(4, n=2, size=8, dtype=torch.float64).requires_grad_(True)
+
+    def fn(f):
+        torch.manual_seed(3)    # The same draws on every call.
+        return pipe(images.double(), features=f)[1]
+
+    assert not torch.equal(fn(features), features)
+    assert torch.autograd.gradcheck(fn, [features], fast_mode=True)
+    fn(features).square().sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
 
 # ----------------------------------------------------------------------------
 # Persistence, resume and presets.

@@ -18,6 +18,10 @@ Stages 1-2 are affine maps of the image plane and are written as 3x3 sampling ma
 position); stage 3 is an affine map of RGB space, a 4x4 matrix. The whole pipeline is differentiable to any
 order with respect to the images, which R1 regularization of augmented reals needs.
 
+Feature maps (GGDR, Lee et al. 2022): `pipe(images, features=...)` also applies the geometric stages drawn for
+the images to generator features of other sizes and channel counts, each at its own resolution with the
+translations scaled to it, and returns `(images, features)`; the other stages change only the images.
+
 `AdaController` (at the end) is the other half of ADA: it moves `p` toward a target of the overfitting
 heuristic r_t = E[sign(D(real))] while training runs.
 
@@ -217,6 +221,40 @@ def _normal_quantile(percentile):
     return statistics.NormalDist().inv_cdf(min(max(percentile, 1e-4), 1 - 1e-4))
 
 # ----------------------------------------------------------------------------
+# Feature maps: the geometric stages of the images, re-expressed at a feature's size.
+
+
+def _check_features(features, image_shape):
+    """The features of `forward` as a list, validated against the images' shape [N, C, H, W]."""
+    feature_list = [features] if isinstance(features, torch.Tensor) else list(features)
+    N, _, H, W = image_shape
+    for f in feature_list:
+        if not isinstance(f, torch.Tensor) or f.ndim != 4 or not f.is_floating_point() or f.shape[0] != N:
+            raise ValueError(f'AugmentPipe features must be floating-point tensors [N, C, H, W] with N = {N}')
+        # One scale factor for both axes keeps flips and quarter turns whole-pixel moves at the feature's size.
+        if f.shape[2] * W != f.shape[3] * H:
+            raise ValueError(f'A feature must have the aspect ratio of the images ({W}x{H}), '
+                             f'got {f.shape[3]}x{f.shape[2]}')
+    return feature_list
+
+
+def _split_scaled_blit(blit, scale):
+    """A blit matrix [N, 3, 3] at `scale` times the resolution, as (whole, residual): `whole` moves by whole
+    pixels, and blit_at_scale = whole @ translate(residual), residual [N, 2] in the scaled pixels.
+
+    The linear part L of a blit is a signed permutation (flips and quarter turns), unchanged by the scaling;
+    the translation t becomes scale * t. With t' = round(scale * t), whole = [L, t'] and the remainder is
+    L^-1 (scale * t - t') = L^T (scale * t - t'), at most half a pixel per axis, and exactly 0 when scale * t
+    is already whole.
+    """
+    t = blit[:, :2, 2] * scale
+    t_whole = torch.round(t)
+    linear = blit[:, :2, :2]
+    residual = (linear.transpose(1, 2) @ (t - t_whole)[:, :, None])[:, :, 0]
+    whole = torch.cat([torch.cat([linear, t_whole[:, :, None]], dim=2), blit[:, 2:, :]], dim=1)
+    return whole, residual
+
+# ----------------------------------------------------------------------------
 
 
 # Random draws. With a debug percentile every draw is replaced by the value at that percentile.
@@ -254,8 +292,9 @@ def _discrete(num_values, shape, device, debug_percentile):
 
 @persistence.persistent_class
 class AugmentPipe(torch.nn.Module):
-    """The ADA augmentation pipeline (see the module docstring). Call it on images [N, C, H, W]; set the
-    augmentation probability with `pipe.p.copy_(value)`."""
+    """The ADA augmentation pipeline (see the module docstring). Call it on images [N, C, H, W], optionally
+    with feature maps to transform alike (`forward`); set the augmentation probability with
+    `pipe.p.copy_(value)`."""
 
     def __init__(self,
         xflip           = 0,            # Multiplier of x-flips (mirror about the vertical axis).
@@ -458,11 +497,21 @@ class AugmentPipe(torch.nn.Module):
     # ------------------------------------------------------------------------
     # Applying the stages.
 
-    def forward(self, images, debug_percentile=None):
+    def forward(self, images, features=None, debug_percentile=None):
+        """Augment `images` [N, C, H, W]; returns the augmented images.
+
+        With `features` (a tensor [N, C_i, H_i, W_i] or a list or tuple of them, e.g. the generator feature
+        that GGDR's decoder must predict) returns `(images, features)`, the features as a tensor or a list as
+        given. Each feature gets the geometric transforms (stages 1-2) drawn for the images, re-expressed at
+        its own size (see `_warp_feature`); colour, filtering, noise and cutout act on the images only. The
+        features draw no random numbers of their own: the images and the random state afterwards are the
+        same whether features are given or not.
+        """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
             raise ValueError('AugmentPipe expects a floating-point tensor of shape [N, C, H, W]')
         if debug_percentile is not None and not 0 <= debug_percentile <= 1:
             raise ValueError(f'debug_percentile must lie in [0, 1], got {debug_percentile}')
+        feature_list = None if features is None else _check_features(features, images.shape)
         N, C, H, W = images.shape
         device = images.device
 
@@ -472,6 +521,17 @@ class AugmentPipe(torch.nn.Module):
                 images = self._blit(images, blit)
             if geom is not None:
                 images = self._resample(images, geom)
+            if feature_list is not None:
+                feature_list = [self._warp_feature(f, blit, geom, W) for f in feature_list]
+        images = self._augment_appearance(images, debug_percentile)
+        if features is None:
+            return images
+        return images, (feature_list[0] if isinstance(features, torch.Tensor) else feature_list)
+
+    def _augment_appearance(self, images, debug_percentile):
+        """Stages 3-5, which change pixel values but not positions and therefore act on images only."""
+        N, C, H, W = images.shape
+        device = images.device
         if self._enabled(COLOR_TRANSFORMS):
             if C not in (1, 3):
                 raise ValueError(f'Colour transforms need RGB or grayscale images, got {C} channels')
@@ -499,6 +559,37 @@ class AugmentPipe(torch.nn.Module):
         iy = _mirror_index(torch.floor(src[:, 1] + H / 2).long(), H)
         index = (iy * W + ix).reshape(N, 1, H * W).expand(N, C, H * W)
         return images.reshape(N, C, H * W).gather(2, index).reshape(N, C, H, W)
+
+    def _warp_feature(self, feature, blit, geom, image_width):
+        """Stages 1-2 on a feature map, with the sampling matrices drawn for images `image_width` pixels wide.
+
+        The transforms are defined in coordinates normalized by the image size, while the matrices are in
+        pixel units about the centre; at `scale` = feature size / image size the same map keeps its linear
+        part and has `scale` times the translation. Flips and quarter turns stay whole-pixel moves at any
+        size. An integer translation of the images is in general fractional at the feature's size: its
+        whole-pixel part is blitted (exact), and the remainder, at most half a feature pixel, is handed to
+        the resampling of stage 2, which already interpolates fractional translations for the images. The
+        feature thus moves by exactly the images' shift (up to the interpolation), where rounding the shift
+        would misplace it by up to half of its own pixel (two image pixels for 8x8 features of 32x32 images);
+        a shift that is a multiple of 1 / scale, or scale = 1, involves no resampling at all. Stage 2 then
+        resamples the feature at its own resolution, with the same reflection padding and 2x wavelet
+        oversampling as the images.
+        """
+        scale = feature.shape[3] / image_width
+        residual = None
+        if blit is not None:
+            blit, residual = _split_scaled_blit(blit, scale)
+            feature = self._blit(feature, blit)
+        if geom is None and residual is None:
+            return feature
+        if geom is None:
+            geom = misc.constant(np.eye(3), dtype=torch.float32, device=feature.device).expand(len(blit), 3, 3)
+        geom = geom.clone()                                     # A contiguous copy, also of the expanded eye.
+        geom[:, :2, 2] *= scale
+        if residual is not None:
+            # whole @ translate(residual) @ geom = whole @ [A, t + residual] for geom = [A, t].
+            geom[:, :2, 2] += residual
+        return self._resample(feature, geom)
 
     def _resample(self, images, matrix):
         """Stage 2: warp by the sampling matrices with 2x oversampling.
