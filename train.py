@@ -31,7 +31,10 @@ builder composes section builders (dataset, preset, networks, schedule, augmenta
 returns its part of the tree and its run-description pieces. Ranges and choices are checked once, by the click
 types; the builder checks what depends on several options or on the data. `--arch` and the flags of the
 synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered there
-brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check.
+brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check. This script is the
+command line and the composition: the builder is training/options.py, the process launcher training/launch.py,
+the run directory training/run_dir.py; the metrics come from package `metrics`, which `training` may not
+import, so the builder and the launcher get them from here (`check_metrics_ready`, `launch_training`).
 
 Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`). The pieces, in order:
     <dataset name>
