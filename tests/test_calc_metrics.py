@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
 import click
 import numpy as np
@@ -86,9 +87,18 @@ def test_gpus_zero_is_one_cpu_process(network_and_data, fake_metric):
     assert fake_metric == [dict(metric='fid50k_full', num_gpus=1, device=torch.device('cpu'))]
 
 
+def _spawn_nothing(record):
+    """A stand-in for torch.multiprocessing.spawn that starts no process: it calls `record(nprocs, args)` and
+    returns a context whose join() says every process has ended (distributed.spawn is start() plus join())."""
+    def spawn(fn, args, nprocs, join=True):
+        record(nprocs, args)
+        return types.SimpleNamespace(join=lambda: True)
+    return spawn
+
+
 def test_gpus_n_with_device_cpu_spawns_n_cpu_processes(network_and_data, fake_metric, monkeypatch):
     spawned = []
-    monkeypatch.setattr(torch.multiprocessing, 'spawn', lambda fn, args, nprocs: spawned.append((nprocs, args[0])))
+    monkeypatch.setattr(torch.multiprocessing, 'spawn', _spawn_nothing(lambda nprocs, args: spawned.append((nprocs, args[0]))))
     network, data = network_and_data
     with pytest.raises(FileNotFoundError):  # The stand-in spawn writes no results file.
         calc_metrics.calc_metrics(network, data=data, gpus=3, device='cpu', verbose=False)
@@ -100,7 +110,7 @@ def test_spawned_ranks_adopt_as_the_parent_did(network_and_data, tmp_path, fake_
     from test_legacy_adopt import official_format_pickle
 
     spawned = []
-    monkeypatch.setattr(torch.multiprocessing, 'spawn', lambda fn, args, nprocs: spawned.append(args[0]))
+    monkeypatch.setattr(torch.multiprocessing, 'spawn', _spawn_nothing(lambda nprocs, args: spawned.append(args[0])))
     official = tmp_path / 'official.pkl'
     official.write_bytes(official_format_pickle(dict(G_ema=make_generator())))
     _, data = network_and_data

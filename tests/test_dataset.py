@@ -396,13 +396,14 @@ def test_loader_kwargs_on_a_device():
 
 
 def test_the_metrics_and_train_py_take_their_loader_options_from_here():
-    import train
     from metrics import metric_utils
+    from training import options  # The option builder of train.py.
+    from training.errors import UserError
     assert metric_utils.default_data_loader_kwargs('cpu') == loader_kwargs_on(data_loader_kwargs(0), 'cpu')
     assert metric_utils.default_data_loader_kwargs('cuda') == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
-    assert train._data_loader_kwargs(2) == data_loader_kwargs(2)
-    with pytest.raises(train.UserError, match='--workers must be at least 0'):
-        train._data_loader_kwargs(-1)
+    assert options._data_loader_kwargs(2) == data_loader_kwargs(2)
+    with pytest.raises(UserError, match='--workers must be at least 0'):
+        options._data_loader_kwargs(-1)
     # A DataLoader accepts what it is given on this machine's CPU, with and without workers.
     for workers in (0, 1):
         loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2,

@@ -24,6 +24,8 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from training import checkpoint, networks
+from training import options as option_builder
+from training import run_dir as run_dirs
 from training.augment import AUGPIPE_SPECS
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'train_options')
@@ -75,13 +77,14 @@ class FakeData:
 
 @contextlib.contextmanager
 def stand_ins(data=None, cuda_devices=0):
-    """Replace train.py's hooks into other modules: dataset, metrics, augment presets, CUDA, checkpoints."""
+    """Replace the hooks of the option builder (training/options.py) into other modules: dataset, CUDA,
+    checkpoints; and train.py's check of the metrics' files."""
     data = data or FakeData()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(train, 'inspect_dataset', data))
-        stack.enter_context(mock.patch.object(train, '_cuda_device_count', lambda: cuda_devices))
+        stack.enter_context(mock.patch.object(option_builder, 'inspect_dataset', data))
+        stack.enter_context(mock.patch.object(option_builder, '_cuda_device_count', lambda: cuda_devices))
         stack.enter_context(mock.patch.object(train, 'check_metrics_ready', data.check_metrics_ready))
-        stack.enter_context(mock.patch.object(train, 'inspect_snapshot', data.inspect_snapshot))
+        stack.enter_context(mock.patch.object(option_builder, 'inspect_snapshot', data.inspect_snapshot))
         yield data
 
 
@@ -405,7 +408,7 @@ def test_launch_writes_options_and_numbers_runs(fake_data, tmp_path, monkeypatch
 
 def test_existing_run_dir_is_not_overwritten(fake_data, tmp_path, monkeypatch):
     _, args = train.setup_training_options(data='fakedata', device='cpu')
-    monkeypatch.setattr(train, 'next_run_dir', lambda outdir, desc: os.path.join(outdir, '00000-taken'))
+    monkeypatch.setattr(run_dirs, 'next_run_dir', lambda outdir, desc: os.path.join(outdir, '00000-taken'))
     os.makedirs(tmp_path / '00000-taken')
     with pytest.raises(train.UserError, match='already exists'):
         train.prepare_run_dir(args, str(tmp_path), 'taken')
@@ -674,12 +677,12 @@ def test_distributed_env():
 
 
 def test_resolve_launch(monkeypatch):
-    monkeypatch.setattr(train, '_cuda_device_count', lambda: 0)
+    monkeypatch.setattr(option_builder, '_cuda_device_count', lambda: 0)
     assert train.resolve_launch(0) == dict(num_gpus=1, device_type='cpu')
     assert train.resolve_launch(3, 'cpu') == dict(num_gpus=3, device_type='cpu')
     with pytest.raises(train.UserError, match='use --gpus=0'):
         train.resolve_launch(None)
-    monkeypatch.setattr(train, '_cuda_device_count', lambda: 2)
+    monkeypatch.setattr(option_builder, '_cuda_device_count', lambda: 2)
     assert train.resolve_launch(None) == dict(num_gpus=1, device_type='cuda')
     assert train.resolve_launch(2, 'cuda') == dict(num_gpus=2, device_type='cuda')
     with pytest.raises(train.UserError, match='only 2 visible'):

@@ -304,23 +304,6 @@ class _SpawnedRank:
             torch.distributed.destroy_process_group()
 
 
-def spawn(
-    fn:             Callable[..., Any],                 # Module-level function, called as fn(rank, device, *args).
-    args:           Sequence[Any],                      # Its further arguments (pickled to every process).
-    nprocs:         int,                                # Processes to start, one per local device.
-    device_type:    str,                                # 'cuda' (process r on cuda:r, NCCL) or 'cpu' (gloo).
-    rendezvous_dir: str,                                # Fresh directory for the rendezvous file; the caller's.
-) -> None:
-    """Run `fn` on `nprocs` new processes in one group and wait for all of them. If one fails, the others are
-    ended and torch.multiprocessing's ProcessRaisedException / ProcessExitedException is raised here.
-
-    The ranks meet through a file in `rendezvous_dir`, not a TCP port, so parallel runs cannot collide; the
-    caller owns the directory, which is also where the ranks can leave files for it (results, errors).
-    """
-    torch.multiprocessing.spawn(fn=_SpawnedRank(fn, nprocs, device_type, rendezvous_dir), args=tuple(args),
-                                nprocs=nprocs)
-
-
 def start(
     fn:             Callable[..., Any],                 # Module-level function, called as fn(rank, device, *args).
     args:           Sequence[Any],                      # Its further arguments (pickled to every process).
@@ -328,7 +311,19 @@ def start(
     device_type:    str,                                # 'cuda' (process r on cuda:r, NCCL) or 'cpu' (gloo).
     rendezvous_dir: str,                                # Fresh directory for the rendezvous file; the caller's.
 ) -> Any:
-    """spawn() without waiting: returns torch.multiprocessing's ProcessContext, whose join() the caller loops
-    on (for example while it forwards signals to the ranks)."""
+    """Start `fn` on `nprocs` new processes in one group without waiting: returns torch.multiprocessing's
+    ProcessContext, whose join() the caller loops on (for example while it forwards signals to the ranks).
+
+    The ranks meet through a file in `rendezvous_dir`, not a TCP port, so parallel runs cannot collide; the
+    caller owns the directory, which is also where the ranks can leave files for it (results, errors).
+    """
     return torch.multiprocessing.spawn(fn=_SpawnedRank(fn, nprocs, device_type, rendezvous_dir), args=tuple(args),
                                        nprocs=nprocs, join=False)
+
+
+def spawn(fn: Callable[..., Any], args: Sequence[Any], nprocs: int, device_type: str, rendezvous_dir: str) -> None:
+    """start() and wait for all the processes (the arguments are start()'s). If one fails, the others are ended
+    and torch.multiprocessing's ProcessRaisedException / ProcessExitedException is raised here."""
+    context = start(fn, args, nprocs, device_type, rendezvous_dir)
+    while not context.join():
+        pass

@@ -1,4 +1,5 @@
-"""Run-directory housekeeping: one writer per run directory, and the leftovers of interrupted writes.
+"""Run-directory housekeeping: one writer per run directory, the leftovers of interrupted writes, and making,
+describing and cleaning up the run directories of train.py.
 
 A run directory (`<outdir>/<NNNNN>-<desc>/`) is written by exactly one training process. `acquire_run_lock`
 makes that true: it takes an exclusive `flock` on `<run_dir>/.run.lock`, which the kernel drops when the
@@ -14,6 +15,10 @@ Typical use, at the start of a run or a resume:
     with acquire_run_lock(run_dir):
         sweep_temporary_files(run_dir)
         ...train...
+
+train.py does it through `prepare_run_dir`, which also numbers and creates the directory of a new run
+(`next_run_dir`) and writes `training_options.json` into it; `finish_failed_run` removes the directory of a new
+run that failed before it saved anything, keeping its log in a temporary file.
 """
 
 import datetime
@@ -22,11 +27,21 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import sys
-from typing import List, Optional
+import tempfile
+from typing import Any, List, Mapping, Optional
+
+import click
+
+import dnnlib
+from training.checkpoint import STATE_FILE_NAME
+from training.errors import RunFailed, UserError
 
 LOCK_FILE_NAME = '.run.lock'
+OPTIONS_FILE_NAME = 'training_options.json'
+LOG_FILE_NAME = 'log.txt'
 
 # The names of our temporary files, in one place so that the writers and the sweeper agree.
 # `dnnlib.util.write_atomically(path, ...)` writes `f'{path}.tmp-{uuid.uuid4().hex}'` (32 lowercase hex digits)
@@ -194,3 +209,112 @@ def acquire_run_lock(run_dir: str) -> RunLock:
         os.close(fd)
         raise
     return RunLock(run_dir, fd)
+
+# ----------------------------------------------------------------------------
+# Making, describing and cleaning up a run directory (train.py).
+
+
+def next_run_dir(outdir: str, run_desc: str) -> str:
+    """`<outdir>/<NNNNN>-<run_desc>`, numbered one past the largest numeric prefix already in `outdir`."""
+    run_ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.match(r'^(\d+)', name)
+            if match is not None and os.path.isdir(os.path.join(outdir, name)):
+                run_ids.append(int(match.group(1)))
+    run_id = max(run_ids, default=-1) + 1
+    return os.path.join(outdir, f'{run_id:05d}-{run_desc}')
+
+
+def write_options(args: Mapping[str, Any], run_dir: str) -> str:
+    """Write `training_options.json` (atomically, so a crash never leaves half of it)."""
+    path = os.path.join(run_dir, OPTIONS_FILE_NAME)
+    text = json.dumps(args, indent=2) + '\n'
+    dnnlib.util.write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+    return path
+
+
+def check_outdir(outdir: Optional[str]) -> None:
+    """Fail now if the run directory could not be made under `outdir`: its nearest existing ancestor must be a
+    writable directory (not a regular file, not read-only)."""
+    if outdir is None:
+        raise UserError('--outdir is required: the directory that receives the run directory')
+    probe = os.path.abspath(outdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f'--outdir: cannot create "{outdir}": "{probe}" is a file, not a directory')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'--outdir: cannot create the run directory under "{outdir}": "{probe}" is not writable')
+
+
+def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> RunLock:
+    """Create the run directory of a new run (or check that of a resumed state), set args.run_dir, lock it for
+    this process's lifetime, sweep what interrupted writes left there, write the options. Returns the
+    RunLock, which the caller keeps while the run trains (one writer per run directory)."""
+    if args.get('run_dir') is not None:
+        if not os.path.isdir(args.run_dir):
+            raise UserError(f'The run directory "{args.run_dir}" of the resumed state does not exist')
+        check_outdir(args.run_dir)
+    else:
+        check_outdir(outdir)
+        os.makedirs(outdir, exist_ok=True)
+        args.run_dir = next_run_dir(outdir, run_desc)
+        try:
+            os.makedirs(args.run_dir, exist_ok=False)
+        except FileExistsError:
+            raise UserError(f'The run directory "{args.run_dir}" already exists; refusing to overwrite it') from None
+    try:
+        lock = acquire_run_lock(args.run_dir)
+    except RunDirLocked as e:
+        raise UserError(str(e)) from None
+    swept = sweep_temporary_files(args.run_dir)
+    if swept:
+        click.echo(f'Removed {len(swept)} temporary file(s) left by interrupted writes: {", ".join(swept)}')
+    write_options(args, args.run_dir)
+    return lock
+
+
+def _has_saved_progress(run_dir: str) -> bool:
+    """Whether the run wrote anything worth keeping: a network snapshot or a training state."""
+    return any(name.startswith('network-snapshot-') or name == STATE_FILE_NAME for name in os.listdir(run_dir))
+
+
+def finish_failed_run(error: RunFailed, run_dir: str, is_new_run: bool) -> RunFailed:
+    """The error to report for a failed run. A new run that saved nothing (it failed before its first tick) leaves
+    no numbered directory behind: its log moves to a temporary file that the message names."""
+    log_path = os.path.join(run_dir, LOG_FILE_NAME)
+    if not is_new_run or _has_saved_progress(run_dir):
+        where = 'The traceback is in' if error.traceback else 'The log is'
+        return RunFailed(f'{error.message}. {where} {log_path}', traceback=error.traceback)
+    fd, kept_log = tempfile.mkstemp(prefix=f'{os.path.basename(run_dir)}-', suffix='-log.txt')
+    os.close(fd)
+    if os.path.isfile(log_path):
+        shutil.copyfile(log_path, kept_log)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with_traceback = ', with the traceback,' if error.traceback else ''
+    return RunFailed(f'{error.message}. Removed the run directory {run_dir} (nothing had been saved); its log'
+                     f'{with_traceback} is {kept_log}', traceback=error.traceback)
+
+
+def describe(args: Mapping[str, Any], run_dir: str, device_type: str) -> str:
+    """The options tree as JSON plus a short summary (what --dry-run prints and a real run logs)."""
+    data = args.get('training_set_kwargs') or {}
+    synthesis = (args.get('G_kwargs') or {}).get('synthesis_kwargs') or {}
+    lines = [
+        'Training options:',
+        json.dumps(args, indent=2),
+        '',
+        f'Output directory:   {run_dir}',
+        f'Training data:      {data.get("path")}',
+        f'Training duration:  {args.get("total_kimg")} kimg',
+        f'Processes:          {args.get("num_gpus")} ({device_type})',
+        f'Batch:              {args.get("batch_size")} ({args.get("batch_gpu")} per process and round)',
+        f'Image resolution:   {data.get("resolution")}',
+        f'Conditional model:  {data.get("use_labels")}',
+        f'Dataset x-flips:    {data.get("xflip")}',
+        f'Synthesis blocks:   {synthesis.get("architecture", "skip")}',
+    ]
+    if args.get('resume_state'):
+        lines.append(f'Resuming state:     {args["resume_state"]}')
+    return '\n'.join(lines)
