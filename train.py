@@ -107,6 +107,7 @@ from torch_utils import distributed as launcher  # Not `distributed`: that names
 from training.checkpoint import STATE_FILE_NAME
 from training.errors import RunFailed, UserError, warn
 from training.launch import DEFAULT_TRAINING_LOOP
+from training.lpips import KINDS as RECONSTRUCTION_DISTANCES
 from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
 from training.options import (
     AUG_MODES,
@@ -115,6 +116,7 @@ from training.options import (
     DEFAULTS,
     PRECISIONS,
     PRESETS,
+    REGULARIZERS,
     RESUME_PRESETS,
     STATE_OVERRIDES,
     Preset,
@@ -126,6 +128,7 @@ from training.options import (
     parse_metrics,
     resolve_launch,
 )
+from training.regularizers import GLEAD_FAKE_BRANCHES
 from training.run_dir import (
     LOG_FILE_NAME,
     OPTIONS_FILE_NAME,
@@ -316,6 +319,27 @@ EXAMPLES = '''Examples:
               help='Overfitting heuristic r_t that --aug=ada steers towards')
 @click.option('--augpipe', type=click.Choice(AUGPIPE_NAMES), default=DEFAULTS['augpipe'], show_default=True,
               help='Which transforms the augmentation applies (preset name)')
+# D regularizers (SPEC §5): GGDR and GLeaD, with any --arch.
+@click.option('--reg', type=click.Choice(REGULARIZERS), default=DEFAULTS['reg'], show_default=True,
+              help='D regularizer: ggdr (D predicts G\'s features), glead (D\'s predictions run G\'s upper blocks)')
+@click.option('--ggdr-res', type=click.IntRange(min=8), help='--reg=ggdr: resolution of the G feature that D '
+              'predicts  [default: resolution / 4, at least 8]')
+@click.option('--ggdr-weight', type=FiniteFloatRange(min=0), default=DEFAULTS['ggdr_weight'], show_default=True,
+              help='--reg=ggdr: weight of the cosine term')
+@click.option('--glead-res-g', type=click.IntRange(min=8), help='--reg=glead: G\'s blocks above this resolution '
+              'reconstruct D\'s input (64 or 32 at 256x256)  [default: resolution / 4, at least 8]')
+@click.option('--glead-fake', type=click.Choice(GLEAD_FAKE_BRANCHES), default=DEFAULTS['glead_fake'],
+              show_default=True, help='--reg=glead: fake branch, gfeat (cosine to G\'s feature: GLeaD + GGDR) or '
+              'gfwimage (reconstruction of the fake: plain GLeaD)')
+@click.option('--glead-recon', type=click.Choice(RECONSTRUCTION_DISTANCES), default=DEFAULTS['glead_recon'],
+              show_default=True, help='--reg=glead: reconstruction distance; lpips needs weights (--glead-lpips or '
+              'a download), mse needs none')
+@click.option('--glead-lpips', metavar='FILE|TRUNK,LIN', help='--reg=glead: LPIPS-AlexNet weights, torchvision\'s '
+              'alexnet-owt-7be5be79.pth and lpips\' weights/v0.1/alex.pth, or one combined file  [default: download]')
+@click.option('--glead-real-weight', type=FiniteFloatRange(min=0), default=DEFAULTS['glead_real_weight'],
+              show_default=True, help='--reg=glead: weight of the reconstruction of reals')
+@click.option('--glead-fake-weight', type=FiniteFloatRange(min=0), help='--reg=glead: weight of the fake branch  '
+              '[default: 10 for gfeat, 3 for gfwimage]')
 # Transfer learning and resuming.
 @click.option('--resume', help=f'Start from a snapshot ({", ".join(RESUME_PRESETS)}, .pkl path or URL), or '
               f'continue a run (its directory or {STATE_FILE_NAME})')

@@ -20,7 +20,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
-from training import checkpoint
+from training import checkpoint, decoder, regularizers
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
 from training.errors import UserError, warn
@@ -96,6 +96,18 @@ DEFAULTS = dict(
     arch            = 'skip',
     stop_snapshot   = True,
     precision       = 'fp16',
+    reg             = 'none',
+    ggdr_weight     = 10.0,
+    glead_fake      = 'gfeat',
+    glead_recon     = 'lpips',
+    glead_real_weight = 10.0,
+)
+
+REGULARIZERS = ('none', 'ggdr', 'glead')    # --reg: the D regularizers of SPEC §5 (training/regularizers.py).
+# The options of each regularizer; one given with another --reg is refused.
+REGULARIZER_OPTIONS = dict(
+    ggdr    = ('ggdr_res', 'ggdr_weight'),
+    glead   = ('glead_res_g', 'glead_fake', 'glead_recon', 'glead_lpips', 'glead_real_weight', 'glead_fake_weight'),
 )
 
 
@@ -474,6 +486,15 @@ def build_training_plan(
     state_kimg:         Optional[float] = None,     # --state-kimg: training state every N kimg besides snapshots.
     stop_snapshot:      Optional[bool] = None,      # --stop-snapshot: a network snapshot too when a signal stops it.
     precision:          Optional[str] = None,       # --precision: fp16, bf16 or fp32 for the num_fp16_res blocks.
+    reg:                Optional[str] = None,       # --reg: none, ggdr or glead (D regularizer, SPEC §5).
+    ggdr_res:           Optional[int] = None,       # --ggdr-res: resolution of G's feature that D predicts.
+    ggdr_weight:        Optional[float] = None,     # --ggdr-weight: weight of GGDR's cosine term.
+    glead_res_g:        Optional[int] = None,       # --glead-res-g: G's tail runs the blocks above this resolution.
+    glead_fake:         Optional[str] = None,       # --glead-fake: gfeat (GLeaD + GGDR) or gfwimage (GLeaD).
+    glead_recon:        Optional[str] = None,       # --glead-recon: lpips or mse (the reconstruction distance).
+    glead_lpips:        Optional[str] = None,       # --glead-lpips: LPIPS weights, one file or TRUNK,LIN.
+    glead_real_weight:  Optional[float] = None,     # --glead-real-weight: weight of the reconstruction of reals.
+    glead_fake_weight:  Optional[float] = None,     # --glead-fake-weight: weight of the fake branch.
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun/srun ranks other than 0, which rank 0 speaks for).
@@ -510,7 +531,8 @@ def build_training_plan(
     args.training_set_kwargs = dataset
     for part in (networks, schedule, augment, transfer):  # In this order: a transfer resets the EMA ramp-up.
         args.update(part)
-    for part in (preset_pieces, network_pieces, schedule_pieces, augment_pieces, transfer_pieces):
+    reg_pieces = _regularizer_section(opts, given, info, args)
+    for part in (preset_pieces, network_pieces, schedule_pieces, augment_pieces, transfer_pieces, reg_pieces):
         pieces.update(part)
     if desc is not None:
         if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
@@ -527,7 +549,7 @@ def build_training_plan(
 
 
 # The order of the run-description pieces (see the docstring of train.py); `block` holds the block options' pieces.
-RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'cbase', 'cmax', 'map', 'glr', 'dlr',
+RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'reg', 'cbase', 'cmax', 'map', 'glr', 'dlr',
                   'mbstd', 'gamma', 'kimg', 'batch', 'aug', 'p', 'target', 'augpipe', 'resume', 'freezed', 'desc')
 
 
@@ -761,3 +783,58 @@ def _transfer_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], check_file
         part.update(ada_kimg=100,       # Let ADA react faster at the start of a transfer.
                     ema_rampup=None)    # The loaded G_ema is already a good average.
     return part, dict(resume=piece)
+
+
+def _regularizer_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], info: Mapping[str, Any],
+                         args: dnnlib.EasyDict) -> dict:
+    """--reg and its options -> D's decoder (D_kwargs.decoder_kwargs) and the loss term (loss_kwargs.d_terms),
+    written into `args`; returns the run-name pieces. Nothing changes with --reg=none."""
+    for reg, names in REGULARIZER_OPTIONS.items():
+        for name in names:
+            if name in given and opts.reg != reg:
+                raise UserError(f'--{name.replace("_", "-")} applies only to --reg={reg} (got --reg={opts.reg})')
+    if opts.reg == 'none':
+        return dict()
+    res = info.resolution
+    feature_res = opts.get('ggdr_res' if opts.reg == 'ggdr' else 'glead_res_g') or max(8, res // 4)
+    top = res if opts.reg == 'ggdr' else res // 2  # GLeaD's G tail needs at least one block above its resolution.
+    flag = '--ggdr-res' if opts.reg == 'ggdr' else '--glead-res-g'
+    if feature_res not in [2 ** i for i in range(3, 16)] or not 8 <= feature_res <= top:
+        raise UserError(f'{flag} must be a power of two between 8 and {top} for {res}x{res} images, got '
+                        f'{feature_res}  [default: resolution / 4, at least 8]')
+    if opts.reg == 'ggdr':
+        args.D_kwargs.decoder_kwargs = decoder.decoder_kwargs(feature_res)
+        term = dnnlib.EasyDict(class_name='training.regularizers.GGDRTerm', res=feature_res,
+                               weight=float(opts.ggdr_weight))
+        suffix = '' if opts.ggdr_weight == DEFAULTS['ggdr_weight'] else f'w{opts.ggdr_weight:g}'
+        args.loss_kwargs.d_terms = [term]
+        return dict(reg=f'-ggdr{feature_res}{suffix}')
+    return _glead_section(opts, info, args, feature_res)
+
+
+def _glead_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], args: dnnlib.EasyDict, res_g: int) -> dict:
+    """GLeaD: its decoder ends at 64 (SPEC §5), or lower for small images, never below res_g. The LPIPS weights
+    are found and checked here, on every rank (the download cache writes atomically), so that the recorded
+    options name the files every rank loads."""
+    synthesis = args.G_kwargs.synthesis_kwargs
+    channels = lambda r: min(synthesis.channel_base // r, synthesis.channel_max)  # noqa: E731
+    decoder_res = max(res_g, min(64, info.resolution // 4))
+    heads = dict(img_channels=info.num_channels, feat_channels=channels(res_g), w_dim=args.G_kwargs.w_dim)
+    args.D_kwargs.decoder_kwargs = decoder.decoder_kwargs(decoder_res, heads)
+    lpips_weights = opts.get('glead_lpips')
+    if opts.glead_recon == 'lpips':
+        try:
+            lpips_weights = regularizers.resolve_lpips_weights(lpips_weights)
+        except (OSError, ValueError) as e:
+            raise UserError(f'--glead-recon=lpips: {e}; give the files with --glead-lpips=TRUNK.pth,LIN.pth '
+                            f'(torchvision\'s alexnet-owt-7be5be79.pth, lpips\' weights/v0.1/alex.pth) or one '
+                            f'combined file, or use --glead-recon=mse (needs no file)') from None
+    elif opts.glead_recon == 'mse':
+        lpips_weights = None
+    fake_weight = opts.get('glead_fake_weight')
+    args.loss_kwargs.d_terms = [dnnlib.EasyDict(
+        class_name='training.regularizers.GLeaDTerm', res_g=res_g, fake=opts.glead_fake,
+        real_weight=float(opts.glead_real_weight), fake_weight=None if fake_weight is None else float(fake_weight),
+        distance=opts.glead_recon, lpips_weights=lpips_weights)]
+    piece = f'-glead{res_g}' + ('' if opts.glead_fake == 'gfeat' else f'-{opts.glead_fake}')
+    return dict(reg=piece + ('-mse' if opts.glead_recon == 'mse' else ''))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import dnnlib
 from torch_utils import misc, training_stats
 from training import lpips
 from training.loss import DiscriminatorTerm
@@ -127,3 +128,26 @@ def _weights_arg(value: Optional[str]):
         trunk, lin = value.split(',', 1)
         return trunk, lin
     return value
+
+# ----------------------------------------------------------------------------
+# LPIPS weights for --glead-recon=lpips, found before the run starts.
+
+LIN_URL = 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth'
+
+
+def resolve_lpips_weights(given: Optional[str]) -> str:
+    """The LPIPS weights GLeaD will load, as the string the options record ('file' or 'trunk,lin'), checked
+    now (every key and shape) so that a wrong or missing file stops the run before any work.
+
+    Without `given`: torchvision's AlexNet file and the lin layers (from an installed lpips package, else from
+    its repository) through the download cache. Raises ValueError (or FileNotFoundError) with one line."""
+    if given is None:
+        try:
+            trunk = dnnlib.util.open_url(lpips.TRUNK_URL, return_filename=True, num_attempts=2, verbose=False)
+            lin = lpips.installed_lin_file() or dnnlib.util.open_url(LIN_URL, return_filename=True, num_attempts=2,
+                                                                     verbose=False)
+        except OSError as e:
+            raise ValueError(f'the LPIPS weights could not be downloaded ({str(e).splitlines()[0]})') from None
+        given = f'{trunk},{lin}'
+    lpips.load_weights(_weights_arg(given))
+    return given
