@@ -176,9 +176,10 @@ def _grads_after(phase, loss, G, D):
     return grads(G), grads(D), grads(D.decoder)
 
 
+@pytest.mark.parametrize('architecture', ARCHS)
 @pytest.mark.parametrize('reg, fake', [('ggdr', None), ('glead', 'gfeat'), ('glead', 'gfwimage')])
-def test_gradients_reach_only_d_in_d_phases(reg, fake):
-    loss, G, D = _loss_and_networks(reg, fake=fake)
+def test_gradients_reach_only_d_in_d_phases(reg, fake, architecture):
+    loss, G, D = _loss_and_networks(reg, architecture=architecture, fake=fake)
     G_grads, D_grads, decoder_grads = _grads_after('Dmain', loss, G, D)
     assert all(g is None for g in G_grads)  # G is frozen; GLeaD's gradients pass through G's tail into D.
     assert all(g is not None and g.abs().sum() > 0 for g in decoder_grads)
