@@ -12,7 +12,8 @@ with it; its full output is kept in `<out>/<section>.log`):
 4. `pytest -m cuda`: pass/fail counts and the failures' names;
 5. bench/ops.py: reference against kernel for each op and shape, forward and forward+backward, fp16/fp32;
 6. bench/networks.py at paper256, batch 32, fp16 and bf16: G forward and G+D step, skip and squeeze r=8;
-7. bench/train.py: the real loop at paper256, batch 32, fp16 and bf16: sec/kimg, peak memory and MFU;
+7. bench/train.py: the real loop at paper256, batch 32, fp16 and bf16: sec/kimg, peak memory and MFU (and
+   the squeeze generator with each D regularizer, GGDR and GLeaD, against none);
 8. torchrun: a tiny train.py run with `--nproc_per_node=1` over NCCL (and one with every GPU, if more).
 
 Without a GPU the script says so, marks the GPU rows `not run (no GPU)` and runs the CPU parts at tiny sizes
@@ -157,6 +158,9 @@ def sections(gpu: bool, num_gpus: int, out_dir: str, data: str) -> List[tuple]:
             ('bench/train.py', _python('bench/train.py', '--device=cuda', '--configs=paper256', '--batch=32',
                                        '--archs=skip,squeeze-r8', '--precisions=fp16,bf16', '--steps=6'),
              900, lambda out: 'table below', None),
+            ('bench/train.py regs', _python('bench/train.py', '--device=cuda', '--configs=paper256', '--batch=32',
+                                            '--archs=squeeze-r8', '--regs=none,ggdr,glead', '--steps=6'),
+             900, lambda out: 'table below', None),
             ('torchrun NCCL x1', [*torchrun, '--nproc_per_node=1', 'train.py', f'--outdir={out_dir}/runs-nccl1',
                                   *tiny_train], 600, lambda out: 'trained, exit 0', None),
         ]
@@ -172,7 +176,8 @@ def sections(gpu: bool, num_gpus: int, out_dir: str, data: str) -> List[tuple]:
                                                 '--warmup=0', '--archs=skip,squeeze', '--squeeze-r=8'), 600,
              lambda out: 'table below', None),
             ('bench/train.py (CPU)', _python('bench/train.py', '--device=cpu', '--configs=tiny', '--steps=2',
-                                             '--archs=skip,squeeze-r8'), 600, lambda out: 'table below', None),
+                                             '--archs=skip,squeeze-r8', '--regs=none,ggdr,glead'), 600,
+             lambda out: 'table below', None),
             ('torchrun gloo x1 (CPU)', [*torchrun, '--nproc_per_node=1', 'train.py', f'--outdir={out_dir}/runs-gloo',
                                         '--device=cpu', *tiny_train], 600, lambda out: 'trained, exit 0', None),
             ('torchrun NCCL', None, 0, None, NO_GPU),

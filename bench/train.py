@@ -1,8 +1,14 @@
-"""Training speed and memory: stock `skip` against the squeeze generator, printing a table.
+"""Training speed and memory: stock `skip` against the squeeze generator, and each D regularizer (GGDR,
+GLeaD) against none, printing a table.
 
     python bench/train.py                                   # tiny config on the CPU (a minute or two)
     python bench/train.py --configs=tiny,cifar --steps=6
     python bench/train.py --device=cuda --configs=cifar,paper256 --archs=skip,squeeze-r8
+    python bench/train.py --archs=squeeze-r8 --regs=none,ggdr,glead
+
+Regularizers are set up as train.py does (GGDR's feature and GLeaD's G tail at resolution / 4, at least 8;
+GLeaD's decoder at 64 or less). GLeaD uses the `mse` reconstruction unless --lpips names the LPIPS weights,
+so that the bench needs no download; LPIPS-AlexNet adds its own cost on top.
 
 Every row is a separate process running the real `training_loop` (all four phases with lazy regularization,
 ADA with the bgc pipeline, G_ema) on random images for `--steps` steps. The first step (tick 0) carries the
@@ -54,8 +60,25 @@ def make_images(root: str, res: int, count: int = 32) -> str:
     return root
 
 
+REGS = ('none', 'ggdr', 'glead')
+
+
+def regularizer_options(reg: str, res: int, channels: int, w_dim: int, lpips_weights=None) -> tuple:
+    """(decoder_kwargs of D, d_terms of the loss) for --reg=`reg` as train.py builds them; channels = C[res/4]."""
+    from training.decoder import decoder_kwargs
+    feature_res = max(8, res // 4)
+    if reg == 'none':
+        return None, []
+    if reg == 'ggdr':
+        return decoder_kwargs(feature_res), [dict(class_name='training.regularizers.GGDRTerm', res=feature_res)]
+    heads = dict(img_channels=3, feat_channels=channels, w_dim=w_dim)
+    term = dict(class_name='training.regularizers.GLeaDTerm', res_g=feature_res,
+                distance='mse' if lpips_weights is None else 'lpips', lpips_weights=lpips_weights)
+    return decoder_kwargs(max(feature_res, min(64, res // 4)), heads), [term]
+
+
 def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str, batch=None,
-            precision: str = 'fp16') -> dict:
+            precision: str = 'fp16', reg: str = 'none', lpips_weights=None) -> dict:
     cfg = CONFIGS[config]
     batch = batch or cfg['batch']['cuda' if device.startswith('cuda') else 'cpu']
     gpu = device.startswith('cuda')
@@ -66,6 +89,9 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
     synthesis.update(precision_kwargs)
     if r is not None:
         synthesis['squeeze_r'] = r
+    channels = min(cfg['channel_base'] // max(8, cfg['res'] // 4), cfg['channel_max'])
+    decoder, terms = regularizer_options(reg, cfg['res'], channels, cfg['z_dim'], lpips_weights)
+    decoder_kwargs = dict(decoder_kwargs=decoder) if decoder is not None else {}
     return dict(
         run_dir=run_dir,
         training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=False,
@@ -76,12 +102,12 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
         D_kwargs=dict(class_name='training.networks.Discriminator', architecture=cfg['d_arch'],
                       channel_base=cfg['channel_base'], channel_max=cfg['channel_max'], num_fp16_res=num_fp16_res,
                       conv_clamp=256, epilogue_kwargs=dict(mbstd_group_size=min(cfg['mbstd'], batch)),
-                      **precision_kwargs),
+                      **precision_kwargs, **decoder_kwargs),
         G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
         D_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
         augment_kwargs=dict(class_name='training.augment.AugmentPipe', xflip=1, rotate90=1, xint=1, scale=1, rotate=1,
                             aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1),
-        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0),
+        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0, d_terms=terms),
         batch_size=batch, batch_gpu=batch, ada_target=0.6, augment_p=0.2,
         total_kimg=steps * batch / 1000, kimg_per_tick=1e9,  # Tick 0 after step 1, then one tick at the end.
         image_snapshot_ticks=None, network_snapshot_ticks=None, image_grid_max=(1, 1), device=device,
@@ -124,7 +150,8 @@ def _flop_count_mode():
     return FlopCount()
 
 
-def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, precision: str = 'fp16') -> Dict:
+def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, precision: str = 'fp16',
+            reg: str = 'none', lpips_weights=None) -> Dict:
     """One row, measured in this process (called in a child process by `main`)."""
     import torch
 
@@ -138,7 +165,8 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
         os.makedirs(run_dir)
         make_images(data, CONFIGS[config]['res'])
         with contextlib.redirect_stdout(io.StringIO()):
-            state = training_loop(**options(config, arch, r, device, steps, run_dir, data, batch, precision))
+            state = training_loop(**options(config, arch, r, device, steps, run_dir, data, batch, precision, reg,
+                                            lpips_weights))
         with open(os.path.join(run_dir, 'stats.jsonl')) as f:
             last = json.loads(f.readlines()[-1])
         peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda')
@@ -153,22 +181,41 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     size = 8192 if device.startswith('cuda') else 1024
     peak_flops = peak_matmul_flops(torch.device(device), peak_dtype, size=size, iters=5)
     used = precision if device.startswith('cuda') else 'fp32'  # The CPU computes every block in fp32.
-    return dict(config=config, arch=arch, r=r, device=device, precision=used, batch=state.opts.batch_size,
+    return dict(config=config, arch=arch, r=r, reg=reg, device=device, precision=used, batch=state.opts.batch_size,
                 steps=steps, G_params=sum(p.numel() for p in state.G.parameters()), sec_per_kimg=sec_per_kimg,
                 peak_mem_gb=peak, step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12,
                 peak_tflops=peak_flops / 1e12, mfu=achieved / peak_flops)
 
 
+def _child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights) -> Dict:
+    """One row, measured in a fresh process (its peak memory is its own)."""
+    what = f'{config} {arch_name} {precision} reg={reg}'
+    print(f'{what}: training {steps} steps on {device}...', file=sys.stderr, flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}:{precision}:{reg}',
+           f'--device={device}', f'--steps={steps}'] + ([f'--batch={batch}'] if batch else [])
+    cmd += [f'--lpips={lpips_weights}'] if lpips_weights else []
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
+    if out.returncode != 0 or not lines:
+        raise click.ClickException(f'{what} failed:\n{out.stderr[-3000:]}')
+    return json.loads(lines[-1][len('BENCH-ROW '):])
+
+
 def print_table(rows: List[Dict]) -> None:
-    header = ['config', 'arch', 'r', 'device', 'precision', 'batch', 'steps', 'G params', 'sec/kimg', 'x skip',
-              'peak mem GB', 'TFLOP/step', 'TFLOP/s', 'peak TFLOP/s', 'MFU']
-    base = {(row['config'], row['precision']): row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
+    header = ['config', 'arch', 'r', 'reg', 'device', 'precision', 'batch', 'steps', 'G params', 'sec/kimg',
+              'x skip', 'x none', 'peak mem GB', 'TFLOP/step', 'TFLOP/s', 'peak TFLOP/s', 'MFU']
+    # 'x skip': against the skip row of the same regularizer; 'x none': against the same arch without one.
+    skip = {(row['config'], row['precision'], row['reg']): row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
+    none = {(row['config'], row['precision'], row['arch'], row['r']): row['sec_per_kimg'] for row in rows
+            if row['reg'] == 'none'}
     table = [header]
     for row in rows:
-        ratio = row['sec_per_kimg'] / base.get((row['config'], row['precision']), float('nan'))
-        table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['device'],
-                      row['precision'], str(row['batch']), str(row['steps']), f'{row["G_params"]:,}',
-                      f'{row["sec_per_kimg"]:.1f}', f'{ratio:.3f}', f'{row["peak_mem_gb"]:.2f}',
+        vs_skip = row['sec_per_kimg'] / skip.get((row['config'], row['precision'], row['reg']), float('nan'))
+        vs_none = row['sec_per_kimg'] / none.get((row['config'], row['precision'], row['arch'], row['r']),
+                                                 float('nan'))
+        table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['reg'],
+                      row['device'], row['precision'], str(row['batch']), str(row['steps']), f'{row["G_params"]:,}',
+                      f'{row["sec_per_kimg"]:.1f}', f'{vs_skip:.3f}', f'{vs_none:.3f}', f'{row["peak_mem_gb"]:.2f}',
                       f'{row["step_tflop"]:.4f}', f'{row["achieved_tflops"]:.3f}', f'{row["peak_tflops"]:.2f}',
                       f'{row["mfu"]:.1%}'])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -186,29 +233,29 @@ def print_table(rows: List[Dict]) -> None:
 @click.option('--batch', type=click.IntRange(min=1), default=None, help='Batch  [default: per config and device]')
 @click.option('--precisions', default='fp16', show_default=True, help='Comma list of fp16, bf16, fp32 (the 4 highest '
               'resolutions on a GPU; the CPU computes fp32 whatever is asked)')
+@click.option('--regs', default='none', show_default=True, help='Comma list of D regularizers: ' + ', '.join(REGS))
+@click.option('--lpips', 'lpips_weights', default=None, help='LPIPS weights for GLeaD rows (train.py --glead-lpips '
+              'syntax)  [default: GLeaD with mse]')
 @click.option('--json', 'json_path', default=None, help='Also write the rows to this JSON file')
 @click.option('--child', hidden=True, default=None)
-def main(configs, archs, device, steps, batch, precisions, json_path, child):
-    """Measure sec/kimg, peak memory and MFU of real training steps, stock vs squeeze."""
+def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, json_path, child):
+    """Measure sec/kimg, peak memory and MFU of real training steps: stock vs squeeze, each regularizer vs none."""
     if child is not None:  # Child process: one row, printed as JSON.
-        config, arch_name, precision = child.split(':')
-        print('BENCH-ROW ' + json.dumps(run_one(config, arch_name, device, steps, batch, precision)))
+        config, arch_name, precision, reg = child.split(':')
+        row = run_one(config, arch_name, device, steps, batch, precision, reg, lpips_weights)
+        print('BENCH-ROW ' + json.dumps(row))
         return
+    unknown = [reg for reg in regs.split(',') if reg not in REGS]
+    if unknown:
+        raise click.BadParameter(f'{unknown[0]!r}; valid choices: {", ".join(REGS)}', param_hint='--regs')
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rows = []
     for config in configs.split(','):
         for precision in precisions.split(','):
             for arch_name in archs.split(','):
-                print(f'{config} {arch_name} {precision}: training {steps} steps on {device}...', file=sys.stderr,
-                      flush=True)
-                cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}:{precision}',
-                       f'--device={device}', f'--steps={steps}'] + ([f'--batch={batch}'] if batch else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-                lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
-                if out.returncode != 0 or not lines:
-                    raise click.ClickException(f'{config} {arch_name} {precision} failed:\n{out.stderr[-3000:]}')
-                rows.append(json.loads(lines[-1][len('BENCH-ROW '):]))
+                for reg in regs.split(','):
+                    rows.append(_child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights))
     print_table(rows)
     print(f'sec/kimg excludes the first step; {os.cpu_count()} CPUs; torch {torch.__version__}. MFU: FLOPs of one '
           f'step (torch FLOP counter) x steps per second / the peak of a large matmul measured in the same process.')
