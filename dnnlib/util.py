@@ -6,6 +6,7 @@ Nothing here imports torch: this is the bottom layer of the package stack.
 import errno
 import hashlib
 import importlib
+import importlib.metadata
 import io
 import os
 import re
@@ -191,6 +192,21 @@ def set_cache_dir(path: Optional[str]) -> None:
     """Use `path` as the cache root for this process (None goes back to the default lookup)."""
     global _cache_dir_override
     _cache_dir_override = path
+
+
+def installed_package_file(package: str, path_in_package: str) -> Optional[str]:
+    """Path of a file that an installed distribution ships (`path_in_package` as its RECORD lists it, with '/'),
+    or None when the distribution or the file is not installed. The package is found through its metadata and
+    never imported, so that importing it cannot pull in its dependencies (e.g. torchvision)."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if str(file).replace(os.sep, '/') == path_in_package:
+            path = str(file.locate())
+            return path if os.path.isfile(path) else None
+    return None
 
 
 def make_cache_dir_path(*paths: str) -> str:

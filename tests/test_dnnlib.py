@@ -557,3 +557,11 @@ def test_progress_in_a_log_is_whole_lines(server, tmp_path, monkeypatch, capsys)
 ])
 def test_format_bytes(num_bytes, expected):
     assert util.format_bytes(num_bytes) == expected
+
+
+def test_installed_package_file():
+    # pytest ships its own __init__.py; a missing distribution or file gives None, never an import.
+    path = dnnlib.util.installed_package_file('pytest', 'pytest/__init__.py')
+    assert path is not None and os.path.isfile(path)
+    assert dnnlib.util.installed_package_file('pytest', 'pytest/no-such-file.py') is None
+    assert dnnlib.util.installed_package_file('no-such-distribution-xyz', 'x/y.py') is None

@@ -32,12 +32,13 @@ shorter side is `min_size`. This is not the official metric at those sizes (the 
 31 px is a ValueError.
 """
 
-import importlib.metadata
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+import dnnlib
 
 KINDS = ('lpips', 'mse')
 
@@ -94,16 +95,8 @@ WeightsArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[
 
 def installed_lin_file() -> Optional[str]:
     """Path of the installed lpips package's v0.1 alex.pth, or None when it is not installed. The package is
-    located through its metadata and never imported (its __init__ imports torchvision)."""
-    try:
-        files = importlib.metadata.files(LIN_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if str(file).replace(os.sep, '/') == LIN_FILE_IN_PACKAGE:
-            path = str(file.locate())
-            return path if os.path.isfile(path) else None
-    return None
+    never imported (its __init__ imports torchvision)."""
+    return dnnlib.util.installed_package_file(LIN_PACKAGE, LIN_FILE_IN_PACKAGE)
 
 
 def _read_state_dict(path: str, expected: str, source: str) -> Dict[str, torch.Tensor]:
