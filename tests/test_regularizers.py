@@ -267,17 +267,23 @@ def test_exact_resume_with_a_regularizer(tmp_path, data_dir, reg):
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
 
 
-def _two_rank_worker(rank, world_size, run_dir, data, reg):
+def _two_rank_worker(rank, world_size, run_root, data):
+    # Both regularizers in one process group: each run is a separate training_loop in its own directory.
     training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
-    opts = reg_options(run_dir, data, reg, steps=3, num_gpus=world_size, rank=rank, batch_gpu=2)
-    state = training_loop(device=torch.device('cpu'), **opts)
-    for module in (state.G, state.D, state.G_ema, state.augment_pipe):
-        misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
-    assert state.cur_nimg == 3 * BATCH
+    for reg in ('ggdr', 'glead'):
+        training_stats.reset()
+        opts = reg_options(os.path.join(run_root, reg), data, reg, steps=3, num_gpus=world_size, rank=rank,
+                           batch_gpu=2)
+        state = training_loop(device=torch.device('cpu'), **opts)
+        for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+            misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
+        assert state.cur_nimg == 3 * BATCH
+        assert state.D.decoder is not None
 
 
-@pytest.mark.parametrize('reg', ['ggdr', 'glead'])
-def test_two_gloo_processes_with_a_regularizer(tmp_path, data_dir, reg):
-    os.makedirs(tmp_path / 'run')
-    spawn(_two_rank_worker, 2, str(tmp_path / 'run'), data_dir, reg, timeout=300)
-    assert os.path.isfile(tmp_path / 'run' / 'network-snapshot-000000.024.pkl')
+def test_two_gloo_processes_with_each_regularizer(tmp_path, data_dir):
+    for reg in ('ggdr', 'glead'):
+        os.makedirs(tmp_path / reg)
+    spawn(_two_rank_worker, 2, str(tmp_path), data_dir, timeout=300)
+    for reg in ('ggdr', 'glead'):
+        assert os.path.isfile(tmp_path / reg / 'network-snapshot-000000.024.pkl')
