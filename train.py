@@ -383,6 +383,9 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
 
     if dist is not None:
         stopped = launch_torchrun(args, outdir, run_desc, launch.device_type, dist)
+        # The group is destroyed and the files are closed: end without the teardown that can abort a finished
+        # rank (torch_utils.distributed.exit_without_teardown), with the status a scheduler keys on.
+        launcher.exit_without_teardown(EXIT_STOPPED if stopped is not None else 0)
     else:
         with prepare_run_dir(args, outdir, run_desc):
             run_dir = args.run_dir

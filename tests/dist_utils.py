@@ -67,6 +67,11 @@ def _child_main(
         fn(rank, world_size, *args)
     finally:
         torch.distributed.destroy_process_group()
+    # As the launcher's ranks do (torch_utils.distributed.exit_without_teardown): a rank that succeeded skips
+    # the interpreter teardown, in which gloo's threads occasionally abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120) -> None:

@@ -7,6 +7,8 @@ import datetime
 import io
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import torch
 import dnnlib
 import train
 from torch_utils import distributed
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TORCHRUN = dict(RANK='3', WORLD_SIZE='8', LOCAL_RANK='1', MASTER_ADDR='node0', MASTER_PORT='29500')
 
@@ -337,3 +341,12 @@ def test_srun_tasks_train_together(tmp_path, monkeypatch):
     torch.multiprocessing.spawn(_srun_task, args=(_free_port(), str(outdir)), nprocs=2)
     assert os.listdir(outdir) == ['00000-tiny']
     assert {'rank0.txt', 'rank1.txt', 'training_options.json'} <= set(os.listdir(outdir / '00000-tiny'))
+
+
+def test_exit_without_teardown_keeps_the_output_and_the_status(tmp_path):
+    # The output printed before it is flushed, the status is the one given, and nothing after it runs.
+    code = ('import sys; from torch_utils import distributed; print("done", end=""); '
+            'sys.stderr.write("err"); distributed.exit_without_teardown(75); print("never")')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT, env={**os.environ, 'PYTHONPATH': REPO_ROOT})
+    assert (result.returncode, result.stdout, result.stderr) == (75, 'done', 'err')

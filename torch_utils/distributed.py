@@ -37,6 +37,7 @@ Every process group has a timeout (PROCESS_GROUP_TIMEOUT): gloo on the CPU, NCCL
 import datetime
 import os
 import re
+import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -45,8 +46,8 @@ import dnnlib
 
 __all__ = ['DEVICES', 'PROCESS_GROUP_TIMEOUT', 'LaunchError', 'torchrun_env', 'srun_env', 'launch_env',
            'first_host', 'srun_port', 'launch_init_method', 'check_request', 'resolve_device',
-           'cuda_device_count', 'rank_device', 'init_process_group', 'spawn', 'start', 'get_rank',
-           'get_world_size', 'print0']
+           'cuda_device_count', 'rank_device', 'init_process_group', 'spawn', 'start', 'exit_without_teardown',
+           'get_rank', 'get_world_size', 'print0']
 
 # Where the processes of a run may go: `auto` is CUDA when asked for GPUs, `cpu` runs them all on the CPU.
 DEVICES = ('auto', 'cuda', 'cpu')
@@ -282,15 +283,30 @@ def print0(*args, **kwargs) -> None:
 # Spawning the ranks here.
 
 
+def exit_without_teardown(code: int = 0):
+    """End this process now with `code`, skipping the interpreter's teardown. Only for a rank whose work is
+    done, whose files are closed and whose process group is destroyed: in that teardown gloo's worker threads
+    occasionally end the process with std::terminate ("terminate called without an active exception",
+    SIGABRT) after a run that finished well, and the launcher (torch.multiprocessing, torchrun) then reports a
+    failed rank. Seen on the CPU under load, about once in twenty two-process runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class _SpawnedRank:
     """What each spawned process runs: join the group through the file, call `fn(rank, device, *args)`, leave
-    the group whatever happens. An object rather than a closure, because the spawn start method pickles it."""
+    the group whatever happens. An object rather than a closure, because the spawn start method pickles it.
+    With `exit_when_done` (start() sets it; only in a process of its own) a rank that succeeded ends through
+    exit_without_teardown()."""
 
-    def __init__(self, fn: Callable[..., Any], world_size: int, device_type: str, rendezvous_dir: str):
+    def __init__(self, fn: Callable[..., Any], world_size: int, device_type: str, rendezvous_dir: str,
+                 exit_when_done: bool = False):
         self.fn = fn
         self.world_size = world_size
         self.device_type = device_type
         self.init_file = os.path.abspath(os.path.join(rendezvous_dir, INIT_FILE_NAME))
+        self.exit_when_done = exit_when_done
 
     def __call__(self, rank: int, *args: Any) -> None:
         device = rank_device(self.device_type, rank)
@@ -302,6 +318,8 @@ class _SpawnedRank:
             self.fn(rank, device, *args)
         finally:
             torch.distributed.destroy_process_group()
+        if self.exit_when_done:
+            exit_without_teardown(0)
 
 
 def start(
@@ -317,8 +335,8 @@ def start(
     The ranks meet through a file in `rendezvous_dir`, not a TCP port, so parallel runs cannot collide; the
     caller owns the directory, which is also where the ranks can leave files for it (results, errors).
     """
-    return torch.multiprocessing.spawn(fn=_SpawnedRank(fn, nprocs, device_type, rendezvous_dir), args=tuple(args),
-                                       nprocs=nprocs, join=False)
+    rank_fn = _SpawnedRank(fn, nprocs, device_type, rendezvous_dir, exit_when_done=True)
+    return torch.multiprocessing.spawn(fn=rank_fn, args=tuple(args), nprocs=nprocs, join=False)
 
 
 def spawn(fn: Callable[..., Any], args: Sequence[Any], nprocs: int, device_type: str, rendezvous_dir: str) -> None:

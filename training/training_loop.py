@@ -362,7 +362,9 @@ def _print_setup(state: TrainingState) -> None:
     print(f'Training data: {ts.name}, {len(ts)} images, shape {list(ts.image_shape)}, label dim {ts.label_dim}')
     print(f'Generator: {sum(p.numel() for p in state.G.parameters()):,} parameters, '
           f'num_ws {state.G.num_ws}, architecture {getattr(state.G.synthesis, "architecture", "?")}')
-    print(f'Discriminator: {sum(p.numel() for p in state.D.parameters()):,} parameters')
+    decoder = getattr(state.D, 'decoder', None)  # GGDR/GLeaD: not run by the module summary's D pass.
+    decoder_note = f' (decoder: {sum(p.numel() for p in decoder.parameters()):,})' if decoder is not None else ''
+    print(f'Discriminator: {sum(p.numel() for p in state.D.parameters()):,} parameters{decoder_note}')
     print(f'Device: {state.device}, processes: {state.opts.num_gpus}', flush=True)
 
 # ----------------------------------------------------------------------------
