@@ -27,12 +27,12 @@ strings that the loop resolves through `dnnlib.util.construct_class_by_name`. It
 None (or left out) and takes its value from `DEFAULTS`, so the builder also knows what was given explicitly;
 `main` passes only the options whose click parameter source is not the default. Presets are the table
 `PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`). The
-builder composes section builders (dataset, preset, networks, schedule, augmentation, transfer), each of which
-returns its part of the tree and its run-description pieces. Ranges and choices are checked once, by the click
-types; the builder checks what depends on several options or on the data. `--arch` and the flags of the
-synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered there
-brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check. This script is the
-command line and the composition: the builder is training/options.py, the process launcher training/launch.py,
+builder composes section builders (dataset, preset, networks, schedule, augmentation, transfer, regularizer),
+each of which returns its part of the tree and its run-description pieces. Ranges and choices are checked
+once, by the click types; the builder checks what depends on several options or on the data. `--arch` and the
+flags of the synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered
+there brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check. This script
+is the command line and the composition: the builder is training/options.py, the process launcher training/launch.py,
 the run directory training/run_dir.py; the metrics come from package `metrics`, which `training` may not
 import, so the builder and the launcher get them from here (`check_metrics_ready`, `launch_training`).
 
@@ -48,6 +48,8 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
       -r<r>                   --squeeze-r (always, default 8): -squeeze-r8
       -noblend                --squeeze-noblend=1
       -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
+    -ggdr<res>[w<w:g>]      --reg=ggdr: the feature resolution, the weight if not 10 (-ggdr64, -ggdr16w5)
+    -glead<res_g>[-gfwimage][-mse]  --reg=glead: G's tail resolution, the fake branch if not gfeat, mse
     -cbase<n> -cmax<n>      --cbase, --cmax given (network capacity)
     -map<n>                 --map-depth (or its alias --map) given
     -glr<g:g> -dlr<d:g>     --glr, --dlr given
