@@ -178,3 +178,12 @@ def test_squeeze_with_a_regularizer_trains_and_snapshots(tmp_path, dataset_zip, 
                                                 '--seeds=0', f'--outdir={tmp_path / "out"}'])
     assert result.exit_code == 0, result.output
     assert os.path.isfile(tmp_path / 'out' / 'seed0000.png')
+
+
+def test_dry_run_shows_the_regularizer(fake, tmp_path):
+    result = cli([f'--outdir={tmp_path / "runs"}', '--data=fakedata', '--cfg=paper256', '--metrics=none',
+                  '--arch=squeeze', '--reg=ggdr', '--dry-run'])
+    assert result.exit_code == 0, result.output
+    assert '"decoder_kwargs"' in result.output and '"training.regularizers.GGDRTerm"' in result.output
+    assert '00000-fakedata-paper256-squeeze-r8-ggdr64' in result.output
+    assert not os.path.exists(tmp_path / 'runs')
