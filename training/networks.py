@@ -860,8 +860,12 @@ class SynthesisNetwork(torch.nn.Module):
     def block_ws(self, ws):
         """Split ws into each block's rows; consecutive blocks share one row (toRGB / next conv0)."""
         misc.assert_shape(ws, [None, self.num_ws, self.w_dim])
+        return self._split_rows(ws, self.block_resolutions)
+
+    def _split_rows(self, ws, resolutions):
+        """The rows of ws for each block of `resolutions` (consecutive ones), from the first row of ws on."""
         result, w_idx = [], 0
-        for res in self.block_resolutions:
+        for res in resolutions:
             block = getattr(self, f'b{res}')
             result.append(ws.narrow(1, w_idx, block.num_conv + block.num_torgb))
             w_idx += block.num_conv
@@ -909,11 +913,8 @@ class SynthesisNetwork(torch.nn.Module):
         upper blocks on what its discriminator predicts)."""
         resolutions = self.tail_resolutions(above_res)
         misc.assert_shape(ws, [None, self.tail_num_ws(above_res), self.w_dim])
-        w_idx = 0
-        for res in resolutions:
-            block = getattr(self, f'b{res}')
-            x, img = block(x, img, ws.narrow(1, w_idx, block.num_conv + block.num_torgb), **block_kwargs)
-            w_idx += block.num_conv
+        for res, block_ws in zip(resolutions, self._split_rows(ws, resolutions), strict=True):
+            x, img = getattr(self, f'b{res}')(x, img, block_ws, **block_kwargs)
         return img
 
     def extra_repr(self):
