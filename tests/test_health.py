@@ -3,7 +3,10 @@ training.health.DivergenceMonitor as closed cases, then tiny training runs with 
 non-finite gradients, non-finite weights and an injected ENOSPC."""
 
 import errno
+import json
+import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, legacy
+from training import checkpoint, health, legacy, loss
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -37,20 +40,91 @@ def _tick(g_loss=0.7, d_loss=1.3, num=8, **grad_flags):
 
 
 def _steady_ticks(count, seed=0):
-    # Losses that wander over the range real GAN training shows (softplus values of order 0.1-10).
+    # Every watched statistic wandering over the range healthy GAN training shows: softplus losses of order
+    # 0.1-10, D logits of order 1-100 (an overfitting D), G's output within a few units of [-1, 1], the R1 term
+    # of order 0.001-10 (with gammas up to 100).
     rnd = np.random.RandomState(seed)
-    return [_tick(g_loss=float(rnd.uniform(0.1, 10)), d_loss=float(rnd.uniform(0.1, 10)), Gmain=(0, 8), Dmain=(0, 8))
-            for _ in range(count)]
+    ticks = []
+    for _ in range(count):
+        stats = _tick(g_loss=float(rnd.uniform(0.1, 10)), d_loss=float(rnd.uniform(0.1, 10)), Gmain=(0, 8),
+                      Dmain=(0, 8))
+        for name in ('Loss/scores/fake', 'Loss/scores/real', 'Health/end/D/scores'):
+            stats[name] = dict(num=8, mean=float(rnd.uniform(-100, 100)), std=float(rnd.uniform(0, 50)))
+        for name in ('Health/G/img_absmax', 'Health/end/G/img_absmax', 'Health/end/G_ema/img_absmax'):
+            stats[name] = dict(num=8, mean=float(rnd.uniform(0.5, 8)), std=float(rnd.uniform(0, 2)))
+        stats['Loss/r1_penalty'] = dict(num=8, mean=float(rnd.uniform(0.001, 100)), std=float(rnd.uniform(0, 10)))
+        stats['Loss/D/reg'] = dict(num=8, mean=float(rnd.uniform(0.001, 10)), std=float(rnd.uniform(0, 10)))
+        ticks.append(stats)
+    return ticks
 
 
-def test_steady_losses_never_trigger():
+def test_steady_statistics_never_trigger():
     monitor = health.DivergenceMonitor()
-    assert [monitor.check(stats) for stats in _steady_ticks(200)] == [None] * 200
+    ticks = _steady_ticks(200)
+    assert set(ticks[0]) >= set(health.CEILINGS)  # Every ceiling is exercised.
+    assert [monitor.check(stats) for stats in ticks] == [None] * 200
     assert len(monitor.history['Loss/G/loss']) == 8  # The window keeps the newest ticks.
 
 
+def test_the_monitor_watches_every_ceiling_and_the_collector_reads_them():
+    # The names the loss and the loop report, as the regex of the monitor's Collector sees them.
+    names = ['Loss/G/loss', 'Loss/D/loss', 'Loss/scores/fake', 'Loss/scores/real', 'Loss/r1_penalty', 'Loss/D/reg',
+             'Health/G/img_absmax', 'Health/end/G/img_absmax', 'Health/end/G_ema/img_absmax',
+             'Health/end/D/scores', 'Health/Dmain/nonfinite_grads']
+    assert set(health.CEILINGS) == set(names[:-1])
+    assert all(re.fullmatch(health.STATS_REGEX, name) for name in names)
+    assert not re.fullmatch(health.STATS_REGEX, 'Loss/signs/real')
+
+
+@pytest.mark.parametrize('name', sorted(health.CEILINGS))
+@pytest.mark.parametrize('sign', [1, -1])
+def test_each_ceiling_fires_from_the_first_tick_just_above_its_value(name, sign):
+    # Closed form: mean 0.6 c and std 0.8 c give a root mean square of exactly c (3-4-5), which is allowed;
+    # 0.1 % more std is over. The mean's sign does not matter (D's logits explode to both sides).
+    ceiling = health.CEILINGS[name]
+    at = _tick()
+    at[name] = dict(num=8, mean=sign * 0.6 * ceiling, std=0.8 * ceiling)
+    assert health.DivergenceMonitor().check(at) is None
+    over = _tick()
+    over[name] = dict(num=8, mean=sign * 0.6 * ceiling, std=0.8008 * ceiling)
+    divergence = health.DivergenceMonitor().check(over)  # A fresh monitor: no warm-up, no history needed.
+    assert (divergence.rule, divergence.name) == ('ceiling', name)
+    level = math.hypot(0.6, 0.8008) * ceiling
+    assert divergence.message == (f'{name} is out of range: the root mean square of its 8 values in the tick is '
+                                  f'{level:.4g}, over the ceiling {ceiling:g} that healthy training stays far below')
+
+
+def test_root_mean_square_closed_forms():
+    assert health.root_mean_square(dict(num=4, mean=-3.0, std=4.0)) == 5.0
+    assert health.root_mean_square(dict(num=1, mean=2.0, std=0.0)) == 2.0
+    assert health.root_mean_square(dict(num=4, mean=float('inf'), std=float('nan'))) == math.inf
+    assert math.isnan(health.root_mean_square(dict(num=0, mean=float('nan'), std=float('nan'))))
+
+
+def test_an_overflowed_tick_mean_is_over_every_ceiling():
+    stats = _tick()
+    stats['Loss/scores/real'] = dict(num=8, mean=float('inf'), std=float('nan'))
+    assert health.DivergenceMonitor().check(stats).rule == 'ceiling'
+
+
+def test_image_absmax_counts_a_nonfinite_image_as_the_largest_value():
+    img = torch.zeros([3, 3, 4, 4])
+    img[0, 1, 2, 3] = -7.5
+    img[1, 0, 0, 0] = float('nan')
+    img[2, 2, 3, 3] = float('inf')
+    largest = torch.finfo(torch.float32).max
+    assert loss.image_absmax(img).tolist() == [7.5, largest, largest]
+
+# ----------------------------------------------------------------------------
+# The relative rule (tested without ceilings, which would catch most of these values first).
+
+
+def _relative_only():
+    return health.DivergenceMonitor(ceilings={})
+
+
 def test_a_huge_loss_after_warmup_is_an_explosion():
-    monitor = health.DivergenceMonitor()
+    monitor = _relative_only()
     for stats in _steady_ticks(3):
         assert monitor.check(stats) is None
     divergence = monitor.check(_tick(g_loss=4e13))
@@ -60,8 +134,17 @@ def test_a_huge_loss_after_warmup_is_an_explosion():
     assert len(monitor.history['Loss/G/loss']) == 3  # The diverged tick is not taken into the history.
 
 
+def test_a_jump_below_the_ceiling_is_an_explosion_for_the_relative_rule():
+    # With the default ceilings: losses of 0.1 that jump to 500 are under the loss ceiling of 1000, but 5000
+    # times their median.
+    monitor = health.DivergenceMonitor()
+    for _ in range(3):
+        assert monitor.check(_tick(g_loss=0.1)) is None
+    assert monitor.check(_tick(g_loss=500.0)).rule == 'loss explosion'
+
+
 def test_warmup_is_respected():
-    monitor = health.DivergenceMonitor(warmup=3)
+    monitor = _relative_only()
     assert monitor.check(_tick()) is None
     assert monitor.check(_tick()) is None
     assert monitor.check(_tick(d_loss=4e13)) is None  # Only two ticks of history: the rule does not apply yet.
@@ -69,11 +152,11 @@ def test_warmup_is_respected():
 
 
 def test_an_explosion_needs_both_the_factor_and_the_floor():
-    small = health.DivergenceMonitor()
+    small = _relative_only()
     for _ in range(3):
         small.check(_tick(g_loss=0.01))
     assert small.check(_tick(g_loss=99.0)) is None  # 9900 times the median, but below the floor of 100.
-    large = health.DivergenceMonitor()
+    large = _relative_only()
     for _ in range(3):
         large.check(_tick(g_loss=5.0))
     assert large.check(_tick(g_loss=4999.0)) is None  # Above the floor, but not 1000 times the median 5.
@@ -81,20 +164,36 @@ def test_an_explosion_needs_both_the_factor_and_the_floor():
 
 
 def test_the_median_ignores_one_odd_tick():
-    monitor = health.DivergenceMonitor()
+    monitor = _relative_only()
     for g_loss in (1.0, 1.0, 1.0, 500.0):  # One odd (but not exploded) tick in the history.
         assert monitor.check(_tick(g_loss=g_loss)) is None
     assert monitor.check(_tick(g_loss=2000.0)).rule == 'loss explosion'
 
 
 def test_an_overflowing_tick_mean_is_an_explosion_even_in_warmup():
-    assert health.DivergenceMonitor().check(_tick(d_loss=float('inf'))).rule == 'loss explosion'
+    assert _relative_only().check(_tick(d_loss=float('inf'))).rule == 'loss explosion'
 
 
 def test_a_tick_without_one_finite_loss_value_is_caught():
     divergence = health.DivergenceMonitor().check(_tick(num=0, g_loss=float('nan')))
-    assert divergence.rule == 'non-finite loss'
+    assert divergence.rule == 'non-finite values'
     assert divergence.message == 'every Loss/G/loss value of the tick was NaN or Inf'
+
+
+@pytest.mark.parametrize('name', ['Health/G/img_absmax', 'Health/end/D/scores'])
+def test_a_tick_without_one_finite_value_of_a_statistic_of_every_tick_is_caught(name):
+    stats = _tick()
+    stats[name] = dict(num=0, mean=float('nan'), std=float('nan'))
+    divergence = health.DivergenceMonitor().check(stats)
+    assert (divergence.rule, divergence.message) == ('non-finite values', f'every {name} value of the tick was '
+                                                                          f'NaN or Inf')
+
+
+def test_a_lazy_statistic_absent_from_a_tick_is_not_a_divergence():
+    # The R1 step runs every 16 steps: in the ticks between, the Collector lists its names with num = 0.
+    stats = _tick()
+    stats['Loss/r1_penalty'] = stats['Loss/D/reg'] = dict(num=0, mean=float('nan'), std=float('nan'))
+    assert health.DivergenceMonitor().check(stats) is None
 
 
 def test_a_single_nonfinite_gradient_step_does_not_stop_a_run():
@@ -114,12 +213,12 @@ def test_nonfinite_gradients_in_more_than_half_of_the_steps_are_caught():
 def test_state_dict_round_trip_gives_identical_decisions(tmp_path):
     ticks = _steady_ticks(5)
     later = [_tick(g_loss=3.0), _tick(g_loss=4e13), _tick(d_loss=2e4), _tick(d_loss=1e5)]
-    original = health.DivergenceMonitor()
+    original = _relative_only()
     for stats in ticks:
         original.check(stats)
     # Through a weights-only torch file, as the training state stores it.
     torch.save(dict(health=original.state_dict()), tmp_path / 'state.pt')
-    restored = health.DivergenceMonitor()
+    restored = _relative_only()
     restored.load_state_dict(torch.load(tmp_path / 'state.pt', weights_only=True)['health'])
     assert restored.state_dict() == original.state_dict()
     decisions = [[None if d is None else d.message for d in map(monitor.check, later)]
@@ -127,7 +226,7 @@ def test_state_dict_round_trip_gives_identical_decisions(tmp_path):
     assert decisions[0] == decisions[1]
     assert decisions[0][1] is not None and decisions[0][0] is None
     # Not vacuous: without the history a fresh monitor is still in its warmup and decides otherwise.
-    fresh = health.DivergenceMonitor()
+    fresh = _relative_only()
     assert [fresh.check(stats) for stats in later][1] is None
 
 

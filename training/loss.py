@@ -34,6 +34,7 @@ STAT_PL_PENALTY     = 'Loss/pl_penalty'     # Path-length penalty per sample, un
 STAT_D_LOSS         = 'Loss/D/loss'         # D's loss on fakes plus reals per sample.
 STAT_D_REG          = 'Loss/D/reg'          # Weighted R1 penalty per sample.
 STAT_R1_PENALTY     = 'Loss/r1_penalty'     # R1 penalty per sample, unweighted.
+STAT_G_IMG_ABSMAX   = 'Health/G/img_absmax' # max |pixel| of each image G made in Gmain (training.health's ceiling).
 
 # ----------------------------------------------------------------------------
 # Loss terms.
@@ -94,6 +95,14 @@ def style_mixing_mask(num_ws: int, prob: float, device: torch.device) -> torch.T
     cutoff = torch.randint(1, max(num_ws, 2), [], device=device)
     cutoff = torch.where(torch.rand([], device=device) < prob, cutoff, torch.full_like(cutoff, num_ws))
     return torch.arange(num_ws, device=device) >= cutoff
+
+
+def image_absmax(img: torch.Tensor) -> torch.Tensor:
+    """max |pixel| of each image [N, C, H, W] -> [N], detached. An image with a NaN or Inf gives the largest
+    float32 instead, so that it counts (statistics skip non-finite samples) and exceeds every ceiling."""
+    absmax = img.detach().float().abs().amax(dim=[1, 2, 3])
+    largest = torch.finfo(torch.float32).max
+    return torch.nan_to_num(absmax, nan=largest, posinf=largest)
 
 
 def _report_scores(scores_name: str, signs_name: str, logits: torch.Tensor) -> None:
@@ -275,6 +284,7 @@ class StyleGAN2Loss(Loss):
     def _accumulate_Gmain(self, gen_z, gen_c, sync, gain):
         with torch.autograd.profiler.record_function('Gmain_forward'):
             gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=sync)
+            training_stats.report(STAT_G_IMG_ABSMAX, image_absmax(gen_img))
             gen_logits = self.run_D(gen_img, gen_c, sync=False)
             _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Gmain = generator_loss(gen_logits)

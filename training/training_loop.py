@@ -44,8 +44,8 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingDiverged(TrainingStopped):
-    """Training diverged: non-finite weights, or a rule of training.health.DivergenceMonitor (non-finite losses
-    or gradients, a loss explosion) fired at a tick."""
+    """Training diverged: non-finite weights, or a rule of training.health.DivergenceMonitor (non-finite values
+    or gradients, a ceiling, a loss explosion) fired at a tick."""
 
 # ----------------------------------------------------------------------------
 # Image grids.
@@ -593,8 +593,17 @@ def _report_progress(state: TrainingState, tick_end_time: float) -> str:
 
 def _check_health(state: TrainingState) -> None:
     """Stop the run before anything of this tick is written when it has diverged: non-finite weights (or
-    buffers), or a rule of health.DivergenceMonitor (non-finite losses or gradients, a loss explosion) over the
-    tick's statistics. The monitor's history goes into the training state, so a resumed run decides the same."""
+    buffers), or a rule of health.DivergenceMonitor over the tick's statistics (non-finite values or gradients,
+    the absolute ceilings on the losses, D's logits, G's output range and the R1 term, a loss explosion),
+    including those of the weights at the end of the tick (health.report_end_of_tick). Judging the tick before
+    its snapshot and training state are written is what makes every written file a good one: the single
+    training-state.pt is never replaced by the state of a bad tick. The monitor's history goes into the
+    training state, so a resumed run decides the same."""
+    if state.is_main:
+        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid_z))
+        health.report_end_of_tick(state.G, state.G_ema, state.D, state.grid_z[:count], state.grid_c[:count])
+    else:
+        health.report_end_of_tick(state.G, state.G_ema, state.D, None, None)
     state.health_stats.update()  # A collective: every rank takes part before any of them can stop.
     for net_name in ('G', 'D'):
         bad = _first_nonfinite_tensor(getattr(state, net_name))
@@ -602,7 +611,7 @@ def _check_health(state: TrainingState) -> None:
             raise TrainingDiverged(_divergence_message(state, f'{net_name} has non-finite weights ({bad})'))
     divergence = state.health_monitor.check(state.health_stats.as_dict())
     if divergence is not None:
-        raise TrainingDiverged(_divergence_message(state, divergence.message))
+        raise TrainingDiverged(_divergence_message(state, divergence.message, divergence.name))
 
 
 def _first_nonfinite_tensor(module: torch.nn.Module) -> Optional[str]:
@@ -614,21 +623,41 @@ def _first_nonfinite_tensor(module: torch.nn.Module) -> Optional[str]:
     return next(name for name, t in tensors if not torch.isfinite(t).all())
 
 
-def _divergence_message(state: TrainingState, what: str) -> str:
-    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg: {what}. Nothing was written for this tick; '
-            f'{_last_good_files(state)}. Try a lower learning rate, a larger --gamma, or --fp32.')
+def _divergence_message(state: TrainingState, what: str, stat_name: Optional[str] = None) -> str:
+    """One line: the bad tick, the rule and its numbers, the last good files and how to go on from them. It ends
+    without a period: train.py appends where the log is."""
+    if stat_name in health.R1_NAMES:
+        advice = 'a smaller --gamma (the R1 weight)'
+    else:
+        advice = 'lower learning rates (--glr, --dlr), a larger --gamma, or --fp32'
+    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg (tick {state.cur_tick}): {what}. Nothing was '
+            f'written for this tick; {_last_good_files(state, advice)}')
 
 
-def _last_good_files(state: TrainingState) -> str:
-    """What a user can go back to, as part of one line: the newest snapshot and the training state."""
-    snapshot = _newest_snapshot(state)
-    state_path = os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME)
-    has_state = os.path.isfile(state_path)
-    if snapshot is None:
-        return 'no snapshot has been written yet' + (f'; the training state {state_path} is intact' if has_state else '')
-    if has_state:
-        return f'the last good snapshot {snapshot} and the training state {state_path} are intact'
-    return f'the last good snapshot {snapshot} is intact'
+def _last_good_files(state: TrainingState, advice: str) -> str:
+    """What a user can go back to, as the end of one line: the snapshot and training state of the last healthy
+    tick (health.LAST_GOOD_FILE_NAME names them; files of this run directory that are newer, or not named
+    there, are not vouched for), and how to continue."""
+    run_dir = state.opts.run_dir
+    good = health.read_last_good(run_dir) if state.is_main else None
+    if good is not None and (good['snapshot'] is not None or good['training_state'] is not None):
+        when = f'{good["kimg"]:.1f} kimg, tick {good["tick"]}'
+        if good['snapshot'] is not None and good['training_state'] is not None:
+            files = f'the last good snapshot {good["snapshot"]} and training state {good["training_state"]} ({when})'
+        elif good['snapshot'] is not None:
+            files = f'the last good snapshot {good["snapshot"]} ({when})'
+        else:
+            files = f'the last good training state {good["training_state"]} ({when})'
+        how = []
+        if good['training_state'] is not None:
+            how.append(f'--resume={run_dir} continues from that state with the same options')
+        if good['snapshot'] is not None:
+            how.append(f'--resume={good["snapshot"]} starts a new run from its weights, e.g. with {advice}')
+        return f'{files} are kept; {"; ".join(how)}'
+    if state.opts.resume_state:
+        return (f'the training state it resumed from ({state.opts.resume_state}) is intact; '
+                f'--resume={state.opts.resume_state} continues from it; or try {advice}')
+    return f'no snapshot or training state had been written before it; start again with {advice}'
 
 
 def _newest_snapshot(state: TrainingState) -> Optional[str]:
@@ -701,7 +730,21 @@ def _write_training_state(state: TrainingState) -> None:
     if state.is_main:
         checkpoint.save_training_state(os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME),
                                        _state_record(state))
+        _point_to_last_good(state)
     state.last_state_nimg = state.cur_nimg
+
+
+def _point_to_last_good(state: TrainingState) -> None:
+    """Name the snapshot and state just written as the last good ones (_check_health passed this tick before
+    they were written). Before this process's first snapshot (a resumed run, or a state written by
+    --state-kimg), the snapshot of the previous pointer stays the last good one."""
+    run_dir = state.opts.run_dir
+    snapshot = state.last_snapshot
+    if snapshot is None:
+        previous = health.read_last_good(run_dir)
+        snapshot = previous['snapshot'] if previous is not None else None
+    health.write_last_good(run_dir, snapshot, checkpoint.STATE_FILE_NAME, kimg=state.cur_nimg / 1000,
+                           tick=state.cur_tick)
 
 
 def _snapshot_copy(module):
