@@ -315,25 +315,84 @@ def _progress_nimg(run_dir):
     return checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))['progress']['cur_nimg']
 
 
-def test_a_loss_explosion_stops_the_run_with_the_last_good_snapshot_intact(tmp_path, data_dir):
-    # Ticks end after steps 1, 3, 5, 7 (nimg 8, 24, 40, 56); the loss explodes in steps 6 and 7, the fourth tick,
-    # when three healthy ticks are in the history.
+def _last_good(run_dir):
+    with open(run_dir / health.LAST_GOOD_FILE_NAME) as f:
+        return json.load(f)
+
+
+def _kept(run_dir, snapshot_name, kimg, tick):
+    """The part of the stop message that names the last good files and how to continue."""
+    snapshot = run_dir / snapshot_name
+    return (f'the last good snapshot {snapshot} and training state {run_dir / "training-state.pt"} ({kimg:.1f} kimg, '
+            f'tick {tick}) are kept; --resume={run_dir} continues from that state with the same options; '
+            f'--resume={snapshot} starts a new run from its weights, e.g. with ')
+
+
+def _max_abs_output(G):
+    z = torch.randn([4, G.z_dim], generator=torch.Generator().manual_seed(1))
+    c = torch.nn.functional.one_hot(torch.arange(4) % G.c_dim, G.c_dim).float()
+    return float(G(z, c, noise_mode='const').abs().max())
+
+
+def test_an_exploding_d_is_caught_in_its_first_tick_and_the_last_good_files_are_named(tmp_path, data_dir):
+    # Tick 0 is step 0 (nimg 8), tick 1 steps 1-2 (nimg 24). D's logits are a million times larger from step 1
+    # on: the first bad tick is tick 1, where the relative rule would still be in its warm-up (it needs 3 ticks
+    # of history); the ceiling on D's logits needs none.
     run_dir = tmp_path / 'run'
-    message = _diverge(run_dir, data_dir, ExplodingLoss, first_step=5, steps=10)
-    snapshot = run_dir / 'network-snapshot-000000.040.pkl'
-    assert message.startswith('Training diverged at 0.1 kimg: Loss/')
-    assert ' exploded: its tick mean ' in message and 'times the median' in message
-    assert (f'Nothing was written for this tick; the last good snapshot {snapshot} and the training state '
-            f'{run_dir / "training-state.pt"} are intact.') in message
-    assert not os.path.exists(run_dir / 'network-snapshot-000000.056.pkl')
-    assert not os.path.exists(run_dir / 'fakes000000.056.png')
+    message = _diverge(run_dir, data_dir, ExplodingLoss, first_step=1, steps=10)
+    assert message.startswith('Training diverged at 0.0 kimg: Loss/')
+    assert ' is out of range: the root mean square of its ' in message and 'over the ceiling 1000' in message
+    assert ('(tick 1). Nothing was written for this tick; ' + _kept(run_dir, 'network-snapshot-000000.008.pkl', 0.008, 0)
+            + 'lower learning rates (--glr, --dlr), a larger --gamma, or --fp32') in message
+    assert not message.endswith('.')  # train.py appends '. The log is ...'.
+    assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.008.pkl', training_state='training-state.pt',
+                                       kimg=0.008, tick=0)
+    assert not os.path.exists(run_dir / 'network-snapshot-000000.024.pkl')
+    assert not os.path.exists(run_dir / 'fakes000000.024.png')
     with open(run_dir / 'stats.jsonl') as f:
-        assert len(f.readlines()) == 3
-    G = legacy.load_network(str(snapshot))
-    assert all(torch.isfinite(p).all() for p in G.parameters())
-    assert _progress_nimg(run_dir) == 5 * BATCH
-    record = checkpoint.load_training_state(str(run_dir / checkpoint.STATE_FILE_NAME))
-    assert len(record['networks']['G']) > 0
+        assert len(f.readlines()) == 1
+    assert _progress_nimg(run_dir) == BATCH
+
+
+class LastStepBlowUpLoss(_StepCountingLoss):
+    """In the last round of the lazy R1 phase of step `first_step`, the last thing a step does with G in use
+    nowhere after it, G's toRGB weights are multiplied by 1e4. Every statistic of that tick was computed
+    before; only the weights at its end show the blow-up."""
+
+    first_step = 4
+
+    def accumulate_gradients(self, phase, **kwargs):
+        super().accumulate_gradients(phase=phase, **kwargs)
+        if phase == 'Dreg' and kwargs['sync'] and self.step() == LastStepBlowUpLoss.first_step:
+            with torch.no_grad():
+                for name, param in self.G_synthesis.named_parameters():
+                    if 'torgb' in name:
+                        param.mul_(1e4)
+
+
+def test_a_blow_up_in_the_last_step_of_a_tick_keeps_that_ticks_files_out_and_resume_works(tmp_path, data_dir):
+    # Step 4 ends tick 2 (steps 3-4, nimg 40). Judged by its statistics alone, tick 2 would pass and its snapshot
+    # and state (with the blown-up G) would become the "last good" ones; the end-of-tick check of the weights
+    # about to be saved stops the run in tick 2, and the files of tick 1 (nimg 24) are named.
+    run_dir = tmp_path / 'run'
+    message = _diverge(run_dir, data_dir, LastStepBlowUpLoss, first_step=4, steps=10)
+    assert message.startswith('Training diverged at 0.0 kimg: Health/end/G/img_absmax is out of range')
+    assert '(tick 2). Nothing was written for this tick; ' + _kept(run_dir, 'network-snapshot-000000.024.pkl',
+                                                                   0.024, 1) in message
+    good = _last_good(run_dir)
+    assert good == dict(snapshot='network-snapshot-000000.024.pkl', training_state='training-state.pt', kimg=0.024,
+                        tick=1)
+    assert not os.path.exists(run_dir / 'network-snapshot-000000.040.pkl')
+    # The named files load, hold healthy networks, and were written at tick 1.
+    snapshot = legacy.load_network_pkl(open(run_dir / good['snapshot'], 'rb'))
+    assert max(_max_abs_output(snapshot[name]) for name in ('G', 'G_ema')) < health.IMG_ABSMAX_CEILING
+    assert _progress_nimg(run_dir) == 3 * BATCH
+    # Resuming the diverged run from its last good state works (here with the cause removed): it trains on and
+    # the pointer moves with the new healthy ticks.
+    _train(run_dir, data_dir, steps=6, resume_state=str(run_dir / good['training_state']))
+    assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.048.pkl',
+                                       training_state='training-state.pt', kimg=0.048, tick=3)
+    assert _progress_nimg(run_dir) == 6 * BATCH
 
 
 def test_nonfinite_gradients_in_every_step_stop_the_run(tmp_path, data_dir):
@@ -342,31 +401,34 @@ def test_nonfinite_gradients_in_every_step_stop_the_run(tmp_path, data_dir):
     run_dir = tmp_path / 'run'
     message = _diverge(run_dir, data_dir, NaNGradientLoss, first_step=1, steps=6)
     assert message.startswith('Training diverged at 0.0 kimg: the Dmain gradients were NaN or Inf in 2 of 2 '
-                              'steps of the tick (more than half).')
-    assert f'the last good snapshot {run_dir / "network-snapshot-000000.008.pkl"} and' in message
+                              'steps of the tick (more than half) (tick 1).')
+    assert _kept(run_dir, 'network-snapshot-000000.008.pkl', 0.008, 0) in message
     assert _progress_nimg(run_dir) == BATCH
 
 
 def test_nonfinite_weights_stop_the_run(tmp_path, data_dir):
     run_dir = tmp_path / 'run'
     message = _diverge(run_dir, data_dir, NaNWeightLoss, first_step=1, steps=6)
-    assert message.startswith('Training diverged at 0.0 kimg: D has non-finite weights (b16.conv0.weight).')
+    assert message.startswith('Training diverged at 0.0 kimg: D has non-finite weights (b16.conv0.weight) (tick 1).')
     assert _progress_nimg(run_dir) == BATCH
 
 
 def test_divergence_before_the_first_snapshot_says_so(tmp_path, data_dir):
     message = _diverge(tmp_path / 'run', data_dir, NaNWeightLoss, first_step=0, steps=6)
-    assert 'Nothing was written for this tick; no snapshot has been written yet.' in message
+    assert message.endswith('(tick 0). Nothing was written for this tick; no snapshot or training state had been '
+                            'written before it; start again with lower learning rates (--glr, --dlr), a larger '
+                            '--gamma, or --fp32')
     assert not os.path.exists(tmp_path / 'run' / checkpoint.STATE_FILE_NAME)
+    assert not os.path.exists(tmp_path / 'run' / health.LAST_GOOD_FILE_NAME)
 
 
-def test_a_resumed_run_names_the_newest_snapshot_of_its_directory(tmp_path, data_dir):
+def test_a_resumed_run_names_the_last_good_files_of_the_run_it_continues(tmp_path, data_dir):
     run_dir = tmp_path / 'run'
     _train(run_dir, data_dir, steps=3)  # Snapshots after steps 1 and 3.
     state_file = str(run_dir / checkpoint.STATE_FILE_NAME)
     message = _diverge(run_dir, data_dir, NaNGradientLoss, first_step=0, steps=8, resume_state=state_file)
     assert 'the Dmain gradients were NaN or Inf' in message
-    assert f'the last good snapshot {run_dir / "network-snapshot-000000.024.pkl"} and the training state' in message
+    assert _kept(run_dir, 'network-snapshot-000000.024.pkl', 0.024, 1) in message
     assert _progress_nimg(run_dir) == 3 * BATCH
 
 # ----------------------------------------------------------------------------

@@ -630,7 +630,7 @@ def _divergence_message(state: TrainingState, what: str, stat_name: Optional[str
         advice = 'a smaller --gamma (the R1 weight)'
     else:
         advice = 'lower learning rates (--glr, --dlr), a larger --gamma, or --fp32'
-    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg (tick {state.cur_tick}): {what}. Nothing was '
+    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg: {what} (tick {state.cur_tick}). Nothing was '
             f'written for this tick; {_last_good_files(state, advice)}')
 
 
