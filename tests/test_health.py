@@ -7,13 +7,18 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 from test_dnnlib import disk_full_open
 from test_training_loop import BATCH, _train, make_image_folder
 
+import dataset_tool
 from dnnlib import util
 from torch_utils import training_stats
 from training import checkpoint, health, legacy, loss
@@ -330,7 +335,7 @@ def _kept(run_dir, snapshot_name, kimg, tick):
 
 def _max_abs_output(G):
     z = torch.randn([4, G.z_dim], generator=torch.Generator().manual_seed(1))
-    c = torch.nn.functional.one_hot(torch.arange(4) % G.c_dim, G.c_dim).float()
+    c = torch.eye(max(G.c_dim, 1))[torch.arange(4) % max(G.c_dim, 1), :G.c_dim]  # One-hot labels, or [4, 0].
     return float(G(z, c, noise_mode='const').abs().max())
 
 
@@ -476,3 +481,93 @@ def test_a_full_quota_is_reported_as_such(tmp_path, data_dir, monkeypatch):
         _train(tmp_path / 'run', data_dir, steps=1)
     assert str(error.value) == (f'{os.strerror(errno.EDQUOT)} while writing network-snapshot-000000.008.pkl; '
                                 f'nothing had been saved before')
+
+# ----------------------------------------------------------------------------
+# train.py as users run it.
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def dataset_zip(tmp_path_factory):
+    # What tests/test_train_e2e.py trains on: 16 random 16x16 images, 2 classes.
+    root = tmp_path_factory.mktemp('zip')
+    images = root / 'images'
+    images.mkdir()
+    rnd = np.random.RandomState(0)
+    labels = []
+    for i in range(16):
+        PIL.Image.fromarray((rnd.rand(16, 16, 3) * 255).astype(np.uint8)).save(images / f'{i:02d}.png')
+        labels.append([f'{i:02d}.png', i % 2])
+    (images / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    result = CliRunner().invoke(dataset_tool.main, [f'--source={images}', f'--dest={root / "tiny.zip"}'])
+    assert result.exit_code == 0, result.output
+    return str(root / 'tiny.zip')
+
+
+def _start_train_py(*flags):
+    """train.py in its own process: the tiny network of tests/test_train_e2e.py, one step (8 images) per tick,
+    a snapshot every tick."""
+    command = [sys.executable, os.path.join(REPO_ROOT, 'train.py'), '--cfg=cifar', '--cbase=256', '--cmax=16',
+               '--map=2', '--batch=8', '--gpus=0', '--metrics=none', '--workers=0', '--kimg=0.08', '--tick=0.008',
+               '--snap=1', '--aug=ada', '--augpipe=bgc', *flags]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process):
+    output, _ = process.communicate(timeout=1200)
+    assert 'Traceback' not in output, output
+    errors = [line for line in output.splitlines() if line.startswith('Error: ')]
+    assert len(errors) == 1, output
+    return process.returncode, errors[0]
+
+
+_DIVERGED_RE = re.compile(r'Error: Training diverged at [0-9.]+ kimg: (\S+) is out of range: the root mean square of '
+                          r'its \d+ values in the tick is [0-9.e+]+, over the ceiling [0-9e+]+ that healthy training '
+                          r'stays far below \(tick (\d+)\)\. Nothing was written for this tick; (.*)')
+
+
+def test_train_py_with_huge_learning_rates_stops_at_the_first_bad_tick_naming_files_that_load(tmp_path, dataset_zip):
+    # Two real runs side by side: --glr=--dlr=1e4 blows up in its first step; 0.3 (120 times the cifar default)
+    # gets through the first tick and blows up within the next ones.
+    huge = _start_train_py(f'--outdir={tmp_path / "huge"}', f'--data={dataset_zip}', '--glr=1e4', '--dlr=1e4')
+    large = _start_train_py(f'--outdir={tmp_path / "large"}', f'--data={dataset_zip}', '--glr=0.3', '--dlr=0.3')
+
+    returncode, line = _finish(huge)
+    match = _DIVERGED_RE.fullmatch(line)
+    assert returncode == 1 and match is not None, line
+    assert match.group(2) == '0'  # The very first tick.
+    assert match.group(3).startswith('no snapshot or training state had been written before it; start again with '
+                                     'lower learning rates (--glr, --dlr), a larger --gamma, or --fp32. Removed the '
+                                     'run directory ')
+    assert os.listdir(tmp_path / 'huge') == []  # Nothing had been saved, so the new run's directory is gone.
+
+    returncode, line = _finish(large)
+    match = _DIVERGED_RE.fullmatch(line)
+    assert returncode == 1 and match is not None, line
+    (run_dir,) = (tmp_path / 'large').iterdir()
+    bad_tick = int(match.group(2))
+    good = _last_good(run_dir)
+    snapshot, state_file = run_dir / good['snapshot'], run_dir / good['training_state']
+    assert 1 <= bad_tick and good['tick'] == bad_tick - 1  # The tick just before the first bad one.
+    assert match.group(3).startswith(f'the last good snapshot {snapshot} and training state {state_file} '
+                                     f'({good["kimg"]:.1f} kimg, tick {good["tick"]}) are kept; --resume={run_dir} '
+                                     f'continues from that state with the same options; --resume={snapshot} starts a '
+                                     f'new run from its weights')
+    # Nothing of the bad tick or after it: the named snapshot is the newest, stats.jsonl ends at the good tick.
+    assert max(name for name in os.listdir(run_dir) if name.startswith('network-snapshot-')) == good['snapshot']
+    assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == good['tick'] + 1
+    # The named files load, and hold networks within the ceilings.
+    with open(snapshot, 'rb') as f:
+        networks = legacy.load_network_pkl(f)
+    assert max(_max_abs_output(networks[name]) for name in ('G', 'G_ema')) < health.IMG_ABSMAX_CEILING
+    record = checkpoint.load_training_state(str(state_file))
+    assert record['progress']['cur_nimg'] == round(good['kimg'] * 1000)
+
+    # The README's resume continues the diverged run from its last good state, exactly: the same options give
+    # the same divergence at the same tick, and the directory of the resumed run stays.
+    returncode, again = _finish(_start_train_py(f'--resume={run_dir}'))
+    assert returncode == 1
+    assert again.split('. The log is')[0] == line.split('. The log is')[0]
+    assert _last_good(run_dir) == good
