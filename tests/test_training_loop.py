@@ -89,8 +89,9 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
     state = _train(tmp_path / 'run', data_dir, architecture=architecture, steps=3, steps_per_tick=2)
     files = sorted(os.listdir(tmp_path / 'run'))
     # Ticks of 8 images (a fractional kimg): every snapshot keeps its own name, to the image.
-    assert files == ['fakes000000.008.png', 'fakes000000.024.png', 'fakes_init.png', 'network-snapshot-000000.008.pkl',
-                     'network-snapshot-000000.024.pkl', 'reals.png', 'stats.jsonl', 'training-state.pt']
+    assert files == ['fakes000000.008.png', 'fakes000000.024.png', 'fakes_init.png', 'last-good.json',
+                     'network-snapshot-000000.008.pkl', 'network-snapshot-000000.024.pkl', 'reals.png', 'stats.jsonl',
+                     'training-state.pt']
     assert state.cur_nimg == 3 * BATCH and state.cur_tick == 2  # Ticks after steps 1 and 3.
 
     with open(tmp_path / 'run' / 'stats.jsonl') as f:

@@ -32,11 +32,14 @@ A tick that triggers a rule is not taken into the history; healthy ticks are. `s
 as plain lists of floats, which the training state stores (it is read with torch.load(weights_only=True)), so a
 resumed run decides exactly as the uninterrupted one. The ceilings are constants, not state.
 
-What the ceilings were checked against (stats.jsonl, root mean squares per tick; CPU, cifar config with
---cbase=4096 --cmax=64 --batch=16 on a 256-image toy dataset, and the tiny test runs): healthy runs with the
-default learning rates stay at losses <= 3, |D logits| <= 3, G output max |pixel| <= 8, R1 penalty <= 0.1;
-`--glr=1 --dlr=1` reaches |D logits| 2252 (reals) in the first tick, `--glr=1e4 --dlr=1e4` 1.6e10, and
-`--gamma=1e30` a weighted R1 term of 1.9e27 from the first tick on.
+What the ceilings were checked against (the largest per-tick root mean squares in stats.jsonl; CPU runs: the
+cifar config with --cbase=4096 --cmax=64 --batch=16 on a 256-image toy dataset for 3 kimg, train.py's tiny
+test network at --glr=--dlr=0.03 (12 times the default) and the tiny loop of the tests with the skip, orig,
+resnet and squeeze generators for 60 steps): losses <= 4.8, |D logits| <= 4.9, G's max |pixel| <= 5.5, R1 penalty <= 5.3,
+weighted R1 term <= 2.6, so every ceiling is at least 18 times above healthy training. `--gamma=1e30` (D made
+flat, G wandering) took G to 36, still healthy by these rules; its weighted R1 term of 1.9e27 is caught in the
+first tick. In the first tick, `--glr=1 --dlr=1` reaches |D logits| 2252 (reals) and `--glr=1e4 --dlr=1e4`
+1.6e10.
 """
 
 import dataclasses
