@@ -2,6 +2,7 @@
 training.health.DivergenceMonitor as closed cases, then tiny training runs with a forced loss explosion,
 non-finite gradients, non-finite weights and an injected ENOSPC."""
 
+import copy
 import errno
 import json
 import math
@@ -21,7 +22,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 import dataset_tool
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, legacy, loss
+from training import checkpoint, health, legacy, loss, networks
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -119,6 +120,43 @@ def test_image_absmax_counts_a_nonfinite_image_as_the_largest_value():
     img[2, 2, 3, 3] = float('inf')
     largest = torch.finfo(torch.float32).max
     assert loss.image_absmax(img).tolist() == [7.5, largest, largest]
+
+def test_the_end_of_tick_check_reports_the_saved_networks_and_changes_nothing():
+    # The tiny networks of the loop tests. G trains (its w_avg would move in a training-mode pass), G_ema not.
+    common = dict(c_dim=3, img_resolution=16, img_channels=3)
+    G = networks.Generator(z_dim=8, w_dim=8, mapping_kwargs=dict(num_layers=2), **common,
+                           synthesis_kwargs=dict(channel_base=128, channel_max=16)).train()
+    with torch.no_grad():
+        G.mapping.w_avg.fill_(0.5)  # Not the batch mean, so a training-mode pass would move it.
+    G_ema = copy.deepcopy(G).eval()
+    D = networks.Discriminator(channel_base=128, channel_max=16, **common).train()
+    z = torch.randn([4, 8], generator=torch.Generator().manual_seed(0))
+    c = torch.eye(3)[[0, 1, 2, 0]]
+    def tensors():
+        return {f'{net}.{name}': t.clone() for net, module in (('G', G), ('D', D), ('G_ema', G_ema))
+                for name, t in module.state_dict().items()}
+    before = tensors()
+    torch.manual_seed(123)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(123)
+    training_stats.reset()
+    collector = training_stats.Collector(regex=health.STATS_REGEX, keep_previous=False)
+    health.report_end_of_tick(G, G_ema, D, z, c)
+    assert torch.equal(torch.rand(4), expected_draw)  # No random number was drawn (constant noise).
+    assert G.training and D.training and not G_ema.training
+    assert [name for name, t in tensors().items() if not torch.equal(before[name], t)] == []  # w_avg included.
+    collector.update()
+    stats = collector.as_dict()
+    G.eval()
+    with torch.no_grad():
+        img = G(z, c, noise_mode='const')
+        logits = D(img, c)
+    assert stats['Health/end/G/img_absmax'].num == 4
+    assert stats['Health/end/G/img_absmax'].mean == pytest.approx(float(img.abs().amax(dim=[1, 2, 3]).mean()))
+    assert stats['Health/end/D/scores'].mean == pytest.approx(float(logits.mean()))
+    assert stats['Health/end/G_ema/img_absmax'].num == 4
+    training_stats.reset()
+
 
 # ----------------------------------------------------------------------------
 # The relative rule (tested without ceilings, which would catch most of these values first).
