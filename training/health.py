@@ -150,15 +150,15 @@ class DivergenceMonitor:
     """The rules of the module docstring over a window of ticks; see there for what each one means."""
 
     def __init__(self,
-        warmup:         int = 3,            # Healthy ticks of a loss before the explosion rule applies to it.
-        window:         int = 8,            # The explosion rule compares with the median of this many ticks.
-        factor:         float = 1000.0,     # An explosion is a tick mean above factor x that median ...
-        floor:          float = 100.0,      # ... and above this absolute value.
-        min_bad_steps:  int = 2,            # Fewest runs of a phase with non-finite gradients that stop a run.
-        loss_names:     Sequence[str] = LOSS_NAMES,     # The losses whose tick means the explosion rule watches.
-        every_tick_names: Sequence[str] = EVERY_TICK_NAMES, # Reported in every tick: num = 0 means no finite value.
-        ceilings:       Mapping[str, float] = None,     # Statistic -> ceiling of its root mean square (rule 3);
-                                                        # None = CEILINGS.
+        warmup:             int = 3,            # Healthy ticks of a loss before the explosion rule applies to it.
+        window:             int = 8,            # The explosion rule compares with the median of this many ticks.
+        factor:             float = 1000.0,     # An explosion is a tick mean above factor x that median ...
+        floor:              float = 100.0,      # ... and above this absolute value.
+        min_bad_steps:      int = 2,            # Fewest runs of a phase with non-finite gradients that stop a run.
+        loss_names:         Sequence[str] = LOSS_NAMES,         # Losses whose tick means the explosion rule watches.
+        every_tick_names:   Sequence[str] = EVERY_TICK_NAMES,   # Reported every tick: num = 0 means none finite.
+        ceilings:           Optional[Mapping[str, float]] = None,   # Statistic -> ceiling of its root mean square
+                                                                    # (rule 3); None = CEILINGS.
     ):
         assert 1 <= warmup <= window, 'the history holds `window` ticks, so warmup cannot need more'
         assert factor >= 1 and floor >= 0 and min_bad_steps >= 1
