@@ -71,6 +71,7 @@ from training.dataset import (
     decode_image,
     image_to_array,
     is_image_file,
+    is_macos_metadata,
     parse_labels_json,
     read_zip_member,
 )
@@ -102,12 +103,23 @@ def _select_labels(labels: Optional[dict], fnames: List[str], where: str) -> Opt
     return labels
 
 
-def open_image_folder(source_dir: str, max_images: Optional[int] = None) -> Source:
+def _without_macos_metadata(fnames: List[str], where: str, log: Optional[Callable[[str], None]]) -> List[str]:
+    """The image names that are not macOS bookkeeping (training.dataset.is_macos_metadata), with one note
+    when some were left out: a zip made by Finder is a normal source, not a broken one."""
+    kept = [fname for fname in fnames if not is_macos_metadata(fname)]
+    if len(kept) != len(fnames) and log is not None:
+        log(f'note: skipped {len(fnames) - len(kept)} macOS metadata file(s) in {where} (__MACOSX/ and ._* '
+            f'AppleDouble files, which hold no image)')
+    return kept
+
+
+def open_image_folder(source_dir: str, max_images: Optional[int] = None,
+                      log: Optional[Callable[[str], None]] = None) -> Source:
     """Images of a folder tree in sorted order of their relative paths, labelled by its dataset.json."""
     fnames = sorted(
         os.path.relpath(os.path.join(root, fname), start=source_dir).replace(os.sep, '/')
         for root, _dirs, files in os.walk(source_dir) for fname in files if is_image_file(fname))
-    fnames = fnames[:max_images]
+    fnames = _without_macos_metadata(fnames, f'"{source_dir}"', log)[:max_images]
     labels = None
     labels_path = os.path.join(source_dir, LABELS_FILE)
     if os.path.isfile(labels_path):
@@ -122,12 +134,14 @@ def open_image_folder(source_dir: str, max_images: Optional[int] = None) -> Sour
     return len(fnames), _image_items(fnames, read, labels, f'"{source_dir}"')
 
 
-def open_image_zip(source: str, max_images: Optional[int] = None) -> Source:
+def open_image_zip(source: str, max_images: Optional[int] = None,
+                   log: Optional[Callable[[str], None]] = None) -> Source:
     """Images of a .zip archive in sorted order of their paths, labelled by its dataset.json."""
     try:
         with zipfile.ZipFile(source) as z:
             names = [info.filename for info in z.infolist() if not info.is_dir()]
-            fnames = sorted(name for name in names if is_image_file(name))[:max_images]
+            fnames = sorted(name for name in names if is_image_file(name))
+            fnames = _without_macos_metadata(fnames, f'"{source}"', log)[:max_images]
             where = f'"{LABELS_FILE}" in "{source}"'
             labels = parse_labels_json(read_zip_member(z, LABELS_FILE, f'"{source}"'), where) \
                 if LABELS_FILE in names else None
@@ -258,14 +272,14 @@ def open_dataset(source: str, max_images: Optional[int] = None, log: Optional[Ca
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, 'data.mdb')) or basename.endswith('_lmdb'):
             return open_lmdb(source, max_images)
-        return open_image_folder(source, max_images)
+        return open_image_folder(source, max_images, log=log)
     if os.path.isfile(source):
         if basename.lower() == 'cifar-10-python.tar.gz':
             return open_cifar10(source, max_images)
         if basename.lower().endswith('-idx3-ubyte.gz'):
             return open_mnist(source, max_images, log=log)
         if basename.lower().endswith('.zip'):
-            return open_image_zip(source, max_images)
+            return open_image_zip(source, max_images, log=log)
         raise ValueError(f'Unknown kind of source "{source}"; expected a folder or .zip of images, an lmdb '
                          f'folder, cifar-10-python.tar.gz or an MNIST-format *-images-idx3-ubyte.gz')
     raise FileNotFoundError(f'Source not found: "{source}" does not exist')
@@ -361,8 +375,19 @@ def _is_zip_path(path: str) -> bool:
     return os.path.splitext(path)[1].lower() == '.zip'
 
 
+# Names that promise an archive this tool cannot write: such a --dest would silently become a folder of that name,
+# which neither a user nor the archive tools expect.
+OTHER_ARCHIVE_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz', '.tar.zst', '.gz', '.bz2',
+                          '.xz', '.zst', '.7z', '.rar')
+
+
 def check_dest(dest: str) -> None:
-    """Refuse a destination that already holds something (ValueError)."""
+    """Refuse a destination that already holds something, or that names an archive other than .zip
+    (ValueError)."""
+    suffix = next((suffix for suffix in OTHER_ARCHIVE_SUFFIXES if dest.lower().endswith(suffix)), None)
+    if suffix is not None:
+        raise ValueError(f'--dest "{dest}" names a {suffix} archive, which dataset_tool.py cannot write; the '
+                         f'supported outputs are a .zip archive and a folder')
     if _is_zip_path(dest):
         if os.path.exists(dest):
             raise ValueError(f'--dest "{dest}" already exists; refusing to overwrite it')
