@@ -21,7 +21,8 @@ Examples:
 
 Sources:
 - a folder or a .zip archive of images (.png .jpg .jpeg .bmp .webp, any depth, in sorted order of their
-  relative paths), with labels from its own `dataset.json` if it has one;
+  relative paths), with labels from its own `dataset.json` if it has one; the `__MACOSX/` folder and `._*`
+  AppleDouble files that macOS adds are skipped (with one note);
 - an LSUN lmdb folder (one with a `data.mdb`, or named `*_lmdb`);
 - `cifar-10-python.tar.gz` (the five training batches, with class labels);
 - an MNIST-format `*-images-idx3-ubyte.gz` (MNIST, Fashion-MNIST), with labels from the
@@ -45,7 +46,8 @@ Images:
 Errors stop the conversion with a message naming the problem (and the file, for a bad image); nothing is left
 at --dest. The output is written under a temporary name beside --dest and renamed when complete, so a crash
 cannot leave a half-written dataset where a finished one is expected. A --dest that exists and is not an
-empty folder is refused.
+empty folder is refused, and so is a name of another archive type (.tar, .tar.gz, .7z, ...): the outputs are a
+.zip archive or a folder.
 """
 
 import gzip
@@ -80,6 +82,9 @@ IMAGES_PER_FOLDER = 1000    # Output images go to 00000/, 00001/, ... with this 
 PROGRESS_EVERY = 1000       # Log a progress line after this many images.
 RESIZE_FILTERS = {'box': PIL.Image.Resampling.BOX, 'lanczos': PIL.Image.Resampling.LANCZOS}
 TRANSFORMS = ('center-crop', 'center-crop-wide')
+# Largest --width / --height: 8x the 1024 of the largest official networks. Beyond it one RGB image alone takes
+# more than 200 MB, and a typo such as --width=2**30 would end in an allocator error instead of a message.
+MAX_OUTPUT_SIZE = 8192
 
 Item = dnnlib.EasyDict          # One source image: name (for messages), image (PIL), label (JSON value or None).
 Source = Tuple[int, Iterator]   # (number of images that will be read, iterator of Items).
@@ -298,8 +303,8 @@ def check_output_size(transform: Optional[str], width: Optional[int], height: Op
     if transform is not None and transform not in TRANSFORMS:
         raise ValueError(f'Unknown transform "{transform}"; choose one of: {", ".join(TRANSFORMS)}')
     for flag, value in (('--width', width), ('--height', height)):
-        if value is not None and value < 1:
-            raise ValueError(f'{flag} must be positive, got {value}')
+        if value is not None and not 1 <= value <= MAX_OUTPUT_SIZE:
+            raise ValueError(f'{flag} must be between 1 and {MAX_OUTPUT_SIZE}, got {value}')
     if transform is not None and (width is None or height is None):
         raise ValueError(f'--transform={transform} needs both --width and --height')
     if transform == 'center-crop-wide':

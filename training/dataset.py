@@ -9,8 +9,11 @@
         dataset.json                  {"labels": [["00000/img00000000.png", 3], ...]}  or  {"labels": null}
 
 A label is either a class index (an int; the dataset returns it as a one-hot float32 vector) or a list of
-numbers (returned as a float32 vector). All images of a dataset must share one size and channel count; the
-size must be square and a power of two.
+numbers (returned as a float32 vector). Labels are checked when the dataset is opened: class indices are
+non-negative and make a one-hot vector of a sane size (see MAX_CLASSES), vectors have one length and finite
+float32 values; the first bad entry is named. All images of a dataset must share one size and channel count;
+the size must be square and a power of two. macOS bookkeeping files (`__MACOSX/`, `._*`) are not images and
+are left out.
 
 The dataset yields `(image, label)` with the image as a CHW uint8 numpy array. A dataset pickles without
 its open zip handle, so it can be handed to DataLoader workers: each process opens the archive itself.
