@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -119,7 +120,9 @@ def files(tmp_path_factory):
     (root / 'zip-detector').mkdir()
     torch.save(dict(weight=torch.zeros(3)), root / 'zip-detector' / 'inception-2015-12-05.pt')
     (root / 'stub-detector').mkdir()
-    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(root / 'stub-detector' / 'inception-2015-12-05.pt'))
+    with warnings.catch_warnings():  # Recent torch marks torch.jit as deprecated; the detectors are TorchScript.
+        warnings.simplefilter('ignore', category=DeprecationWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Identity()), str(root / 'stub-detector' / 'inception-2015-12-05.pt'))
     f['macos_zip'] = make_macos_zip(root / 'from-a-mac.zip')
     with zipfile.ZipFile(f['macos_zip']) as archive:
         archive.extractall(root / 'from-a-mac')
