@@ -111,6 +111,13 @@ def dataset_kwargs_for(network: str, snapshot: dict, data: Optional[str], mirror
     return kwargs
 
 
+def max_cpu_processes() -> int:
+    """Most CPU processes `--gpus=N --device=cpu` may start: more than one per core only compete for the cores,
+    and a typo (--gpus=1000) would start that many copies of the networks. At least 8, for small machines that
+    test a multi-process setup."""
+    return max(8, os.cpu_count() or 1)
+
+
 def resolve_processes(gpus: int, device: str = 'auto') -> dnnlib.EasyDict:
     """What `--gpus` and `--device` ask for, with train.py's meaning and train.py's resolver
     (torch_utils.distributed.resolve_device): EasyDict(num_gpus, device_type).
@@ -176,6 +183,10 @@ def calc_metrics(
         distributed.check_request(gpus, device)
     except distributed.LaunchError as e:
         raise click.BadParameter(str(e)) from None
+    if device == 'cpu' and gpus > max_cpu_processes():
+        raise click.BadParameter(f'--gpus={gpus} with --device=cpu would start {gpus} processes, each with its own '
+                                 f'copy of the networks; this machine has {os.cpu_count()} CPU cores: give at most '
+                                 f'{max_cpu_processes()}', param_hint='--gpus')
     snapshot = load_snapshot(network, adopt=adopt, verbose=verbose)
     G = snapshot.get('G_ema')
     if G is None:

@@ -21,7 +21,8 @@ Examples:
 
 Sources:
 - a folder or a .zip archive of images (.png .jpg .jpeg .bmp .webp, any depth, in sorted order of their
-  relative paths), with labels from its own `dataset.json` if it has one;
+  relative paths), with labels from its own `dataset.json` if it has one; the `__MACOSX/` folder and `._*`
+  AppleDouble files that macOS adds are skipped (with one note);
 - an LSUN lmdb folder (one with a `data.mdb`, or named `*_lmdb`);
 - `cifar-10-python.tar.gz` (the five training batches, with class labels);
 - an MNIST-format `*-images-idx3-ubyte.gz` (MNIST, Fashion-MNIST), with labels from the
@@ -45,7 +46,8 @@ Images:
 Errors stop the conversion with a message naming the problem (and the file, for a bad image); nothing is left
 at --dest. The output is written under a temporary name beside --dest and renamed when complete, so a crash
 cannot leave a half-written dataset where a finished one is expected. A --dest that exists and is not an
-empty folder is refused.
+empty folder is refused, and so is a name of another archive type (.tar, .tar.gz, .7z, ...): the outputs are a
+.zip archive or a folder.
 """
 
 import gzip
@@ -71,6 +73,7 @@ from training.dataset import (
     decode_image,
     image_to_array,
     is_image_file,
+    is_macos_metadata,
     parse_labels_json,
     read_zip_member,
 )
@@ -79,6 +82,9 @@ IMAGES_PER_FOLDER = 1000    # Output images go to 00000/, 00001/, ... with this 
 PROGRESS_EVERY = 1000       # Log a progress line after this many images.
 RESIZE_FILTERS = {'box': PIL.Image.Resampling.BOX, 'lanczos': PIL.Image.Resampling.LANCZOS}
 TRANSFORMS = ('center-crop', 'center-crop-wide')
+# Largest --width / --height: 8x the 1024 of the largest official networks. Beyond it one RGB image alone takes
+# more than 200 MB, and a typo such as --width=2**30 would end in an allocator error instead of a message.
+MAX_OUTPUT_SIZE = 8192
 
 Item = dnnlib.EasyDict          # One source image: name (for messages), image (PIL), label (JSON value or None).
 Source = Tuple[int, Iterator]   # (number of images that will be read, iterator of Items).
@@ -102,12 +108,23 @@ def _select_labels(labels: Optional[dict], fnames: List[str], where: str) -> Opt
     return labels
 
 
-def open_image_folder(source_dir: str, max_images: Optional[int] = None) -> Source:
+def _without_macos_metadata(fnames: List[str], where: str, log: Optional[Callable[[str], None]]) -> List[str]:
+    """The image names that are not macOS bookkeeping (training.dataset.is_macos_metadata), with one note
+    when some were left out: a zip made by Finder is a normal source, not a broken one."""
+    kept = [fname for fname in fnames if not is_macos_metadata(fname)]
+    if len(kept) != len(fnames) and log is not None:
+        log(f'note: skipped {len(fnames) - len(kept)} macOS metadata file(s) in {where} (__MACOSX/ and ._* '
+            f'AppleDouble files, which hold no image)')
+    return kept
+
+
+def open_image_folder(source_dir: str, max_images: Optional[int] = None,
+                      log: Optional[Callable[[str], None]] = None) -> Source:
     """Images of a folder tree in sorted order of their relative paths, labelled by its dataset.json."""
     fnames = sorted(
         os.path.relpath(os.path.join(root, fname), start=source_dir).replace(os.sep, '/')
         for root, _dirs, files in os.walk(source_dir) for fname in files if is_image_file(fname))
-    fnames = fnames[:max_images]
+    fnames = _without_macos_metadata(fnames, f'"{source_dir}"', log)[:max_images]
     labels = None
     labels_path = os.path.join(source_dir, LABELS_FILE)
     if os.path.isfile(labels_path):
@@ -122,12 +139,14 @@ def open_image_folder(source_dir: str, max_images: Optional[int] = None) -> Sour
     return len(fnames), _image_items(fnames, read, labels, f'"{source_dir}"')
 
 
-def open_image_zip(source: str, max_images: Optional[int] = None) -> Source:
+def open_image_zip(source: str, max_images: Optional[int] = None,
+                   log: Optional[Callable[[str], None]] = None) -> Source:
     """Images of a .zip archive in sorted order of their paths, labelled by its dataset.json."""
     try:
         with zipfile.ZipFile(source) as z:
             names = [info.filename for info in z.infolist() if not info.is_dir()]
-            fnames = sorted(name for name in names if is_image_file(name))[:max_images]
+            fnames = sorted(name for name in names if is_image_file(name))
+            fnames = _without_macos_metadata(fnames, f'"{source}"', log)[:max_images]
             where = f'"{LABELS_FILE}" in "{source}"'
             labels = parse_labels_json(read_zip_member(z, LABELS_FILE, f'"{source}"'), where) \
                 if LABELS_FILE in names else None
@@ -258,14 +277,14 @@ def open_dataset(source: str, max_images: Optional[int] = None, log: Optional[Ca
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, 'data.mdb')) or basename.endswith('_lmdb'):
             return open_lmdb(source, max_images)
-        return open_image_folder(source, max_images)
+        return open_image_folder(source, max_images, log=log)
     if os.path.isfile(source):
         if basename.lower() == 'cifar-10-python.tar.gz':
             return open_cifar10(source, max_images)
         if basename.lower().endswith('-idx3-ubyte.gz'):
             return open_mnist(source, max_images, log=log)
         if basename.lower().endswith('.zip'):
-            return open_image_zip(source, max_images)
+            return open_image_zip(source, max_images, log=log)
         raise ValueError(f'Unknown kind of source "{source}"; expected a folder or .zip of images, an lmdb '
                          f'folder, cifar-10-python.tar.gz or an MNIST-format *-images-idx3-ubyte.gz')
     raise FileNotFoundError(f'Source not found: "{source}" does not exist')
@@ -284,8 +303,8 @@ def check_output_size(transform: Optional[str], width: Optional[int], height: Op
     if transform is not None and transform not in TRANSFORMS:
         raise ValueError(f'Unknown transform "{transform}"; choose one of: {", ".join(TRANSFORMS)}')
     for flag, value in (('--width', width), ('--height', height)):
-        if value is not None and value < 1:
-            raise ValueError(f'{flag} must be positive, got {value}')
+        if value is not None and not 1 <= value <= MAX_OUTPUT_SIZE:
+            raise ValueError(f'{flag} must be between 1 and {MAX_OUTPUT_SIZE}, got {value}')
     if transform is not None and (width is None or height is None):
         raise ValueError(f'--transform={transform} needs both --width and --height')
     if transform == 'center-crop-wide':
@@ -361,8 +380,19 @@ def _is_zip_path(path: str) -> bool:
     return os.path.splitext(path)[1].lower() == '.zip'
 
 
+# Names that promise an archive this tool cannot write: such a --dest would silently become a folder of that name,
+# which neither a user nor the archive tools expect.
+OTHER_ARCHIVE_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz', '.tar.zst', '.gz', '.bz2',
+                          '.xz', '.zst', '.7z', '.rar')
+
+
 def check_dest(dest: str) -> None:
-    """Refuse a destination that already holds something (ValueError)."""
+    """Refuse a destination that already holds something, or that names an archive other than .zip
+    (ValueError)."""
+    suffix = next((suffix for suffix in OTHER_ARCHIVE_SUFFIXES if dest.lower().endswith(suffix)), None)
+    if suffix is not None:
+        raise ValueError(f'--dest "{dest}" names a {suffix} archive, which dataset_tool.py cannot write; the '
+                         f'supported outputs are a .zip archive and a folder')
     if _is_zip_path(dest):
         if os.path.exists(dest):
             raise ValueError(f'--dest "{dest}" already exists; refusing to overwrite it')

@@ -27,12 +27,14 @@ import torch
 
 # The helpers the generator scripts share live in the package (a script should not import another script);
 # they stay importable from here because they were first defined here and outside code imports them so.
+from training.errors import FiniteFloatRange
 from training.sampling import (
     ADOPT_HELP,
     MAX_SEED,
     adopt_option,
     load_generator,
     make_label,
+    outdir_callback,
     parse_range,
     resolve_device,
     seed_to_z,
@@ -118,13 +120,14 @@ Examples:
 @click.pass_context
 @click.option('--network', 'network_pkl', help='Network snapshot: .pkl or weights-only .pt, path or URL', required=True)
 @click.option('--seeds', callback=seeds_callback, help='Seeds, e.g. 0-3,7,10-12')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
+@click.option('--trunc', 'truncation_psi', type=FiniteFloatRange(), default=1.0, show_default=True, help='Truncation psi')
 @click.option('--class', 'class_idx', type=click.IntRange(min=0), help='Class label (conditional networks)')
 @click.option('--noise-mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True,
               help='Noise mode')
 @click.option('--projected-w', type=click.Path(exists=True, dir_okay=False), help='Render latents from an .npz file '
               '(key "w", shape [N, num_ws, w_dim]) instead of seeds')
-@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the images')
+@click.option('--outdir', type=click.Path(file_okay=False), callback=outdir_callback, required=True,
+              help='Where to save the images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
 @adopt_option
 def main(

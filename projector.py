@@ -39,7 +39,15 @@ import torch.nn.functional as F
 import dnnlib
 from metrics import metric_utils
 from metrics.metric_utils import DETECTOR_DIR_ENV, LPIPS_RESOLUTION, VGG16_URL
-from training.sampling import adopt_option, load_generator, make_label, resolve_device, to_pil, to_uint8
+from training.sampling import (
+    adopt_option,
+    load_generator,
+    make_label,
+    outdir_callback,
+    resolve_device,
+    to_pil,
+    to_uint8,
+)
 
 # ----------------------------------------------------------------------------
 # The LPIPS feature network.
@@ -350,7 +358,8 @@ Examples:
 @click.option('--save-video', type=bool, default=True, show_default=True,
               help='Save an MP4 video of the optimization progress (needs imageio with ffmpeg)')
 @click.option('--class', 'class_idx', type=click.IntRange(min=0), help='Class label (conditional networks)')
-@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the output images')
+@click.option('--outdir', type=click.Path(file_okay=False), callback=outdir_callback, required=True,
+              help='Where to save the output images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
 @click.option('--detector-dir', metavar='DIR', default=None,
               help=f'Folder with vgg16.pt [default: ${DETECTOR_DIR_ENV} or download]')

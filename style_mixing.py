@@ -19,10 +19,12 @@ import numpy as np
 import PIL.Image
 import torch
 
+from training.errors import FiniteFloatRange
 from training.sampling import (
     adopt_option,
     load_generator,
     make_label,
+    outdir_callback,
     parse_range,
     resolve_device,
     seed_to_z,
@@ -110,11 +112,12 @@ Examples:
 @click.option('--cols', 'col_seeds', callback=seeds_callback, required=True, help='Seeds of the columns, e.g. 10-12')
 @click.option('--styles', 'col_styles', callback=styles_callback, default='0-6', show_default=True,
               help='w rows (synthesis layers) taken from the column seed')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
+@click.option('--trunc', 'truncation_psi', type=FiniteFloatRange(), default=1.0, show_default=True, help='Truncation psi')
 @click.option('--class', 'class_idx', type=click.IntRange(min=0), help='Class label (conditional networks)')
 @click.option('--noise-mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True,
               help='Noise mode')
-@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Where to save the images')
+@click.option('--outdir', type=click.Path(file_okay=False), callback=outdir_callback, required=True,
+              help='Where to save the images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
 @adopt_option
 def main(

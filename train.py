@@ -95,8 +95,8 @@ process count works, not only powers of two. Process groups time out after 15 mi
 """
 
 import copy
-import math
 import os
+import re
 from typing import Any, List, Mapping, Optional, Sequence
 
 import click
@@ -107,7 +107,7 @@ import training.options
 from metrics import metric_main
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training.checkpoint import STATE_FILE_NAME
-from training.errors import RunFailed, UserError, warn
+from training.errors import FiniteFloatRange, RunFailed, UserError, warn
 from training.launch import DEFAULT_TRAINING_LOOP
 from training.lpips import KINDS as RECONSTRUCTION_DISTANCES
 from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
@@ -172,6 +172,54 @@ def check_metrics_ready(metrics: Sequence[str], detector_dir: Optional[str]) -> 
         raise UserError(f'--metrics: {e}') from None
 
 
+# Images per second that a feature network (Inception, VGG16) gets through on the CPU: measured at about 9 on
+# 2 cores (README, "Metrics"); more cores go faster, generating the images is not counted. An estimate only.
+CPU_FEATURE_IMAGES_PER_SECOND = 9.0
+_METRIC_COUNT = re.compile(r'[a-z]+?(\d+)k')  # 'fid50k_full' -> 50; the names of metric_main's docstring.
+
+
+def metric_images(metric: str, dataset_size: int, xflip: bool) -> Optional[tuple]:
+    """(generated, real) images that `metric` sends through its feature network, by the naming rule of the
+    metric registry: `<what><num generated>k[<nhood>][_full]`, `_full` comparing with the whole dataset and
+    the others with as many real images as generated (x-flips count when the dataset has them). The PPL
+    metrics (no number in their names) run 50k pairs of images. None for a name that follows no rule."""
+    if metric.startswith('ppl'):
+        return 2 * 50000, 0
+    match = _METRIC_COUNT.match(metric)
+    if match is None:
+        return None
+    generated = int(match.group(1)) * 1000
+    if metric.startswith('is'):
+        return generated, 0
+    available = dataset_size * (1 if metric.endswith('_full') or not xflip else 2)
+    return generated, (available if metric.endswith('_full') else min(generated, available))
+
+
+def cpu_metric_note(metrics: Sequence[str], dataset_size: int, xflip: bool) -> Optional[str]:
+    """One line for the start of a CPU run with metrics: how long they will take at the first snapshot (real
+    images included; their statistics are cached afterwards) and at each later one, and the cheaper choices.
+    The official default (fid50k_full) costs hours per snapshot on a CPU, which a user would otherwise only
+    find out by watching the run stand still after its first tick."""
+    counts = {metric: metric_images(metric, dataset_size, xflip) for metric in metrics}
+    known = {metric: count for metric, count in counts.items() if count is not None}
+    if not known:
+        return None
+    generated = sum(gen for gen, _real in known.values())
+    real = sum(real for _gen, real in known.values())
+    first = dnnlib.util.format_time((generated + real) / CPU_FEATURE_IMAGES_PER_SECOND)
+    later = dnnlib.util.format_time(generated / CPU_FEATURE_IMAGES_PER_SECOND)
+    unknown = [metric for metric in metrics if metric not in known]
+    line = (f'note: on the CPU, --metrics={",".join(metrics)} takes about {first} at the first snapshot and {later} '
+            f'at each later one ({generated:,} generated and {real:,} real images, the real ones once, through the '
+            f'feature network at about {CPU_FEATURE_IMAGES_PER_SECOND:g} images/s as measured on 2 CPU cores'
+            + (f'; {", ".join(unknown)} not counted' if unknown else '') + ')')
+    if set(metrics) != {'fid2k'}:
+        fid2k = dnnlib.util.format_time(sum(metric_images('fid2k', dataset_size, xflip)) /
+                                        CPU_FEATURE_IMAGES_PER_SECOND)
+        line += f'; --metrics=fid2k takes about {fid2k} and --metrics=none skips them'
+    return line
+
+
 def _metric_registry() -> training.options.MetricRegistry:
     # Made at each call, so that a replaced check_metrics_ready takes effect.
     return training.options.MetricRegistry(names=metric_main.list_valid_metrics, check_ready=check_metrics_ready)
@@ -216,17 +264,6 @@ def _metrics_callback(_ctx, _param, value):
         return parse_metrics(value)
     except UserError as e:
         raise click.BadParameter(e.message) from None
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf. FloatRange alone lets `--gamma=nan` through (every
-    comparison with nan is false), and a nan R1 weight silently disables the regularization."""
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f'{value} is not a finite number', param, ctx)
-        return value
 
 
 # ----------------------------------------------------------------------------
@@ -370,6 +407,11 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
     run_desc, args, launch = build_training_plan(distributed=dist, check_devices=not dry_run,
                                                  check_files=dist is None or dist['rank'] == 0, **given)
     is_resumed_state = args.get('resume_state') is not None
+    if launch.device_type == 'cpu' and args.metrics and (dist is None or dist['rank'] == 0):
+        data = args.training_set_kwargs
+        note = cpu_metric_note(args.metrics, int(data.get('max_size') or 0), bool(data.get('xflip')))
+        if note is not None:
+            click.echo(note, err=True)
     if is_resumed_state and outdir is not None:
         warn('--outdir ignored: a resumed training state continues in its own directory')
     is_main = dist is None or dist['rank'] == 0

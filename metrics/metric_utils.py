@@ -290,7 +290,22 @@ def _checked_detector_file(path: str, url: str, where: list) -> str:
         raise missing_detector_error(
             url, f'"{path}" is not a TorchScript file (not a zip archive; cut short, or another file?)', where,
             broken=True)
+    if not _is_torchscript_archive(path):
+        raise missing_detector_error(
+            url, f'"{path}" is a zip archive but not a TorchScript file (no compiled code in it: a torch.save '
+            f'checkpoint or another archive saved under the detector\'s name?)', where, broken=True)
     return path
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """torch.jit.save writes `<name>/constants.pkl` and `<name>/code/...` into its zip; torch.save and other
+    archives do not, and torch.jit.load would refuse them with a message about its zip reader's internals."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(name.endswith('/constants.pkl') for name in names) and any('/code/' in name for name in names)
 
 
 def missing_detector_error(url: str, reason: str, where: list, broken: bool = False,
@@ -382,7 +397,12 @@ def _load_detector(source: DetectorSource, device: torch.device) -> torch.nn.Mod
     with warnings.catch_warnings():
         # The official detectors are TorchScript files; recent torch marks torch.jit as deprecated.
         warnings.simplefilter('ignore', category=DeprecationWarning)
-        return torch.jit.load(source.path, map_location=device).eval()
+        try:
+            return torch.jit.load(source.path, map_location=device).eval()
+        except RuntimeError:  # A damaged archive; torch's own wording is about its zip reader's internals.
+            reason = (f'"{source.path}" cannot be loaded as TorchScript (damaged, or written by a newer PyTorch '
+                      f'than {torch.__version__})')
+            raise missing_detector_error(source.url, reason, [source.path], broken=True) from None
 
 
 def wants_features_only(detector_kwargs: dict) -> bool:

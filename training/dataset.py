@@ -9,8 +9,11 @@
         dataset.json                  {"labels": [["00000/img00000000.png", 3], ...]}  or  {"labels": null}
 
 A label is either a class index (an int; the dataset returns it as a one-hot float32 vector) or a list of
-numbers (returned as a float32 vector). All images of a dataset must share one size and channel count; the
-size must be square and a power of two.
+numbers (returned as a float32 vector). Labels are checked when the dataset is opened: class indices are
+non-negative and make a one-hot vector of a sane size (see MAX_CLASSES), vectors have one length and finite
+float32 values; the first bad entry is named. All images of a dataset must share one size and channel count;
+the size must be square and a power of two. macOS bookkeeping files (`__MACOSX/`, `._*`) are not images and
+are left out.
 
 The dataset yields `(image, label)` with the image as a CHW uint8 numpy array. A dataset pickles without
 its open zip handle, so it can be handed to DataLoader workers: each process opens the archive itself.
@@ -18,6 +21,7 @@ its open zip handle, so it can be handed to DataLoader workers: each process ope
 
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -42,6 +46,14 @@ _GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'F') + tuple(f'I;16{suffix}' for suffi
 def is_image_file(fname: str) -> bool:
     """Whether a file name has one of the image extensions the dataset reads."""
     return os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_macos_metadata(fname: str) -> bool:
+    """Whether an archive member or file is macOS bookkeeping rather than data: the `__MACOSX/` folder that
+    Finder's "Compress" adds to a zip, and the `._<name>` AppleDouble files that copies to non-Mac disks leave
+    beside each file. They carry the image extension of the file they describe but hold no image."""
+    parts = fname.replace('\\', '/').split('/')
+    return '__MACOSX' in parts[:-1] or parts[-1].startswith('._')
 
 
 def is_gray_mode(mode: str) -> bool:
@@ -130,8 +142,56 @@ def parse_labels_json(data: bytes, where: str) -> Optional[Dict[str, Any]]:
     return result
 
 
+# The largest one-hot label a dataset may imply. A class index becomes a one-hot vector of max index + 1 floats
+# per image and the width of G's and D's label embedding, so an index that is an ID rather than a position
+# (2**70, 10**12) would first fail deep inside numpy or the allocator. ImageNet-21k has 21,841 classes; 100,000
+# leaves room for any real class list while keeping the embedding (100,000 x 512 floats, 200 MB) allocatable.
+MAX_CLASSES = 100_000
+# "Dense enough": past MIN_SPARSE_CLASSES classes, the one-hot width may be at most this many times the number of
+# images. Most columns would then never be set (at least 9 of 10 classes empty), which means the labels are IDs,
+# not indices; below it (CIFAR-100, ImageNet-1k's 1,000 indices) a small subset of a labelled set is still fine.
+MAX_CLASSES_PER_IMAGE = 10
+MIN_SPARSE_CLASSES = 1000
+
+
+def _check_class_indices(labels: Sequence[int], fnames: Sequence[str], where: str) -> None:
+    """Class indices must be non-negative and make a one-hot label of a sane size (MAX_CLASSES, and dense
+    enough: MAX_CLASSES_PER_IMAGE); ValueError naming the first bad entry."""
+    negative = [fname for fname, label in zip(fnames, labels, strict=True) if label < 0]
+    if negative:
+        raise ValueError(f'{where}: the label of "{negative[0]}" is negative; class labels start at 0')
+    limit = min(MAX_CLASSES, max(MIN_SPARSE_CLASSES, MAX_CLASSES_PER_IMAGE * len(labels)))
+    too_big = next((idx for idx, label in enumerate(labels) if label >= limit), None)
+    if too_big is not None:
+        raise ValueError(f'{where}: the label of "{fnames[too_big]}" is class {labels[too_big]}, which would make '
+                         f'one-hot labels of {labels[too_big] + 1} values for {len(labels)} image(s); class labels '
+                         f'are indices 0, 1, 2, ... below {limit} here (at most {MAX_CLASSES:,}, and at most '
+                         f'{MAX_CLASSES_PER_IMAGE} per image beyond {MIN_SPARSE_CLASSES}): renumber the classes')
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_finite_float32(value: float) -> bool:
+    try:
+        return math.isfinite(value) and abs(float(value)) <= _FLOAT32_MAX
+    except OverflowError:  # An integer too large for any float (JSON allows 10**400).
+        return False
+
+
+def _check_vectors(labels: Sequence[Any], fnames: Sequence[str], where: str) -> None:
+    """Label vectors must be finite as float32 (JSON's NaN and Infinity, or values beyond float32's range,
+    would make the conditioning input, and then the losses, non-finite); ValueError naming the first bad one."""
+    bad = next((idx for idx, label in enumerate(labels) if not all(_is_finite_float32(x) for x in label)), None)
+    if bad is not None:
+        raise ValueError(f'{where}: the label of "{fnames[bad]}" is {json.dumps(labels[bad])[:60]}, which holds a '
+                         f'value that is not a finite float32 number (NaN, Infinity or beyond +-3.4e38)')
+
+
 def labels_to_array(labels: Sequence[Any], fnames: Sequence[str], where: str) -> np.ndarray:
-    """Labels of the images `fnames`, in order: int64 [N] for class indices, float32 [N, D] for vectors."""
+    """Labels of the images `fnames`, in order: int64 [N] for class indices, float32 [N, D] for vectors.
+    Every value is checked (finite, in range, consistent); a bad one raises ValueError naming the file `where`
+    and the first bad entry."""
     def is_int(value):
         return isinstance(value, int) and not isinstance(value, bool)
 
@@ -139,9 +199,7 @@ def labels_to_array(labels: Sequence[Any], fnames: Sequence[str], where: str) ->
         return isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
 
     if all(is_int(label) for label in labels):
-        negative = [fname for fname, label in zip(fnames, labels, strict=True) if label < 0]
-        if negative:
-            raise ValueError(f'{where}: the label of "{negative[0]}" is negative; class labels start at 0')
+        _check_class_indices(labels, fnames, where)
         return np.array(labels, dtype=np.int64).reshape(len(labels))
     if all(is_vector(label) for label in labels):
         lengths = sorted({len(label) for label in labels})
@@ -149,6 +207,7 @@ def labels_to_array(labels: Sequence[Any], fnames: Sequence[str], where: str) ->
             odd = next(fname for fname, label in zip(fnames, labels, strict=True) if len(label) != len(labels[0]))
             raise ValueError(f'{where}: label vectors differ in length ({", ".join(map(str, lengths))}); '
                              f'"{fnames[0]}" has {len(labels[0])} values and "{odd}" has a different number')
+        _check_vectors(labels, fnames, where)
         return np.array(labels, dtype=np.float32).reshape(len(labels), lengths[0])
     kinds = [('class index' if is_int(label) else 'vector' if is_vector(label) else None) for label in labels]
     if None in kinds:
@@ -338,7 +397,8 @@ class ImageFolderDataset(Dataset):
         else:
             raise FileNotFoundError(f'Dataset not found: "{path}" does not exist')
 
-        self._image_fnames = [fname for fname in self._all_fnames if is_image_file(fname)]
+        self._image_fnames = [fname for fname in self._all_fnames
+                              if is_image_file(fname) and not is_macos_metadata(fname)]
         if not self._image_fnames:
             raise ValueError(f'No images found in "{path}" (looked for {", ".join(IMAGE_EXTENSIONS)} files)')
 

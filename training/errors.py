@@ -5,6 +5,8 @@ a wrong flag or a failed run deserves. They live here, not in train.py, because 
 script that composes it.
 """
 
+import math
+
 import click
 
 
@@ -19,6 +21,25 @@ class RunFailed(UserError):
     def __init__(self, message: str, traceback: bool = True):
         super().__init__(message)
         self.traceback = traceback
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf, for every float option of every script. FloatRange alone
+    lets `--gamma=nan` through (every comparison with nan is false): a nan R1 weight silently disables the
+    regularization, and `generate.py --trunc=nan` writes black images."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
+def sentence(text: str) -> str:
+    """`text` ending in exactly one full stop, so that messages built from other messages ('<error>. The log
+    is ...') never read '..' whether or not the inner message ended with a period."""
+    text = text.rstrip()
+    return text if text.endswith(('.', '!', '?')) else text + '.'
 
 
 def warn(message: str) -> None:

@@ -915,6 +915,20 @@ def _saver_for(dst: str, default: Optional[Callable] = None) -> Callable:
     return savers.get(ext, default)
 
 
+def _refuse_overwriting_the_source(src: str, dst: str) -> None:
+    """A destination that is the source file (also through another path, a hard link or a symlink) would
+    replace the only copy of the snapshot with its conversion: ValueError. URLs other than file:// are never
+    the destination."""
+    src = os.fspath(src)
+    if src.startswith('file://'):
+        src = dnnlib.util.file_url_to_path(src)
+    elif dnnlib.util.is_url(src):
+        return
+    if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f'--dest "{dst}" is the source file "{src}"; writing it would replace the snapshot with '
+                         f'its conversion: give another --dest')
+
+
 def convert(src: str, dst: str, force_fp16: bool = False, adopt: bool = False) -> dict:
     """Convert the snapshot `src` (path or URL, any format) into the format named by `dst`'s extension:
     `.pkl` for a pickle, `.pt` (or `.pth`) for a weights-only file. Returns the loaded snapshot.
@@ -923,6 +937,7 @@ def convert(src: str, dst: str, force_fp16: bool = False, adopt: bool = False) -
     classes, so a pickle written from them carries our module source.
     """
     saver = _saver_for(dst)
+    _refuse_overwriting_the_source(src, dst)
     with dnnlib.util.open_url(os.fspath(src)) as f:
         data = load_network_pkl(f, force_fp16=force_fp16, adopt=adopt)
     saver(data, dst)
@@ -991,6 +1006,7 @@ def convert_network_pickle(source: str, dest: str, force_fp16: bool, adopt: bool
     files. No TensorFlow needed.
     """
     try:
+        _refuse_overwriting_the_source(source, dest)
         print(f'Loading "{source}"...')
         with dnnlib.util.open_url(source) as f:
             data = load_network_pkl(f, force_fp16=force_fp16, adopt=adopt)

@@ -346,6 +346,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any], registry: MetricR
         warn(f'{flags} ignored: a resumed training state keeps its own options (only '
               f'{", ".join("--" + name.replace("_", "-") for name in STATE_OVERRIDES)} may change)')
     _apply_state_overrides(args, given, registry)
+    _check_length_left(state_path, args, given)
 
     if given.get('data') is not None:
         _relocate_data(args, given['data'], state_path)
@@ -387,6 +388,27 @@ def _continue_state(state_path: str, given: Mapping[str, Any], registry: MetricR
     args.run_dir = os.path.dirname(os.path.abspath(state_path))
     run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
     return run_desc, args, launch
+
+
+def _check_length_left(state_path: str, args: dnnlib.EasyDict, given: Mapping[str, Any]) -> None:
+    """A resumed state must have images left to train: the loop trains one step before it looks at the length,
+    so a `--kimg` at or below the run's progress would train a step past it and write a snapshot beyond the
+    requested length. Refuse before anything is written, naming the progress and the final snapshot."""
+    try:
+        progress = checkpoint.load_training_state(state_path, mmap=True)['progress']
+    except (OSError, ValueError) as e:
+        raise UserError(f'--resume: cannot read the progress stored in "{state_path}": {e}') from None
+    done_nimg = int(progress.get('cur_nimg', 0)) if isinstance(progress, Mapping) else 0
+    if done_nimg < args.total_kimg * 1000:
+        return
+    run_dir = os.path.dirname(os.path.abspath(state_path))
+    # By the training time in the name ('000016.512' is after '000016'), not by the name's characters.
+    newest = sorted((name for name in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+(\.\d+)?\.pkl', name)),
+                    key=lambda name: float(name[len('network-snapshot-'):-len('.pkl')]))
+    final = f'; its last snapshot is {os.path.join(run_dir, newest[-1])}' if newest else ''
+    asked = f'--kimg={given["kimg"]:g} is' if given.get('kimg') is not None else f'its length of {args.total_kimg:g} kimg is'
+    raise UserError(f'--resume: the run in "{run_dir}" has already trained {done_nimg / 1000:g} kimg, so {asked} '
+                    f'reached{final}. Nothing was written; give a --kimg above {done_nimg / 1000:g} to train on')
 
 
 def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any], registry: MetricRegistry) -> None:
@@ -532,6 +554,7 @@ def build_training_plan(
     for part in (networks, schedule, augment, transfer):  # In this order: a transfer resets the EMA ramp-up.
         args.update(part)
     reg_pieces = _regularizer_section(opts, given, info, args)
+    _check_freezed(opts.get('freezed'), args.D_kwargs, info.resolution)
     for part in (preset_pieces, network_pieces, schedule_pieces, augment_pieces, transfer_pieces, reg_pieces):
         pieces.update(part)
     if desc is not None:
@@ -656,6 +679,29 @@ def _network_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Pres
         D_kwargs.block_kwargs.freeze_layers = opts.freezed
     _apply_precision(opts, given.get('precision'), G_kwargs, D_kwargs)
     return dict(G_kwargs=G_kwargs, D_kwargs=D_kwargs), pieces
+
+
+def freezable_d_layers(D_kwargs: Mapping[str, Any], resolution: int) -> int:
+    """How many layers --freezed can freeze in the discriminator that `D_kwargs` builds for `resolution`: the
+    layers of its blocks (b<resolution> ... b8), numbered as training.networks.DiscriminatorBlock numbers them:
+    fromrgb in the first block (in every block with architecture 'skip'), conv0, conv1, and the skip
+    connection with 'resnet'. The epilogue (b4) is never frozen."""
+    architecture = D_kwargs.get('architecture', 'resnet')  # Discriminator's default.
+    count = 0
+    for res in (2 ** i for i in range(int(resolution).bit_length() - 1, 2, -1)):
+        count += int(res == resolution or architecture == 'skip') + 2 + int(architecture == 'resnet')
+    return count
+
+
+def _check_freezed(freezed: Optional[int], D_kwargs: Mapping[str, Any], resolution: int) -> None:
+    """--freezed above D's layer count would freeze nothing more than all of them: the user meant a smaller
+    number (or another network), so say how many there are."""
+    if freezed is None:
+        return
+    count = freezable_d_layers(D_kwargs, resolution)
+    if freezed > count:
+        raise UserError(f'--freezed={freezed}: the discriminator at {resolution}x{resolution} has {count} layers that '
+                        f'can be frozen (architecture {D_kwargs.get("architecture", "resnet")}); give at most {count}')
 
 
 def _synthesis_section(opts: dnnlib.EasyDict, given: Mapping[str, Any]) -> tuple:

@@ -37,7 +37,7 @@ import click
 
 import dnnlib
 from training.checkpoint import STATE_FILE_NAME
-from training.errors import RunFailed, UserError
+from training.errors import RunFailed, UserError, sentence
 
 LOCK_FILE_NAME = '.run.lock'
 OPTIONS_FILE_NAME = 'training_options.json'
@@ -234,18 +234,27 @@ def write_options(args: Mapping[str, Any], run_dir: str) -> str:
     return path
 
 
-def check_outdir(outdir: Optional[str]) -> None:
-    """Fail now if the run directory could not be made under `outdir`: its nearest existing ancestor must be a
-    writable directory (not a regular file, not read-only)."""
-    if outdir is None:
-        raise UserError('--outdir is required: the directory that receives the run directory')
-    probe = os.path.abspath(outdir)
+def directory_problem(path: str) -> Optional[str]:
+    """Why the directory `path` could not be made or written into, or None: its nearest existing ancestor must
+    be a writable directory (not a regular file, not read-only). train.py's --outdir and the --outdir of the
+    generator scripts both ask here, before any work."""
+    probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise UserError(f'--outdir: cannot create "{outdir}": "{probe}" is a file, not a directory')
+        return f'"{probe}" is a file, not a directory'
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f'--outdir: cannot create the run directory under "{outdir}": "{probe}" is not writable')
+        return f'"{probe}" is not writable'
+    return None
+
+
+def check_outdir(outdir: Optional[str]) -> None:
+    """Fail now if the run directory could not be made under `outdir` (directory_problem)."""
+    if outdir is None:
+        raise UserError('--outdir is required: the directory that receives the run directory')
+    problem = directory_problem(outdir)
+    if problem is not None:
+        raise UserError(f'--outdir: cannot create the run directory under "{outdir}": {problem}')
 
 
 def prepare_run_dir(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str) -> RunLock:
@@ -286,14 +295,14 @@ def finish_failed_run(error: RunFailed, run_dir: str, is_new_run: bool) -> RunFa
     log_path = os.path.join(run_dir, LOG_FILE_NAME)
     if not is_new_run or _has_saved_progress(run_dir):
         where = 'The traceback is in' if error.traceback else 'The log is'
-        return RunFailed(f'{error.message}. {where} {log_path}', traceback=error.traceback)
+        return RunFailed(f'{sentence(error.message)} {where} {log_path}', traceback=error.traceback)
     fd, kept_log = tempfile.mkstemp(prefix=f'{os.path.basename(run_dir)}-', suffix='-log.txt')
     os.close(fd)
     if os.path.isfile(log_path):
         shutil.copyfile(log_path, kept_log)
     shutil.rmtree(run_dir, ignore_errors=True)
     with_traceback = ', with the traceback,' if error.traceback else ''
-    return RunFailed(f'{error.message}. Removed the run directory {run_dir} (nothing had been saved); its log'
+    return RunFailed(f'{sentence(error.message)} Removed the run directory {run_dir} (nothing had been saved); its log'
                      f'{with_traceback} is {kept_log}', traceback=error.traceback)
 
 

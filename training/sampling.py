@@ -16,8 +16,12 @@ import PIL.Image
 import torch
 
 from training import legacy
+from training.run_dir import directory_problem
 
 MAX_SEED = 2 ** 32 - 1  # np.random.RandomState accepts seeds up to this value.
+# Most numbers one list may expand to: 20 times the 50k images of an FID, and far below a list whose Python ints
+# alone would exhaust memory (`0-4294967295` would hold 4e9 of them before the first image is made).
+MAX_LIST_LENGTH = 1_000_000
 
 # ----------------------------------------------------------------------------
 # Seeds, latents and labels.
@@ -40,6 +44,9 @@ def parse_range(text: str) -> List[int]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise click.BadParameter(f'range {part.strip()!r} in {text!r} ends before it starts')
+        if len(values) + last - first + 1 > MAX_LIST_LENGTH:
+            raise click.BadParameter(f'{text!r} names more than {MAX_LIST_LENGTH:,} numbers; give at most that '
+                                     f'many per call')
         values.extend(range(first, last + 1))
     return values
 
@@ -53,6 +60,16 @@ def seeds_callback(_ctx, _param, value: Optional[str]) -> Optional[List[int]]:
     if too_big:
         raise click.BadParameter(f'seeds must be at most {MAX_SEED}, got {too_big[0]}')
     return seeds
+
+
+def outdir_callback(_ctx, _param, value: Optional[str]) -> Optional[str]:
+    """click callback of --outdir: refuse, before the network is loaded, a folder that could not be made (one
+    below a regular file, or in a read-only place), instead of a traceback from os.makedirs after the work."""
+    if value is not None:
+        problem = directory_problem(value)
+        if problem is not None:
+            raise click.BadParameter(f'cannot create "{value}": {problem}')
+    return value
 
 
 def make_label(G: torch.nn.Module, class_idx: Optional[int], device: Any) -> torch.Tensor:

@@ -806,8 +806,21 @@ def _stop_when_disk_full(state: TrainingState) -> Iterator[None]:
                 (True, False): 'the previous snapshot is intact',
                 (False, True): 'the previous training state is intact',
                 (False, False): 'nothing had been saved before'}[(had_snapshot, had_state)]
+        if not had_state and _newest_snapshot(state) is not None:
+            kept = _continue_from_snapshot(state, _newest_snapshot(state))
         what = os.path.basename(e.filename) if e.filename else 'the snapshot files'
         raise TrainingStopped(f'{e.strerror or os.strerror(e.errno)} while writing {what}; {kept}') from e
+
+
+def _continue_from_snapshot(state: TrainingState, snapshot: str) -> str:
+    """What is left, and how to go on, when the disk filled up before the run's first training state: the
+    snapshot (complete, since snapshots are written atomically) is all there is, and `--resume` with it starts
+    a new run from its weights (the counters and the optimizer moments start over)."""
+    options = os.path.join(state.opts.run_dir, 'training_options.json')  # train.py writes it (run_dir.py).
+    recorded = f' ({options})' if os.path.isfile(options) else ''
+    return (f'no training state had been saved yet, but the snapshot {snapshot} is complete: free some space and '
+            f'continue from its weights with python train.py --resume={snapshot} and the other options of this '
+            f'run{recorded}; that starts a new run directory, with the counters and optimizer moments reset')
 
 
 def _maintenance(state: TrainingState, done: bool) -> None:
@@ -911,7 +924,10 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    return lines[-1] if 'Original Traceback' in str(error) else lines[0]
+    line = lines[-1] if 'Original Traceback' in str(error) else lines[0]
+    # A traceback's last line starts with the error's type ('ValueError: ...'), which the callers append in
+    # parentheses: drop it here so that no message names the type twice.
+    return re.sub(r'^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning): ', '', line) or line
 
 
 def _stopped_message(opts, state: Optional[TrainingState], error: BaseException) -> str:
