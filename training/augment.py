@@ -61,7 +61,11 @@ import torch
 
 from torch_utils import misc, persistence, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix, upfirdn2d
-from training.loss import STAT_SIGNS_REAL
+
+# The statistic the loss reports for sign(D(real)), the input of ADA's heuristic r_t; the same string as
+# training.loss.STAT_SIGNS_REAL (a test checks it). Spelled out here, not imported, because a snapshot embeds this
+# module's source and the official code runs it against its own training/loss.py, which has no such name (SPEC §7).
+STAT_SIGNS_REAL = 'Loss/signs/real'
 
 # ----------------------------------------------------------------------------
 # Wavelet low-pass (decomposition) filters of the symlet family, the published coefficients. Both are
@@ -690,7 +694,7 @@ class AdaController:
     al. 2020, Sec. 3): every `interval` steps, p moves by sign(r_t - target) times the images seen since the
     last adjustment over `kimg` thousand, so that p can go from 0 to 1 in `kimg` kimg; p never drops below 0.
 
-    r_t is read from the statistic the loss reports (training.loss.STAT_SIGNS_REAL), reduced over ranks by a
+    r_t is read from the statistic the loss reports (STAT_SIGNS_REAL), reduced over ranks by a
     training_stats.Collector. `flush()` moves what arrived since the last adjustment into `pending` (count, sum,
     sum of squares); `state_dict()` holds `pending`, so an interrupted and resumed run adjusts p exactly as the
     uninterrupted one. p itself is a buffer of the pipe and travels with it.
@@ -719,9 +723,13 @@ class AdaController:
     def flush(self) -> None:
         """Take in the signs reported so far (a collective in multi-process runs: every rank calls it)."""
         self.collector.update()
-        moments = self.collector.moments(STAT_SIGNS_REAL)
-        if moments is not None:
-            self.pending += moments
+        # Only num/mean/std, the Collector methods the official training_stats has too (SPEC §7): this module's
+        # source travels in snapshots. mean * count gives the sum back to within one rounding, which can only
+        # matter if r_t equals the target exactly.
+        count = self.collector.num(STAT_SIGNS_REAL)
+        if count > 0:
+            mean, std = self.collector.mean(STAT_SIGNS_REAL), self.collector.std(STAT_SIGNS_REAL)
+            self.pending += np.array([count, mean * count, (std ** 2 + mean ** 2) * count])
 
     def step(self, batch_idx: int) -> None:
         """Called after every training step with the number of steps done; adjusts p every `interval` steps."""
