@@ -45,6 +45,11 @@ __all__ = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'generate_images', 'load_ge
            'make_label', 'parse_range', 'resolve_device', 'seed_to_z', 'seeds_callback', 'synthesize_projected',
            'to_pil', 'to_uint8']
 
+def num_range(s: str) -> List[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: the official name (third-party code imports it) of parse_range."""
+    return parse_range(s)
+
+
 # ----------------------------------------------------------------------------
 # Images from seeds and from projected latents.
 

@@ -34,6 +34,14 @@ from training.sampling import (
 # ----------------------------------------------------------------------------
 
 
+def num_range(s: str) -> List[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: the official name (third-party code imports it) of parse_range."""
+    return parse_range(s)
+
+
+# ----------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def style_mix(
     G:              torch.nn.Module,        # Generator, already on `device`.
@@ -128,11 +136,11 @@ def main(
     col_seeds:      List[int],
     col_styles:     List[int],
     truncation_psi: float,
-    class_idx:      Optional[int],
-    noise_mode:     str,
-    outdir:         str,
-    device:         Optional[str],
-    adopt:          bool,
+    class_idx:      Optional[int] = None,
+    noise_mode:     str = 'const',
+    outdir:         str = None,
+    device:         Optional[str] = None,
+    adopt:          bool = True,
 ) -> None:
     """Write a style-mixing grid (grid.png) and its images (<row>-<col>.png)."""
     device = resolve_device(device)
@@ -160,6 +168,9 @@ def main(
     print('Saving image grid...')
     make_grid(images, row_seeds, col_seeds).save(os.path.join(outdir, 'grid.png'))
 
+
+# The official name of the command (third-party code imports it and calls it or its callback).
+generate_style_mix = main
 
 # ----------------------------------------------------------------------------
 

@@ -233,6 +233,20 @@ class FiniteFloatRange(click.FloatRange):
 # Command line.
 
 
+class CommaSeparatedList(click.ParamType):
+    """A click type for 'a,b,c' (a list of strings; '', 'none' and None give []). Kept under the official name,
+    which third-party code imports; our own options parse their lists with their own callbacks."""
+
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        if value is None or value == '' or value.lower() == 'none':
+            return []
+        return value.split(',')
+
+
 def _bool_option(*names: str, help: str):
     """A boolean option that accepts --name, --name=1, --name=true, --name=0, ... (the official spelling is =1)."""
     return click.option(*names, type=bool, metavar='BOOL', is_flag=False, flag_value=True,

@@ -9,6 +9,8 @@ third-party code imports keep the official signatures, and style_mixing.py write
 """
 
 import ast
+import ctypes
+import importlib
 import inspect
 import os
 import pickle
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -26,8 +29,11 @@ from test_legacy import make_snapshot
 from test_legacy_adopt import official_format_pickle
 from test_train_e2e import dataset_zip  # noqa: F401 (a fixture)
 
+import dnnlib
+import generate
 import style_mixing
 import train
+from metrics import metric_utils
 from training import augment, decoder, legacy, loss, networks
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -370,3 +376,77 @@ def test_style_mixing_writes_the_official_pngs_byte_for_byte(tmp_path, trunc):
     differ = [name for name in names
               if (tmp_path / 'ours' / name).read_bytes() != (tmp_path / 'official' / name).read_bytes()]
     assert differ == []
+
+# ----------------------------------------------------------------------------
+# Public names that third-party code imports (SPEC §7), with the official signatures read from the release.
+
+REQUIRED = inspect.Parameter.empty
+OFFICIAL_SIGNATURES = {
+    'generate.num_range': dict(s=REQUIRED),
+    'style_mixing.num_range': dict(s=REQUIRED),
+    'style_mixing.generate_style_mix': dict(network_pkl=REQUIRED, row_seeds=REQUIRED, col_seeds=REQUIRED,
+                                            col_styles=REQUIRED, truncation_psi=REQUIRED, noise_mode=REQUIRED,
+                                            outdir=REQUIRED),
+    'projector.project': dict(G=REQUIRED, target=REQUIRED, num_steps=1000, w_avg_samples=10000,
+                              initial_learning_rate=0.1, initial_noise_factor=0.05, lr_rampdown_length=0.25,
+                              lr_rampup_length=0.05, noise_ramp_length=0.75, regularize_noise_weight=1e5,
+                              verbose=False, device=REQUIRED),
+    'projector.run_projection': dict(network_pkl=REQUIRED, target_fname=REQUIRED, outdir=REQUIRED,
+                                     save_video=REQUIRED, seed=REQUIRED, num_steps=REQUIRED),
+    'legacy.load_network_pkl': dict(f=REQUIRED, force_fp16=False),
+    'metrics.metric_utils.get_feature_detector_name': dict(url=REQUIRED),
+    'dnnlib.util.ask_yes_no': dict(question=REQUIRED),
+    'dnnlib.util.copy_files_and_create_dirs': dict(files=REQUIRED),
+    'dnnlib.util.list_dir_recursively_with_ignore': dict(dir_path=REQUIRED, ignores=None, add_base_to_relative=False),
+    'dnnlib.util.is_pickleable': dict(obj=REQUIRED),
+    'dnnlib.util.get_module_dir_by_obj_name': dict(obj_name=REQUIRED),
+    'dnnlib.util.is_top_level_function': dict(obj=REQUIRED),
+    'dnnlib.util.get_dtype_and_ctype': dict(type_obj=REQUIRED),
+    'dnnlib.util.tuple_product': dict(t=REQUIRED),
+}
+
+
+def _public(name: str):
+    module, attr = name.rsplit('.', 1)
+    return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize('name', list(OFFICIAL_SIGNATURES))
+def test_public_name_has_the_official_signature(name):
+    obj = _public(name)
+    if isinstance(obj, click.Command):
+        # A click command: its options carry the official names, and its callback takes them as keywords.
+        assert set(OFFICIAL_SIGNATURES[name]) <= {param.name for param in obj.params}
+        obj = obj.callback
+    params = inspect.signature(obj).parameters
+    for param, default in OFFICIAL_SIGNATURES[name].items():
+        assert param in params, (name, param)
+        assert params[param].kind is not inspect.Parameter.VAR_KEYWORD
+        if default is not REQUIRED:
+            assert params[param].default == default, (name, param)
+    extra = [p for p in params.values() if p.name not in OFFICIAL_SIGNATURES[name] and p.name != 'ctx']
+    assert all(p.default is not REQUIRED or p.kind is inspect.Parameter.VAR_KEYWORD for p in extra), (name, extra)
+
+
+def test_public_helpers_do_what_the_official_ones_do(tmp_path):
+    assert generate.num_range('1,2,5-7') == style_mixing.num_range('1,2,5-7') == [1, 2, 5, 6, 7]
+    assert metric_utils.get_feature_detector_name('https://x/y/inception-2015-12-05.pt') == 'inception-2015-12-05'
+    comma_list = train.CommaSeparatedList()
+    assert comma_list.convert('a,b', None, None) == ['a', 'b'] and comma_list.convert('none', None, None) == []
+    assert isinstance(comma_list, click.ParamType) and comma_list.convert('', None, None) == []
+    assert dnnlib.util.tuple_product((2, 3, 4)) == 24 and dnnlib.util.tuple_product(()) == 1
+    dtype, ctype = dnnlib.util.get_dtype_and_ctype('float32')
+    assert dtype == np.float32 and ctype is ctypes.c_float
+    assert dnnlib.util.get_dtype_and_ctype(ctypes.c_uint8)[0] == np.uint8
+    assert dnnlib.util.is_pickleable([1, 'a']) and not dnnlib.util.is_pickleable(lambda: 0)
+    assert dnnlib.util.is_top_level_function(generate.num_range) and not dnnlib.util.is_top_level_function(lambda: 0)
+    assert dnnlib.util.get_module_dir_by_obj_name('training.networks.Generator') == os.path.dirname(networks.__file__)
+    (tmp_path / 'src' / 'sub').mkdir(parents=True)
+    (tmp_path / 'src' / 'a.py').write_text('a')
+    (tmp_path / 'src' / 'sub' / 'b.py').write_text('b')
+    (tmp_path / 'src' / 'sub' / 'c.pyc').write_text('c')
+    files = dnnlib.util.list_dir_recursively_with_ignore(str(tmp_path / 'src'), ignores=['*.pyc'],
+                                                         add_base_to_relative=True)
+    assert sorted(rel for _, rel in files) == [os.path.join('src', 'a.py'), os.path.join('src', 'sub', 'b.py')]
+    dnnlib.util.copy_files_and_create_dirs([(path, str(tmp_path / 'dst' / rel)) for path, rel in files])
+    assert (tmp_path / 'dst' / 'src' / 'sub' / 'b.py').read_text() == 'b'
