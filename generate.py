@@ -42,8 +42,8 @@ from training.sampling import (
 )
 
 __all__ = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'generate_images', 'load_generator', 'load_projected_w', 'main',
-           'make_label', 'parse_range', 'resolve_device', 'seed_to_z', 'seeds_callback', 'synthesize_projected',
-           'to_pil', 'to_uint8']
+           'make_label', 'num_range', 'parse_range', 'render_images', 'resolve_device', 'seed_to_z', 'seeds_callback',
+           'synthesize_projected', 'to_pil', 'to_uint8']
 
 def num_range(s: str) -> List[int]:
     """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: the official name (third-party code imports it) of parse_range."""
@@ -55,7 +55,7 @@ def num_range(s: str) -> List[int]:
 
 
 @torch.no_grad()
-def generate_images(
+def render_images(
     G:              torch.nn.Module,        # Generator, already on `device`.
     seeds:          List[int],              # One image per seed.
     truncation_psi: float = 1.0,            # Truncation: 1 = none, 0 = the average image.
@@ -178,10 +178,13 @@ def main(
 
     for idx, seed in enumerate(seeds):
         print(f'Generating image for seed {seed} ({idx + 1}/{len(seeds)}) ...')
-        image = generate_images(G, [seed], truncation_psi=truncation_psi, noise_mode=noise_mode,
-                                class_idx=class_idx, device=device)[0]
+        image = render_images(G, [seed], truncation_psi=truncation_psi, noise_mode=noise_mode,
+                              class_idx=class_idx, device=device)[0]
         to_pil(image).save(os.path.join(outdir, f'seed{seed:04d}.png'))
 
+
+# The official name of the command, which third-party code imports and invokes (SPEC §7).
+generate_images = main
 
 # ----------------------------------------------------------------------------
 
