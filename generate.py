@@ -141,8 +141,8 @@ def main(
     noise_mode:     str,
     projected_w:    Optional[str],
     outdir:         str,
-    device:         Optional[str],
-    adopt:          bool,
+    device:         Optional[str] = None,
+    adopt:          bool = True,
 ) -> None:
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:

@@ -685,6 +685,26 @@ def test_calc_metrics_cli_writes_the_metric_file(run_dir, detector_dir, tiny_met
     assert np.isfinite(record['results']['_tiny_fid'])
 
 
+def test_calc_metrics_subprocess_fn_takes_the_args_of_the_official_script(run_dir, dataset_dir, detector_dir,
+                                                                           tiny_metric, monkeypatch):
+    # SPEC §7: the official calc_metrics.py builds these keys and calls subprocess_fn(rank, args, temp_dir); forks do
+    # the same. It has no detector_dir (the environment variable serves) and runs on CUDA device `rank`, so a CPU
+    # test adds device_type, as our calc_metrics() does.
+    monkeypatch.setenv(metric_utils.DETECTOR_DIR_ENV, detector_dir)
+    network_pkl = str(run_dir / 'network-snapshot-000000.pkl')
+    with open(network_pkl, 'rb') as f:
+        G = pickle.load(f)['G_ema']
+    args = dnnlib.EasyDict(metrics=[tiny_metric], num_gpus=1, network_pkl=network_pkl, verbose=False, G=G,
+                           dataset_kwargs=dnnlib.EasyDict(dataset_kwargs_of(dataset_dir)), run_dir=str(run_dir),
+                           device_type='cpu')
+    (result,) = calc_metrics.subprocess_fn(0, args, str(run_dir))
+    record = json.loads((run_dir / f'metric-{tiny_metric}.jsonl').read_text())
+    assert record['snapshot_pkl'] == 'network-snapshot-000000.pkl' and record['metric'] == tiny_metric
+    assert record['results']['_tiny_fid'] == result.results._tiny_fid
+    expected = metric_main.calc_metric(tiny_metric, G=G, dataset_kwargs=args.dataset_kwargs, device='cpu')
+    assert result.results._tiny_fid == expected.results._tiny_fid > 0
+
+
 def test_calc_metrics_errors(run_dir, tmp_path, detector_dir, tiny_metric, monkeypatch):
     network = str(run_dir / 'network-snapshot-000000.pkl')
     result = CliRunner().invoke(calc_metrics.main, ['--network', network, '--metrics', 'fid50k_fulll'])

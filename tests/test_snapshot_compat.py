@@ -403,7 +403,31 @@ OFFICIAL_SIGNATURES = {
     'dnnlib.util.is_top_level_function': dict(obj=REQUIRED),
     'dnnlib.util.get_dtype_and_ctype': dict(type_obj=REQUIRED),
     'dnnlib.util.tuple_product': dict(t=REQUIRED),
+    'generate.generate_images': dict(network_pkl=REQUIRED, seeds=REQUIRED, truncation_psi=REQUIRED,
+                                     noise_mode=REQUIRED, outdir=REQUIRED, class_idx=REQUIRED, projected_w=REQUIRED),
+    'train.setup_training_loop_kwargs': dict(gpus=None, snap=None, metrics=None, seed=None, data=None, cond=None,
+                                             subset=None, mirror=None, cfg=None, gamma=None, kimg=None, batch=None,
+                                             aug=None, p=None, target=None, augpipe=None, resume=None, freezed=None,
+                                             fp32=None, nhwc=None, allow_tf32=None, nobench=None, workers=None),
+    'train.subprocess_fn': dict(rank=REQUIRED, args=REQUIRED, temp_dir=REQUIRED),
+    'calc_metrics.subprocess_fn': dict(rank=REQUIRED, args=REQUIRED, temp_dir=REQUIRED),
+    'metrics.perceptual_path_length.PPLSampler': dict(G=REQUIRED, G_kwargs=REQUIRED, epsilon=REQUIRED, space=REQUIRED,
+                                                      sampling=REQUIRED, crop=REQUIRED, vgg16=REQUIRED),
+    'training.augment.matrix': dict(rows=REQUIRED, device=None),
+    'training.augment.translate2d': dict(tx=REQUIRED, ty=REQUIRED),
+    'training.augment.translate3d': dict(tx=REQUIRED, ty=REQUIRED, tz=REQUIRED),
+    'training.augment.scale2d': dict(sx=REQUIRED, sy=REQUIRED),
+    'training.augment.scale3d': dict(sx=REQUIRED, sy=REQUIRED, sz=REQUIRED),
+    'training.augment.rotate2d': dict(theta=REQUIRED),
+    'training.augment.rotate3d': dict(v=REQUIRED, theta=REQUIRED),
+    'training.augment.translate2d_inv': dict(tx=REQUIRED, ty=REQUIRED),
+    'training.augment.scale2d_inv': dict(sx=REQUIRED, sy=REQUIRED),
+    'training.augment.rotate2d_inv': dict(theta=REQUIRED),
 }
+# Official functions that take **kwargs and pass them on (the matrix helpers hand `device=` to matrix()).
+OFFICIAL_VAR_KEYWORDS = {f'training.augment.{name}' for name in ('translate2d', 'translate3d', 'scale2d', 'scale3d',
+                                                                 'rotate2d', 'rotate3d', 'translate2d_inv',
+                                                                 'scale2d_inv', 'rotate2d_inv')}
 
 
 def _public(name: str):
@@ -414,7 +438,8 @@ def _public(name: str):
 @pytest.mark.parametrize('name', list(OFFICIAL_SIGNATURES))
 def test_public_name_has_the_official_signature(name):
     obj = _public(name)
-    if isinstance(obj, click.Command):
+    is_command = isinstance(obj, click.Command)
+    if is_command:
         # A click command: its options carry the official names, and its callback takes them as keywords.
         assert set(OFFICIAL_SIGNATURES[name]) <= {param.name for param in obj.params}
         obj = obj.callback
@@ -426,6 +451,11 @@ def test_public_name_has_the_official_signature(name):
             assert params[param].default == default, (name, param)
     extra = [p for p in params.values() if p.name not in OFFICIAL_SIGNATURES[name] and p.name != 'ctx']
     assert all(p.default is not REQUIRED or p.kind is inspect.Parameter.VAR_KEYWORD for p in extra), (name, extra)
+    if not is_command:
+        # Positional calls (torch.multiprocessing.spawn passes the rank first) need the official order.
+        assert [p for p in params if p in OFFICIAL_SIGNATURES[name]] == list(OFFICIAL_SIGNATURES[name]), name
+    has_var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert has_var_keyword or name not in OFFICIAL_VAR_KEYWORDS, name
 
 
 def test_public_helpers_do_what_the_official_ones_do(tmp_path):
