@@ -136,28 +136,47 @@ def resolve_processes(gpus: int, device: str = 'auto') -> dnnlib.EasyDict:
 
 
 def _run_rank(rank: int, device: torch.device, args: dnnlib.EasyDict, temp_dir: Optional[str]) -> List[dict]:
-    """One process; a spawned one (torch_utils.distributed.spawn) is already in the process group."""
+    """One process; a spawned one (torch_utils.distributed.spawn) is already in the process group. `args` has
+    the official keys (metrics, num_gpus, network_pkl, verbose, G, dataset_kwargs, run_dir) and may add ours
+    (detector_dir, adopt)."""
     # TF32 would change the metrics' numbers on Ampere and later GPUs.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    if args.G is not None:
+    if args.get('G') is not None:
         G = args.G
     else:  # A spawned rank: adopt as the parent did, whose check of the outputs need not be repeated.
-        G = load_snapshot(args.network, adopt=args.adopt, verbose=False, verify=False)['G_ema']
+        G = load_snapshot(args.network_pkl, adopt=args.get('adopt', True), verbose=False, verify=False)['G_ema']
     results = []
     for metric in args.metrics:
         if args.verbose:
             distributed.print0(f'Calculating {metric}...', flush=True)
         result = metric_main.calc_metric(metric, G=G, dataset_kwargs=args.dataset_kwargs, num_gpus=args.num_gpus,
-                                         rank=rank, device=device, detector_dir=args.detector_dir,
+                                         rank=rank, device=device, detector_dir=args.get('detector_dir'),
                                          progress=metric_utils.ProgressMonitor(verbose=args.verbose and rank == 0))
         if rank == 0:
-            metric_main.report_metric(result, run_dir=args.run_dir, snapshot_pkl=args.snapshot_pkl)
+            metric_main.report_metric(result, run_dir=args.get('run_dir'), snapshot_pkl=args.network_pkl)
         results.append(result)
     if rank == 0 and temp_dir is not None:
         with open(os.path.join(temp_dir, 'results.json'), 'w') as f:
             json.dump(results, f)
     return results
+
+
+def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> List[dict]:
+    """The official name and parameters (SPEC §7; third-party code calls it): compute args.metrics as process
+    `rank` of args.num_gpus, which meet through a file in `temp_dir`, as the official calc_metrics.py spawns it
+    (`torch.multiprocessing.spawn(fn=subprocess_fn, args=(args, temp_dir), nprocs=args.num_gpus)`). The
+    processes run on CUDA device `rank`, as official, unless args.device_type says 'cpu' (what calc_metrics()
+    puts there for --gpus=0 or --device=cpu). Returns the result dicts; rank 0 also reports them."""
+    device = distributed.rank_device(args.get('device_type', 'cuda'), rank)
+    if args.num_gpus == 1:
+        return _run_rank(rank, device, args, temp_dir)
+    init_file = os.path.abspath(os.path.join(temp_dir, distributed.INIT_FILE_NAME))
+    distributed.init_process_group(rank, args.num_gpus, device, f'file://{init_file}')
+    try:
+        return _run_rank(rank, device, args, temp_dir)
+    finally:
+        torch.distributed.destroy_process_group()
 
 # ----------------------------------------------------------------------------
 
@@ -194,7 +213,7 @@ def calc_metrics(
     dataset_kwargs = dataset_kwargs_for(network, snapshot, data, mirror, G)
     launch = resolve_processes(gpus, device)
     args = dnnlib.EasyDict(
-        network         = network,
+        network_pkl     = network,
         metrics         = metrics,
         dataset_kwargs  = dataset_kwargs,
         num_gpus        = launch.num_gpus,
@@ -202,7 +221,6 @@ def calc_metrics(
         detector_dir    = detector_dir,
         device_type     = launch.device_type,
         run_dir         = find_run_dir(network),
-        snapshot_pkl    = network,
         adopt           = adopt and legacy.adoptable_classes().get(type(G).__name__) is type(G),
         G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
     )

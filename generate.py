@@ -44,15 +44,20 @@ from training.sampling import (
 )
 
 __all__ = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'generate_images', 'load_generator', 'load_projected_w', 'main',
-           'make_label', 'parse_range', 'resolve_device', 'seed_to_z', 'seeds_callback', 'synthesize_projected',
-           'to_pil', 'to_uint8']
+           'make_label', 'num_range', 'parse_range', 'render_images', 'resolve_device', 'seed_to_z', 'seeds_callback',
+           'synthesize_projected', 'to_pil', 'to_uint8']
+
+def num_range(s: str) -> List[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: the official name (third-party code imports it) of parse_range."""
+    return parse_range(s)
+
 
 # ----------------------------------------------------------------------------
 # Images from seeds and from projected latents.
 
 
 @torch.no_grad()
-def generate_images(
+def render_images(
     G:              torch.nn.Module,        # Generator, already on `device`.
     seeds:          List[int],              # One image per seed.
     truncation_psi: float = 1.0,            # Truncation: 1 = none, 0 = the average image.
@@ -139,8 +144,8 @@ def main(
     noise_mode:     str,
     projected_w:    Optional[str],
     outdir:         str,
-    device:         Optional[str],
-    adopt:          bool,
+    device:         Optional[str] = None,
+    adopt:          bool = True,
 ) -> None:
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:
@@ -176,10 +181,13 @@ def main(
 
     for idx, seed in enumerate(seeds):
         print(f'Generating image for seed {seed} ({idx + 1}/{len(seeds)}) ...')
-        image = generate_images(G, [seed], truncation_psi=truncation_psi, noise_mode=noise_mode,
-                                class_idx=class_idx, device=device)[0]
+        image = render_images(G, [seed], truncation_psi=truncation_psi, noise_mode=noise_mode,
+                              class_idx=class_idx, device=device)[0]
         to_pil(image).save(os.path.join(outdir, f'seed{seed:04d}.png'))
 
+
+# The official name of the command, which third-party code imports and invokes (SPEC §7).
+generate_images = main
 
 # ----------------------------------------------------------------------------
 

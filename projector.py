@@ -370,11 +370,11 @@ def main(
     num_steps:      int,
     seed:           int,
     save_video:     bool,
-    class_idx:      Optional[int],
-    outdir:         str,
-    device:         Optional[str],
-    detector_dir:   Optional[str],
-    adopt:          bool,
+    class_idx:      Optional[int] = None,
+    outdir:         str = None,
+    device:         Optional[str] = None,
+    detector_dir:   Optional[str] = None,
+    adopt:          bool = True,
 ) -> None:
     """Project an image into the W space of a network; writes target.png, proj.png, projected_w.npz (and proj.mp4)."""
     np.random.seed(seed)
@@ -438,6 +438,9 @@ def main(
     np.savez(os.path.join(outdir, 'projected_w.npz'), w=projected_w.unsqueeze(0).cpu().numpy().astype(np.float32))
     print(f'Wrote target.png, proj.png and projected_w.npz to "{outdir}"')
 
+
+# The official name of the command (third-party code imports it and calls it or its callback).
+run_projection = main
 
 # ----------------------------------------------------------------------------
 

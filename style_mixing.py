@@ -36,6 +36,14 @@ from training.sampling import (
 # ----------------------------------------------------------------------------
 
 
+def num_range(s: str) -> List[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: the official name (third-party code imports it) of parse_range."""
+    return parse_range(s)
+
+
+# ----------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def style_mix(
     G:              torch.nn.Module,        # Generator, already on `device`.
@@ -53,21 +61,26 @@ def style_mix(
         raise ValueError(f'Style index {bad[0]} is out of range: this network has {G.num_ws} w rows (0-{G.num_ws - 1})')
     label = make_label(G, class_idx, device)
 
-    all_seeds = list(dict.fromkeys(row_seeds + col_seeds))  # Unique, in order.
+    # The official script's batching and arithmetic, step by step, so that its PNGs come out byte for byte (a
+    # batched matmul or grouped convolution may round differently for another batch size or row order): all
+    # seeds in one batch, in the order of a set of them, through the mapping without truncation; truncation as
+    # w_avg + (w - w_avg) * psi on every row (also at psi = 1, where it can move the last bit); the unmixed
+    # images in that same batch; then every mix on its own, a batch of one.
+    all_seeds = list(set(row_seeds + col_seeds))
     z = torch.cat([seed_to_z(seed, G.z_dim, device) for seed in all_seeds])
-    ws = G.mapping(z, label.expand(len(all_seeds), -1), truncation_psi=truncation_psi)
+    ws = G.mapping(z, label.expand(len(all_seeds), -1))
+    w_avg = G.mapping.w_avg
+    ws = w_avg + (ws - w_avg) * truncation_psi
     w_of = dict(zip(all_seeds, ws, strict=True))
 
     images = dict()
     for seed, image in zip(all_seeds, to_uint8(G.synthesis(ws, noise_mode=noise_mode)), strict=True):
         images[(seed, seed)] = image
     for row_seed in row_seeds:
-        # One batch per row keeps memory bounded for large grids.
-        mixed = w_of[row_seed].unsqueeze(0).repeat(len(col_seeds), 1, 1)
-        for i, col_seed in enumerate(col_seeds):
-            mixed[i, col_styles] = w_of[col_seed][col_styles]
-        for col_seed, image in zip(col_seeds, to_uint8(G.synthesis(mixed, noise_mode=noise_mode)), strict=True):
-            images[(row_seed, col_seed)] = image
+        for col_seed in col_seeds:
+            w = w_of[row_seed].clone()
+            w[col_styles] = w_of[col_seed][col_styles]
+            images[(row_seed, col_seed)] = to_uint8(G.synthesis(w.unsqueeze(0), noise_mode=noise_mode))[0]
     return images
 
 
@@ -126,11 +139,11 @@ def main(
     col_seeds:      List[int],
     col_styles:     List[int],
     truncation_psi: float,
-    class_idx:      Optional[int],
-    noise_mode:     str,
-    outdir:         str,
-    device:         Optional[str],
-    adopt:          bool,
+    class_idx:      Optional[int] = None,
+    noise_mode:     str = 'const',
+    outdir:         str = None,
+    device:         Optional[str] = None,
+    adopt:          bool = True,
 ) -> None:
     """Write a style-mixing grid (grid.png) and its images (<row>-<col>.png)."""
     device = resolve_device(device)
@@ -158,6 +171,9 @@ def main(
     print('Saving image grid...')
     make_grid(images, row_seeds, col_seeds).save(os.path.join(outdir, 'grid.png'))
 
+
+# The official name of the command (third-party code imports it and calls it or its callback).
+generate_style_mix = main
 
 # ----------------------------------------------------------------------------
 

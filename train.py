@@ -95,6 +95,7 @@ process count works, not only powers of two. Process groups time out after 15 mi
 """
 
 import copy
+import inspect
 import os
 import re
 from typing import Any, List, Mapping, Optional, Sequence
@@ -149,7 +150,7 @@ __all__ = [
     'RunFailed', 'UserError', 'auto_preset', 'block_option_defaults', 'build_training_plan', 'check_metrics_ready',
     'check_outdir', 'describe', 'distributed_env', 'finish_failed_run', 'inspect_dataset', 'inspect_snapshot',
     'launch_torchrun', 'launch_training', 'main', 'make_main', 'next_run_dir', 'parse_metrics', 'prepare_run_dir',
-    'resolve_launch', 'setup_training_options', 'write_options',
+    'resolve_launch', 'setup_training_loop_kwargs', 'setup_training_options', 'subprocess_fn', 'write_options',
 ]
 
 # Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after saving its state: EX_TEMPFAIL of sysexits.h,
@@ -241,6 +242,61 @@ def setup_training_options(**opts) -> tuple:
     return run_desc, args
 
 
+def setup_training_loop_kwargs(
+    # The keywords of the official builder, with its meanings (SPEC §7; third-party code calls it); None = default.
+    gpus        = None,     # Number of processes (GPUs); ours also takes 0 = one CPU process.
+    snap        = None,     # Snapshot interval in ticks.
+    metrics     = None,     # List of metric names, [] = none.
+    seed        = None,     # Random seed.
+    data        = None,     # Dataset folder or .zip (required).
+    cond        = None,     # Condition on the dataset labels.
+    subset      = None,     # Train on this many images.
+    mirror      = None,     # Add x-flipped images.
+    cfg         = None,     # Preset name or 'auto'.
+    gamma       = None,     # R1 weight override.
+    kimg        = None,     # Training length override.
+    batch       = None,     # Total batch size override.
+    aug         = None,     # 'ada', 'noaug' or 'fixed'.
+    p           = None,     # Augmentation probability for aug='fixed'.
+    target      = None,     # ADA target for aug='ada'.
+    augpipe     = None,     # Augmentation preset.
+    resume      = None,     # Snapshot to start from (preset name, .pkl, URL) or a run to continue.
+    freezed     = None,     # Number of frozen D layers.
+    fp32        = None,     # No mixed precision.
+    nhwc        = None,     # Channels-last for the fp16 layers.
+    allow_tf32  = None,     # Allow TF32 matmuls and convolutions.
+    nobench     = None,     # No cuDNN benchmarking.
+    workers     = None,     # DataLoader worker processes.
+    **options,              # Our further options by their setup_training_options names (arch, tick, device, ...).
+) -> tuple:
+    """The official builder's name and keywords: (run_desc, args), built by setup_training_options. As with the
+    official one, `args` has no run_dir: set it to a directory that exists, then call
+    subprocess_fn(rank=0, args=args, temp_dir=...) (or spawn args.num_gpus of them). Raises UserError for
+    inconsistent options, TypeError for an unknown keyword."""
+    unknown = sorted(set(options) - set(_option_names()))
+    if unknown:
+        raise TypeError(f'setup_training_loop_kwargs() got unknown option(s) {", ".join(unknown)}')
+    official = {name: value for name, value in locals().items() if name not in ('options', 'unknown')}
+    return setup_training_options(**official, **options)
+
+
+def _option_names() -> List[str]:
+    """The keywords setup_training_options takes: the builder's parameters and the synthesis blocks' options."""
+    params = inspect.signature(training.options.build_training_plan).parameters.values()
+    names = [param.name for param in params if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    return names + list(synthesis_block_options())
+
+
+def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> Optional[str]:
+    """The official name and parameters (SPEC §7; third-party code calls it): run process `rank` of the run that
+    `args` describes (from setup_training_loop_kwargs, args.run_dir an existing directory). The
+    args.num_gpus processes meet through a file in `temp_dir`, as the official train.py spawns them
+    (`torch.multiprocessing.spawn(fn=subprocess_fn, args=(args, temp_dir), nprocs=args.num_gpus)`); one process
+    is just called. Returns the stop message on rank 0 when a signal stopped the run, else None; an error raises
+    RunFailed (one line; the traceback is in log.txt)."""
+    return training.launch.run_rank(rank, args, temp_dir, metric_fn=metric_main.run_training_metrics)
+
+
 def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
                     loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """training.launch.launch_training with the metric evaluator: run the loop on args['num_gpus'] processes
@@ -268,6 +324,20 @@ def _metrics_callback(_ctx, _param, value):
 
 # ----------------------------------------------------------------------------
 # Command line.
+
+
+class CommaSeparatedList(click.ParamType):
+    """A click type for 'a,b,c' (a list of strings; '', 'none' and None give []). Kept under the official name,
+    which third-party code imports; our own options parse their lists with their own callbacks."""
+
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        if value is None or value == '' or value.lower() == 'none':
+            return []
+        return value.split(',')
 
 
 def _bool_option(*names: str, help: str):

@@ -3,13 +3,17 @@
 Nothing here imports torch: this is the bottom layer of the package stack.
 """
 
+import ctypes
 import errno
+import fnmatch
 import hashlib
 import importlib
 import importlib.metadata
 import io
 import os
+import pickle
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -17,7 +21,7 @@ import time
 import types
 import urllib.parse
 import uuid
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 # ----------------------------------------------------------------------------
 # EasyDict. Official snapshots pickle instances of `dnnlib.util.EasyDict`, so the class
@@ -630,3 +634,106 @@ def open_url(
         raise DownloadError(f'Could not download {url}: {e}{tries}.\n{where}', attempts=attempts,
                             transient=getattr(e, 'transient', False)) from None
     return cache_path if return_filename else open(cache_path, 'rb')
+
+
+# ----------------------------------------------------------------------------
+# Small helpers under the names and signatures of the official dnnlib.util, which third-party code imports.
+
+
+def ask_yes_no(question: str) -> bool:
+    """Ask on the terminal until the answer is yes or no (y/n accepted); True for yes."""
+    while True:
+        answer = input(f'{question} [y/n] ').strip().lower()
+        if answer in ('y', 'yes'):
+            return True
+        if answer in ('n', 'no'):
+            return False
+
+
+def tuple_product(t: Tuple) -> Any:
+    """The product of the elements of `t` (1 for an empty tuple)."""
+    result = 1
+    for value in t:
+        result *= value
+    return result
+
+
+# numpy dtype name -> the ctypes type of the same size and kind.
+_CTYPES = {'float32': ctypes.c_float, 'float64': ctypes.c_double, 'int8': ctypes.c_int8, 'int16': ctypes.c_int16,
+           'int32': ctypes.c_int32, 'int64': ctypes.c_int64, 'uint8': ctypes.c_uint8, 'uint16': ctypes.c_uint16,
+           'uint32': ctypes.c_uint32, 'uint64': ctypes.c_uint64}
+
+
+def get_dtype_and_ctype(type_obj: Any) -> Tuple[Any, Any]:
+    """(numpy dtype, ctypes type) of a numpy dtype, a dtype name ('float32') or a ctypes type."""
+    import numpy as np  # Here, not at the top: this module stays free of third-party imports for everything else.
+    if isinstance(type_obj, type) and issubclass(type_obj, ctypes._SimpleCData):
+        matches = [name for name, ctype in _CTYPES.items() if ctype is type_obj]
+        if not matches:
+            raise ValueError(f'No numpy dtype for the ctypes type {type_obj.__name__}')
+        type_obj = matches[0]
+    dtype = np.dtype(type_obj)
+    if dtype.name not in _CTYPES:
+        raise ValueError(f'No ctypes type for the dtype {dtype.name}; supported: {", ".join(_CTYPES)}')
+    ctype = _CTYPES[dtype.name]
+    assert dtype.itemsize == ctypes.sizeof(ctype)
+    return dtype, ctype
+
+
+def is_pickleable(obj: Any) -> bool:
+    """Whether pickle.dumps accepts `obj`."""
+    try:
+        pickle.dumps(obj)
+    except Exception:  # Anything pickling raises (PicklingError, TypeError, AttributeError, ...) means no.
+        return False
+    return True
+
+
+def get_module_dir_by_obj_name(obj_name: str) -> str:
+    """The directory of the module that a dotted object name (e.g. 'training.networks.Generator') lives in."""
+    module, _ = get_module_from_obj_name(obj_name)
+    return os.path.dirname(inspect_module_file(module))
+
+
+def inspect_module_file(module: types.ModuleType) -> str:
+    """The file of a module (a ValueError for modules without one, such as built-ins)."""
+    path = getattr(module, '__file__', None)
+    if path is None:
+        raise ValueError(f'Module {module.__name__} has no file')
+    return path
+
+
+def is_top_level_function(obj: Any) -> bool:
+    """Whether `obj` is a function defined at the top level of its module (so that its name finds it again)."""
+    if not callable(obj) or not hasattr(obj, '__name__') or not hasattr(obj, '__module__'):
+        return False
+    module = sys.modules.get(obj.__module__)
+    return module is not None and getattr(module, obj.__name__, None) is obj
+
+
+def list_dir_recursively_with_ignore(dir_path: str, ignores: List[str] = None,
+                                     add_base_to_relative: bool = False) -> List[Tuple[str, str]]:
+    """(absolute path, relative path) of every file below `dir_path`, leaving out files and directories whose
+    name matches one of the fnmatch patterns `ignores`; with `add_base_to_relative` the relative paths start
+    with the name of `dir_path`."""
+    ignores = ignores or []
+    base = os.path.basename(os.path.normpath(dir_path))
+    result = []
+    for root, dirs, files in os.walk(dir_path):
+        dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, pattern) for pattern in ignores))
+        for name in sorted(files):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in ignores):
+                continue
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, dir_path)
+            result.append((path, os.path.join(base, relative) if add_base_to_relative else relative))
+    return result
+
+
+def copy_files_and_create_dirs(files: List[Tuple[str, str]]) -> None:
+    """Copy each (source, destination) pair, creating the destination's directories first."""
+    for source, destination in files:
+        folder = os.path.dirname(destination)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(source, destination)

@@ -211,6 +211,11 @@ def detector_name(url: str) -> str:
     return os.path.splitext(detector_file_name(url))[0]
 
 
+def get_feature_detector_name(url: str) -> str:
+    """The official name of this function (third-party code imports it): the same as detector_name."""
+    return detector_name(url)
+
+
 def _detector_dir(detector_dir: Optional[str]) -> Optional[str]:
     if detector_dir is None:
         detector_dir = os.environ.get(DETECTOR_DIR_ENV) or None

@@ -57,51 +57,83 @@ def filtered_mean(dist: np.ndarray) -> float:
     return float(dist[(dist >= lo) & (dist <= hi)].mean())
 
 
-def _randomize_noise(G: Any) -> None:
-    for name, buf in G.named_buffers():
-        if name.endswith('.noise_const'):
-            buf.copy_(torch.randn_like(buf))
+class PPLSampler(torch.nn.Module):
+    """Per-sample path lengths (official name and signature, SPEC §7; third-party code builds it): `forward(c)`
+    draws, from torch's global generator on c's device, t (U(0, 1) for 'full', 0 for 'end'), then z0 and z1 as
+    one [2N, z_dim] normal batch, then G's noise buffers, and returns LPIPS(img(t), img(t + ε)) / ε², [N].
+    compute_ppl draws its own reproducible latents and calls `distances` directly."""
 
+    def __init__(self,
+        G:          Any,        # Generator (copied).
+        G_kwargs:   dict,       # Extra keywords of G.synthesis.
+        epsilon:    float,      # Step along the path.
+        space:      str,        # 'z' (slerp in Z) or 'w' (lerp in W).
+        sampling:   str,        # 'full' (t ~ U(0, 1)) or 'end' (t = 0).
+        crop:       bool,       # Measure the central face region only (crop_face).
+        vgg16:      Any,        # LPIPS feature network, called as vgg16(img, resize_images=False, return_lpips=True).
+    ):
+        if space not in SPACES:
+            raise ValueError(f'PPL space must be one of {", ".join(SPACES)}, got {space!r}')
+        if sampling not in SAMPLINGS:
+            raise ValueError(f'PPL sampling must be one of {", ".join(SAMPLINGS)}, got {sampling!r}')
+        super().__init__()
+        self.G = copy.deepcopy(G)
+        self.G_kwargs = dict(G_kwargs)
+        self.epsilon = epsilon
+        self.space = space
+        self.sampling = sampling
+        self.crop = crop
+        self.vgg16 = copy.deepcopy(vgg16)
 
-def path_length_distances(G: Any, vgg16: Any, z0: torch.Tensor, z1: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
-                          epsilon: float, space: str, crop: bool) -> torch.Tensor:
-    """LPIPS(img(t), img(t + ε)) / ε² for each row; t has shape [N]. Noise comes from G's noise_const buffers."""
-    t = t.unsqueeze(1)
-    if space == 'z':
-        zt0, zt1 = slerp(z0, z1, t), slerp(z0, z1, t + epsilon)
-        wt0, wt1 = G.mapping(torch.cat([zt0, zt1]), torch.cat([c, c])).chunk(2)
-    else:
-        w0, w1 = G.mapping(torch.cat([z0, z1]), torch.cat([c, c])).chunk(2)
-        wt0 = lerp(w0, w1, t.unsqueeze(2))
-        wt1 = lerp(w0, w1, t.unsqueeze(2) + epsilon)
-    # Pairs side by side ([a0, a1, b0, b1, ...]) so that both images of a pair go through the same batch.
-    images = G.synthesis(torch.stack([wt0, wt1], dim=1).flatten(0, 1), noise_mode='const', force_fp32=True)
-    if crop:
-        images = crop_face(images)
-    factor = images.shape[2] // metric_utils.LPIPS_RESOLUTION
-    if factor > 1:
-        # LPIPS was calibrated on 256x256 images: box-downsample larger ones.
-        n, ch, h, w = images.shape
-        images = images.reshape([n, ch, h // factor, factor, w // factor, factor]).mean([3, 5])
-    images = (images + 1) * (255 / 2)
-    lpips = metric_utils.run_detector(vgg16, images, dict(resize_images=False, return_lpips=True))
-    lpips = lpips.reshape([-1, 2, lpips.shape[1]])
-    return (lpips[:, 0] - lpips[:, 1]).square().sum(dim=1) / epsilon ** 2
+    def randomize_noise(self) -> None:
+        """Fresh normal values in G's noise_const buffers, from the current generator: each image pair shares them."""
+        for name, buf in self.G.named_buffers():
+            if name.endswith('.noise_const'):
+                buf.copy_(torch.randn_like(buf))
+
+    def distances(self, z0: torch.Tensor, z1: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """LPIPS(img(t), img(t + ε)) / ε² for each row of the paths z0 -> z1 with labels c; t has shape [N]."""
+        t = t.unsqueeze(1)
+        if self.space == 'z':
+            zt0, zt1 = slerp(z0, z1, t), slerp(z0, z1, t + self.epsilon)
+            wt0, wt1 = self.G.mapping(torch.cat([zt0, zt1]), torch.cat([c, c])).chunk(2)
+        else:
+            w0, w1 = self.G.mapping(torch.cat([z0, z1]), torch.cat([c, c])).chunk(2)
+            wt0 = lerp(w0, w1, t.unsqueeze(2))
+            wt1 = lerp(w0, w1, t.unsqueeze(2) + self.epsilon)
+        # Pairs side by side ([a0, a1, b0, b1, ...]) so that both images of a pair go through the same batch.
+        images = self.G.synthesis(torch.stack([wt0, wt1], dim=1).flatten(0, 1), noise_mode='const', force_fp32=True,
+                                  **self.G_kwargs)
+        if self.crop:
+            images = crop_face(images)
+        factor = images.shape[2] // metric_utils.LPIPS_RESOLUTION
+        if factor > 1:
+            # LPIPS was calibrated on 256x256 images: box-downsample larger ones.
+            n, ch, h, w = images.shape
+            images = images.reshape([n, ch, h // factor, factor, w // factor, factor]).mean([3, 5])
+        images = (images + 1) * (255 / 2)
+        lpips = metric_utils.run_detector(self.vgg16, images, dict(resize_images=False, return_lpips=True))
+        lpips = lpips.reshape([-1, 2, lpips.shape[1]])
+        return (lpips[:, 0] - lpips[:, 1]).square().sum(dim=1) / self.epsilon ** 2
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        t = torch.rand([c.shape[0]], device=c.device) * (1 if self.sampling == 'full' else 0)
+        z0, z1 = torch.randn([c.shape[0] * 2, self.G.z_dim], device=c.device).chunk(2)
+        self.randomize_noise()
+        return self.distances(z0, z1, c, t)
 
 
 def compute_ppl(opts: metric_utils.MetricOptions, num_samples: int, epsilon: float, space: str, sampling: str,
                 crop: bool, batch_size: int, seed: int = 0) -> float:
     """PPL over `num_samples` paths (rank 0; NaN elsewhere)."""
-    if space not in SPACES:
-        raise ValueError(f'PPL space must be one of {", ".join(SPACES)}, got {space!r}')
-    if sampling not in SAMPLINGS:
-        raise ValueError(f'PPL sampling must be one of {", ".join(SAMPLINGS)}, got {sampling!r}')
     vgg16 = metric_utils.get_feature_detector(DETECTOR_URL, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
                                               verbose=opts.progress.verbose, detector_dir=opts.detector_dir)
-    G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
+    # G_kwargs stays empty: opts.G_kwargs are keywords of G(z, c) (truncation, noise mode), not of G.synthesis.
+    ppl = PPLSampler(G=opts.G, G_kwargs={}, epsilon=epsilon, space=space, sampling=sampling, crop=crop, vgg16=vgg16)
+    ppl.eval().requires_grad_(False).to(opts.device)
     dataset = dnnlib.util.construct_class_by_name(**opts.dataset_kwargs)
-    sampler = metric_utils.LatentSampler(G, dataset, seed=seed)
-    end_sampler = metric_utils.LatentSampler(G, dataset, seed=seed + 1)
+    sampler = metric_utils.LatentSampler(ppl.G, dataset, seed=seed)
+    end_sampler = metric_utils.LatentSampler(ppl.G, dataset, seed=seed + 1)
     stats = metric_utils.FeatureStats(capture_all=True, max_items=num_samples)
     progress = opts.progress.sub(tag='ppl features', num_items=num_samples)
     step = 0
@@ -116,8 +148,8 @@ def compute_ppl(opts: metric_utils.MetricOptions, num_samples: int, epsilon: flo
             else:
                 t = torch.zeros([len(indices)], device=opts.device)
             with metric_utils.forked_rng(opts, [seed, step, opts.rank, 2]):
-                _randomize_noise(G)
-            dist = path_length_distances(G, vgg16, z0, z1, c, t, epsilon=epsilon, space=space, crop=crop)
+                ppl.randomize_noise()
+            dist = ppl.distances(z0, z1, c, t)
             stats.append_torch(dist.unsqueeze(1), num_gpus=opts.num_gpus, rank=opts.rank)
             progress.update(stats.num_items)
             step += 1

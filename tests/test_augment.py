@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc, training_stats
-from torch_utils.ops import grid_sample_gradfix
+from torch_utils.ops import grid_sample_gradfix, upfirdn2d
 from training import augment, training_loop
 from training.loss import STAT_SIGNS_REAL
 
@@ -558,3 +558,100 @@ def test_ada_controller_is_built_by_class_name(fresh_stats):
     assert type(ada) is augment.AdaController and ada.augment_pipe is pipe
     assert (ada.target, ada.interval, ada.kimg, ada.batch_size) == (0.6, 4, 500, 64)
     assert training_loop.AdaController is augment.AdaController  # The old import path still works.
+
+# ----------------------------------------------------------------------------
+# The official public helpers (SPEC §7): matrices and the wavelet table.
+
+
+def test_matrix_builds_constants_and_batches():
+    const = augment.matrix([1, 2, 3], [4, 5, 6], device='cpu')
+    assert const.shape == (2, 3) and const.dtype == torch.float32
+    assert torch.equal(const, torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    batch = augment.matrix([x, 0], [7, x * 3])
+    assert batch.shape == (2, 2, 2) and batch.dtype == torch.float64  # Numbers follow the tensors' dtype.
+    assert torch.equal(batch[1], torch.tensor([[2.0, 0], [7, 6]], dtype=torch.float64))
+
+
+def test_transform_matrices_act_as_their_names_say():
+    theta = torch.tensor([0.3, -1.2, math.pi / 2], dtype=torch.float64)
+    tx, ty, sx, sy = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, -2, 0.5], [3.0, 0, -1], [2.0, 0.5, -1],
+                                                                     [4.0, 1, 3]))
+    point = torch.tensor([5.0, -7, 1], dtype=torch.float64)
+    torch.testing.assert_close(augment.translate2d(tx, ty) @ point, torch.stack([5 + tx, -7 + ty, torch.ones(3,
+                               dtype=torch.float64)], dim=1))
+    torch.testing.assert_close(augment.scale2d(sx, sy) @ point, torch.stack([5 * sx, -7 * sy, torch.ones(3,
+                               dtype=torch.float64)], dim=1))
+    # A quarter turn maps the x axis onto the y axis (counter-clockwise for y up).
+    torch.testing.assert_close(augment.rotate2d(theta)[2] @ torch.tensor([1.0, 0, 1], dtype=torch.float64),
+                               torch.tensor([0.0, 1, 1], dtype=torch.float64))
+    eye3 = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
+    for forward, inverse in [(augment.translate2d(tx, ty), augment.translate2d_inv(tx, ty)),
+                             (augment.scale2d(sx, sy), augment.scale2d_inv(sx, sy)),
+                             (augment.rotate2d(theta), augment.rotate2d_inv(theta))]:
+        torch.testing.assert_close(forward @ inverse, eye3)
+    assert torch.equal(augment.translate2d(1, 2, device='cpu'), torch.tensor([[1.0, 0, 1], [0, 1, 2], [0, 0, 1]]))
+    tz, sz = torch.tensor([0.5, 1, 2], dtype=torch.float64), torch.tensor([3.0, 1, 2], dtype=torch.float64)
+    point3 = torch.tensor([1.0, 2, 3, 1], dtype=torch.float64)
+    torch.testing.assert_close(augment.translate3d(tx, ty, tz) @ point3, torch.stack([1 + tx, 2 + ty, 3 + tz,
+                               torch.ones(3, dtype=torch.float64)], dim=1))
+    torch.testing.assert_close(augment.scale3d(sx, sy, sz) @ point3, torch.stack([sx, 2 * sy, 3 * sz,
+                               torch.ones(3, dtype=torch.float64)], dim=1))
+
+
+def test_rotate3d_is_a_rotation_about_its_axis():
+    v = torch.nn.functional.normalize(torch.tensor([[1.0, 2, 2], [0, 0, 1], [-1, 0.5, 0.2]], dtype=torch.float64), dim=1)
+    theta = torch.tensor([0.7, 0.4, -2.0], dtype=torch.float64)
+    R = augment.rotate3d(v, theta)
+    assert R.shape == (3, 4, 4)
+    torch.testing.assert_close(R[:, :3, :3] @ R[:, :3, :3].transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
+    torch.testing.assert_close(torch.linalg.det(R[:, :3, :3]), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(R[:, :3, :3] @ v[:, :, None], v[:, :, None])        # The axis stays.
+    cos = (torch.diagonal(R[:, :3, :3], dim1=1, dim2=2).sum(1) - 1) / 2             # trace = 1 + 2 cos(theta).
+    torch.testing.assert_close(cos, torch.cos(theta))
+    # About the z axis it is rotate2d in the xy plane.
+    torch.testing.assert_close(R[1, :2, :2], augment.rotate2d(theta[1:2])[0, :2, :2])
+
+
+WAVELET_NAMES = ['haar'] + [f'db{n}' for n in range(1, 9)] + [f'sym{n}' for n in range(2, 9)]
+
+
+def _vanishing_moments(name):
+    return 1 if name == 'haar' else int(name.lstrip('dbsym'))
+
+
+@pytest.mark.parametrize('name', WAVELET_NAMES)
+def test_wavelet_lowpass_filters_are_orthogonal_with_their_vanishing_moments(name):
+    assert set(augment.wavelets) == set(WAVELET_NAMES)
+    h = np.asarray(augment.wavelets[name], dtype=np.float64)
+    N = _vanishing_moments(name)
+    assert isinstance(augment.wavelets[name], list) and h.shape == (2 * N,)
+    assert abs(h.sum() - math.sqrt(2)) < 1e-12
+    for m in range(N):  # Orthonormal to its shifts by even offsets: sum h[k] h[k + 2m] = delta_m.
+        assert abs(np.dot(h[:h.size - 2 * m], h[2 * m:]) - (m == 0)) < 1e-11, m
+    # N vanishing moments: the high-pass g[k] = (-1)^k h[k] annihilates polynomials of degree < N, i.e. H(z) has
+    # an N-fold zero at z = -1.
+    k = np.arange(h.size, dtype=np.float64)
+    for p in range(N):
+        terms = (-1) ** k * k ** p * h
+        assert abs(terms.sum()) < 1e-11 * np.abs(terms).sum(), p
+    if name.startswith('sym'):
+        # A symlet is another spectral factor of the same |H|^2: the same autocorrelation as dbN.
+        db = np.asarray(augment.wavelets[f'db{N}'])
+        np.testing.assert_allclose(np.correlate(h, h, 'full'), np.correlate(db, db, 'full'), atol=1e-11)
+    if name.startswith('db') and N > 1:
+        # Listed as decomposition filters: the time reverse of the minimum-phase factor, so all zeros of H
+        # other than those at z = -1 lie outside the unit circle.
+        zeros = np.roots(h)
+        assert all(abs(z) > 1 for z in zeros if abs(z + 1) > 0.2), zeros
+
+
+def test_the_pipe_filters_come_from_the_table():
+    pipe = augment.AugmentPipe()
+    assert torch.equal(pipe.Hz_geom, upfirdn2d.setup_filter(augment.wavelets['sym6']))  # Normalized to sum 1.
+    bank = augment.wavelet_filter_bank(augment.wavelets['sym2'], 4)
+    assert torch.equal(pipe.Hz_fbank, torch.as_tensor(bank, dtype=torch.float32))
+    # The bank splits the spectrum: its bands add up to the identity filter.
+    identity = np.zeros(bank.shape[1])
+    identity[bank.shape[1] // 2] = 1
+    np.testing.assert_allclose(bank.sum(0), identity, atol=1e-12)

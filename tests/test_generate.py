@@ -90,8 +90,8 @@ def test_parse_range_rejects_bad_syntax(text):
 # generate.py
 
 
-def test_generate_images_uses_the_official_seed_convention(G):
-    images = generate.generate_images(G, [0, 1, 0], truncation_psi=0.7, noise_mode='const')
+def test_render_images_uses_the_official_seed_convention(G):
+    images = generate.render_images(G, [0, 1, 0], truncation_psi=0.7, noise_mode='const')
     assert len(images) == 3 and images[0].shape == (16, 16, 3) and images[0].dtype == np.uint8
     assert np.array_equal(images[0], images[2]) and not np.array_equal(images[0], images[1])
     z = torch.from_numpy(np.random.RandomState(1).randn(1, G.z_dim)).float()
@@ -101,16 +101,16 @@ def test_generate_images_uses_the_official_seed_convention(G):
     assert np.array_equal(images[1], expected)
 
 
-def test_generate_images_label_checks():
+def test_render_images_label_checks():
     G = make_generator(c_dim=4)
     with pytest.raises(ValueError, match='conditional'):
-        generate.generate_images(G, [0])
+        generate.render_images(G, [0])
     with pytest.raises(ValueError, match='classes 0 to 3'):
-        generate.generate_images(G, [0], class_idx=4)
-    per_class = [generate.generate_images(G, [0], class_idx=k)[0] for k in range(2)]
+        generate.render_images(G, [0], class_idx=4)
+    per_class = [generate.render_images(G, [0], class_idx=k)[0] for k in range(2)]
     assert not np.array_equal(per_class[0], per_class[1])
     with pytest.warns(UserWarning, match='unconditional'):
-        generate.generate_images(make_generator(), [0], class_idx=1)
+        generate.render_images(make_generator(), [0], class_idx=1)
 
 
 def test_generate_cli_writes_one_png_per_seed(G, network_pkl, tmp_path):
@@ -120,7 +120,7 @@ def test_generate_cli_writes_one_png_per_seed(G, network_pkl, tmp_path):
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['seed0000.png', 'seed0001.png', 'seed0005.png']
     mode, pixels = read_png(tmp_path / 'out' / 'seed0005.png')
     assert mode == 'RGB' and pixels.shape == (16, 16, 3)
-    assert np.array_equal(pixels, generate.generate_images(G, [5], truncation_psi=0.7)[0])
+    assert np.array_equal(pixels, generate.render_images(G, [5], truncation_psi=0.7)[0])
 
 
 def test_generate_cli_reads_weights_only_files(G, network_pkl, tmp_path):
@@ -128,7 +128,7 @@ def test_generate_cli_reads_weights_only_files(G, network_pkl, tmp_path):
     result = run(generate.main, ['--network', str(tmp_path / 'snapshot.pt'), '--seeds', '3',
                                  '--outdir', str(tmp_path / 'out')])
     assert result.exit_code == 0, result.output
-    assert np.array_equal(read_png(tmp_path / 'out' / 'seed0003.png')[1], generate.generate_images(G, [3])[0])
+    assert np.array_equal(read_png(tmp_path / 'out' / 'seed0003.png')[1], generate.render_images(G, [3])[0])
 
 
 def test_generate_cli_grayscale_network_writes_l_mode(tmp_path):

@@ -183,12 +183,16 @@ def test_force_fp16_rebuilds_with_training_settings_and_keeps_cpu_outputs(snapsh
     assert_same_outputs(data, snapshot, exact=False)
 
 
-def test_partial_snapshot_loads_without_the_missing_entries(tmp_path):
+def test_partial_snapshot_loads_with_the_official_entries(tmp_path):
+    # As the official load_network_pkl: training_set_kwargs and augment_pipe are always there (None when the
+    # file lacks them); other missing networks stay absent.
     G = make_generator()
     data = legacy.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))))
-    assert list(data) == ['G_ema']
+    assert data.keys() == {'G_ema', 'training_set_kwargs', 'augment_pipe'}
+    assert data['training_set_kwargs'] is None and data['augment_pipe'] is None
     assert_same_outputs(data, dict(G_ema=G))
-    assert legacy.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))), force_fp16=True).keys() == {'G_ema'}
+    fp16 = legacy.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))), force_fp16=True)
+    assert fp16.keys() == {'G_ema', 'training_set_kwargs', 'augment_pipe'}
 
     path = tmp_path / 'g.pt'
     legacy.save_weights_only(dict(G_ema=G), str(path))

@@ -1,6 +1,7 @@
 """Metrics: closed forms of the metric math, and the whole pipeline (dataset and generator features, the disk cache,
 the registry, calc_metrics.py, two processes) with stand-in feature detectors written by the tests."""
 
+import copy
 import json
 import os
 import pickle
@@ -229,6 +230,51 @@ def test_ppl_outlier_filter_and_crop():
     images = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16)
     crop = perceptual_path_length.crop_face(images)
     assert crop.shape == (1, 1, 8, 8) and crop[0, 0, 0, 0] == 6 * 16 + 4
+
+
+def _official_ppl_steps(G, vgg16, c, epsilon, space, sampling, crop):
+    """The official PPLSampler.forward's steps, written out: from the global generator t, then z0 and z1 as one
+    batch, then the noise buffers; the mapping of both path points in one batch; all t images, then all t + ε
+    images in one synthesis batch; the crop; [-1, 1] -> [0, 255]; the LPIPS difference over ε²."""
+    G = copy.deepcopy(G)
+    t = torch.rand([c.shape[0]]) * (1 if sampling == 'full' else 0)
+    z0, z1 = torch.randn([c.shape[0] * 2, G.z_dim]).chunk(2)
+    if space == 'w':
+        w0, w1 = G.mapping(torch.cat([z0, z1]), torch.cat([c, c])).chunk(2)
+        wt0, wt1 = w0.lerp(w1, t[:, None, None]), w0.lerp(w1, t[:, None, None] + epsilon)
+    else:
+        zt0 = perceptual_path_length.slerp(z0, z1, t[:, None])
+        zt1 = perceptual_path_length.slerp(z0, z1, t[:, None] + epsilon)
+        wt0, wt1 = G.mapping(torch.cat([zt0, zt1]), torch.cat([c, c])).chunk(2)
+    for name, buf in G.named_buffers():
+        if name.endswith('.noise_const'):
+            buf.copy_(torch.randn_like(buf))
+    img = G.synthesis(torch.cat([wt0, wt1]), noise_mode='const', force_fp32=True)
+    if crop:
+        img = img[:, :, 6:14, 4:12]  # Rows 3/8..7/8, columns 2/8..6/8 of 16x16.
+    lpips0, lpips1 = vgg16((img + 1) * (255 / 2), resize_images=False, return_lpips=True).chunk(2)
+    return (lpips0 - lpips1).square().sum(1) / epsilon ** 2
+
+
+@pytest.mark.parametrize('space,sampling,crop', [('w', 'end', False), ('z', 'full', True)])
+@torch.no_grad()
+def test_ppl_sampler_is_the_official_module_and_our_metric_code(detector_dir, space, sampling, crop):
+    # SPEC §7: third-party code builds PPLSampler(G, G_kwargs, epsilon, space, sampling, crop, vgg16) and calls it
+    # on labels. compute_ppl runs the same module (its `distances`), so this pins the metric's numbers as well.
+    G = make_generator(c_dim=2)
+    vgg16 = metric_utils.get_feature_detector(metric_utils.VGG16_URL, detector_dir=detector_dir)
+    sampler = perceptual_path_length.PPLSampler(G=G, G_kwargs={}, epsilon=1e-2, space=space, sampling=sampling,
+                                                crop=crop, vgg16=vgg16)
+    assert isinstance(sampler, torch.nn.Module) and sampler.G is not G  # A copy: the noise G holds is not touched.
+    c = torch.eye(2)[[0, 1, 1, 0]]
+    torch.manual_seed(5)
+    dist = sampler(c)
+    torch.manual_seed(5)
+    expected = _official_ppl_steps(G, vgg16, c, 1e-2, space, sampling, crop)
+    assert dist.shape == (4,) and bool((dist > 0).all())
+    torch.testing.assert_close(dist, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match='space'):
+        perceptual_path_length.PPLSampler(G, {}, 1e-2, 'x', 'end', False, vgg16)
 
 # ----------------------------------------------------------------------------
 # Feature statistics.
@@ -637,6 +683,26 @@ def test_calc_metrics_cli_writes_the_metric_file(run_dir, detector_dir, tiny_met
     assert set(record) == {'results', 'metric', 'total_time', 'total_time_str', 'num_gpus', 'snapshot_pkl', 'timestamp'}
     assert record['snapshot_pkl'] == 'network-snapshot-000000.pkl' and record['num_gpus'] == 1
     assert np.isfinite(record['results']['_tiny_fid'])
+
+
+def test_calc_metrics_subprocess_fn_takes_the_args_of_the_official_script(run_dir, dataset_dir, detector_dir,
+                                                                           tiny_metric, monkeypatch):
+    # SPEC §7: the official calc_metrics.py builds these keys and calls subprocess_fn(rank, args, temp_dir); forks do
+    # the same. It has no detector_dir (the environment variable serves) and runs on CUDA device `rank`, so a CPU
+    # test adds device_type, as our calc_metrics() does.
+    monkeypatch.setenv(metric_utils.DETECTOR_DIR_ENV, detector_dir)
+    network_pkl = str(run_dir / 'network-snapshot-000000.pkl')
+    with open(network_pkl, 'rb') as f:
+        G = pickle.load(f)['G_ema']
+    args = dnnlib.EasyDict(metrics=[tiny_metric], num_gpus=1, network_pkl=network_pkl, verbose=False, G=G,
+                           dataset_kwargs=dnnlib.EasyDict(dataset_kwargs_of(dataset_dir)), run_dir=str(run_dir),
+                           device_type='cpu')
+    (result,) = calc_metrics.subprocess_fn(0, args, str(run_dir))
+    record = json.loads((run_dir / f'metric-{tiny_metric}.jsonl').read_text())
+    assert record['snapshot_pkl'] == 'network-snapshot-000000.pkl' and record['metric'] == tiny_metric
+    assert record['results']['_tiny_fid'] == result.results._tiny_fid
+    expected = metric_main.calc_metric(tiny_metric, G=G, dataset_kwargs=args.dataset_kwargs, device='cpu')
+    assert result.results._tiny_fid == expected.results._tiny_fid > 0
 
 
 def test_calc_metrics_errors(run_dir, tmp_path, detector_dir, tiny_metric, monkeypatch):

@@ -61,16 +61,62 @@ import torch
 
 from torch_utils import misc, persistence, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix, upfirdn2d
-from training.loss import STAT_SIGNS_REAL
+
+# The statistic the loss reports for sign(D(real)), the input of ADA's heuristic r_t; the same string as
+# training.loss.STAT_SIGNS_REAL (a test checks it). Spelled out here, not imported, because a snapshot embeds this
+# module's source and the official code runs it against its own training/loss.py, which has no such name (SPEC §7).
+STAT_SIGNS_REAL = 'Loss/signs/real'
 
 # ----------------------------------------------------------------------------
-# Wavelet low-pass (decomposition) filters of the symlet family, the published coefficients. Both are
-# orthogonal: the taps sum to sqrt(2) and are orthogonal to their own shifts by even offsets.
+# Decomposition low-pass filters of orthogonal wavelets (official name and keys, SPEC §7): Daubechies db1-db8
+# (haar = db1) and symlets sym2-sym8, 2N taps for N vanishing moments. Each sums to sqrt(2) and is orthogonal to
+# its own shifts by even offsets (tests/test_augment.py checks these and the vanishing moments).
+# tools/wavelet_taps.py computes them from their definition and rounds once to float64. db2 = sym2 and sym6 keep
+# the widely published values instead (they differ from the computed ones by below 2e-12), because the pipe's
+# buffers Hz_fbank and Hz_geom are built from them, and a snapshot's buffers must not change.
 
-SYM2 = (-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025)
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+wavelets = {
+    'haar': [0.7071067811865476, 0.7071067811865476],
+    'db1':  [0.7071067811865476, 0.7071067811865476],
+    'db2':  [-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025],
+    'db3':  [0.03522629188570953, -0.08544127388202666, -0.13501102001025458, 0.45987750211849154, 0.8068915093110925,
+             0.33267055295008263],
+    'db4':  [-0.010597401785069032, 0.0328830116668852, 0.030841381835560764, -0.18703481171909309,
+             -0.027983769416859854, 0.6308807679298589, 0.7148465705529157, 0.2303778133088965],
+    'db5':  [0.0033357252854737712, -0.012580751999081999, -0.006241490212798274, 0.07757149384004572,
+             -0.032244869584638375, -0.24229488706638203, 0.13842814590132074, 0.7243085284377729, 0.6038292697971896,
+             0.16010239797419293],
+    'db6':  [-0.0010773010853084796, 0.004777257510945511, 0.0005538422011614961, -0.03158203931748603,
+             0.027522865530305727, 0.09750160558732304, -0.12976686756726194, -0.22626469396543983,
+             0.31525035170919763, 0.7511339080210954, 0.49462389039845306, 0.11154074335010947],
+    'db7':  [0.00035371379997452024, -0.0018016407040474908, 0.0004295779729213665, 0.01255099855609984,
+             -0.01657454163066688, -0.03802993693501441, 0.08061260915108308, 0.07130921926683026,
+             -0.22403618499387498, -0.14390600392856498, 0.4697822874051931, 0.7291320908462351, 0.3965393194819173,
+             0.07785205408500918],
+    'db8':  [-0.00011747678412476953, 0.0006754494064505693, -0.00039174037337694705, -0.004870352993451574,
+             0.008746094047405777, 0.013981027917398282, -0.044088253930794755, -0.017369301001807547,
+             0.12874742662047847, 0.0004724845739132828, -0.2840155429615469, -0.015829105256349306,
+             0.5853546836542067, 0.6756307362972898, 0.31287159091429995, 0.05441584224310401],
+    'sym2': [-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025],
+    'sym3': [0.03522629188570953, -0.08544127388202666, -0.13501102001025458, 0.45987750211849154, 0.8068915093110925,
+             0.33267055295008263],
+    'sym4': [-0.07576571478950221, -0.029635527646002493, 0.497618667632775, 0.8037387518051321, 0.29785779560530606,
+             -0.09921954357663353, -0.012603967262031304, 0.032223100604051466],
+    'sym5': [0.027333068344998768, 0.02951949092570626, -0.039134249302313844, 0.19939753397685558,
+             0.7234076904040407, 0.633978963456792, 0.01660210576451085, -0.17532808990805623, -0.021101834024689042,
+             0.019538882735249827],
+    'sym6': [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+             0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+             -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148],
+    'sym7': [0.002681814568260147, -0.001047384888679738, -0.012636303403240567, 0.030515513165877885,
+             0.06789269350122057, -0.04955283493704283, 0.017441255086835708, 0.5361019170905692, 0.7677643170048829,
+             0.2886296317506479, -0.14004724044293365, -0.10780823770328972, 0.0040102448715223955,
+             0.010268176708464817],
+    'sym8': [-0.0033824159510050028, -0.0005421323318000107, 0.03169508781152599, 0.007607487324976609,
+             -0.14329423835127267, -0.061273359067811076, 0.4813596512590534, 0.777185751699628, 0.36444189483617895,
+             -0.0519458381078818, -0.027219029917103486, 0.04913717967373029, 0.0038087520138944896,
+             -0.014952258337062199, -0.0003029205147241331, 0.001889950332767689],
+}
 
 # Share of an image's power assumed to lie in each band of the filter bank (lowest band first). Natural images
 # keep most of their energy at low frequencies. The band gains are normalized against these shares so that
@@ -149,26 +195,77 @@ def wavelet_filter_bank(lowpass, num_bands=4):
     return np.stack([np.pad(band, (width - band.size) // 2) for band in reversed(bands)])
 
 # ----------------------------------------------------------------------------
-# Batched transformation matrices. Entries are tensors of shape [batch] or Python numbers.
+# Transformation matrices (official names and signatures, SPEC §7). An entry is a Python number or a tensor; all
+# tensor entries share one shape S (a batch), numbers are broadcast to it, and the result has shape S + (rows,
+# columns). Without tensor entries the result is a constant [rows, columns] matrix on `device`.
 
 
-def _matrix(rows, ref):
-    """Stack `rows` (a list of lists of entries) into [batch, len(rows), len(rows[0])]."""
-    entries = [e if isinstance(e, torch.Tensor) else torch.full_like(ref, e) for row in rows for e in row]
-    return torch.stack(entries, dim=-1).reshape(ref.shape[0], len(rows), len(rows[0]))
+def matrix(*rows, device=None):
+    """Stack `rows` (sequences of entries, all of one length) into a matrix, or a batch of them."""
+    assert all(len(row) == len(rows[0]) for row in rows), 'matrix() rows must have equal lengths'
+    entries = [entry for row in rows for entry in row]
+    tensors = [entry for entry in entries if isinstance(entry, torch.Tensor)]
+    if not tensors:
+        return misc.constant(np.asarray(rows), device=device)
+    ref = tensors[0]
+    assert device is None or torch.device(device) == ref.device, 'matrix() entries live on another device'
+    # Numbers take the tensors' dtype (not the default one), so a float64 batch gives float64 matrices.
+    entries = [entry if isinstance(entry, torch.Tensor) else
+               misc.constant(entry, shape=ref.shape, dtype=ref.dtype, device=ref.device) for entry in entries]
+    return torch.stack(entries, dim=-1).reshape(ref.shape + (len(rows), len(rows[0])))
 
 
-def _translate2d(tx, ty):
-    return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]], tx)
+def translate2d(tx, ty, **kwargs):
+    """Homogeneous 3x3 translation by (tx, ty)."""
+    return matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], **kwargs)
 
 
-def _scale2d(sx, sy):
-    return _matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], sx)
+def translate3d(tx, ty, tz, **kwargs):
+    """Homogeneous 4x4 translation by (tx, ty, tz)."""
+    return matrix([1, 0, 0, tx], [0, 1, 0, ty], [0, 0, 1, tz], [0, 0, 0, 1], **kwargs)
 
 
-def _rotate2d(theta):
+def scale2d(sx, sy, **kwargs):
+    """Homogeneous 3x3 scaling of x by sx and y by sy."""
+    return matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], **kwargs)
+
+
+def scale3d(sx, sy, sz, **kwargs):
+    """Homogeneous 4x4 scaling of the three axes."""
+    return matrix([sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1], **kwargs)
+
+
+def rotate2d(theta, **kwargs):
+    """Homogeneous 3x3 rotation by `theta` radians (a tensor), counter-clockwise for y pointing up."""
     c, s = torch.cos(theta), torch.sin(theta)
-    return _matrix([[c, -s, 0], [s, c, 0], [0, 0, 1]], theta)
+    return matrix([c, -s, 0], [s, c, 0], [0, 0, 1], **kwargs)
+
+
+def rotate3d(v, theta, **kwargs):
+    """Homogeneous 4x4 rotation by `theta` about the unit axis `v` ([..., 3]): Rodrigues' formula
+    R = cos(theta) I + sin(theta) [v]_x + (1 - cos(theta)) v v^T."""
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    c, s = torch.cos(theta), torch.sin(theta)
+    d = 1 - c
+    return matrix([x * x * d + c,     x * y * d - z * s, x * z * d + y * s, 0],
+                  [y * x * d + z * s, y * y * d + c,     y * z * d - x * s, 0],
+                  [z * x * d - y * s, z * y * d + x * s, z * z * d + c,     0],
+                  [0,                 0,                 0,                 1], **kwargs)
+
+
+def translate2d_inv(tx, ty, **kwargs):
+    """The inverse of translate2d(tx, ty)."""
+    return translate2d(-tx, -ty, **kwargs)
+
+
+def scale2d_inv(sx, sy, **kwargs):
+    """The inverse of scale2d(sx, sy)."""
+    return scale2d(1 / sx, 1 / sy, **kwargs)
+
+
+def rotate2d_inv(theta, **kwargs):
+    """The inverse of rotate2d(theta)."""
+    return rotate2d(-theta, **kwargs)
 
 
 def _quarter_turn2d(k):
@@ -176,7 +273,7 @@ def _quarter_turn2d(k):
     k = k.long() % 4
     c = torch.where(k % 2 == 0, 1 - k, torch.zeros_like(k)).to(torch.float32)
     s = torch.where(k % 2 == 1, 2 - k, torch.zeros_like(k)).to(torch.float32)
-    return _matrix([[c, -s, 0], [s, c, 0], [0, 0, 1]], c)
+    return matrix([c, -s, 0], [s, c, 0], [0, 0, 1])
 
 
 def _color_constants(device):
@@ -364,9 +461,9 @@ class AugmentPipe(torch.nn.Module):
 
         # Geometric resampling goes through 2x oversampling with the sym6 wavelet's low-pass, which is
         # orthogonal: upsampling with it and downsampling with its mirror image reproduces the input exactly.
-        self.register_buffer('Hz_geom', upfirdn2d.setup_filter(SYM6))
+        self.register_buffer('Hz_geom', upfirdn2d.setup_filter(wavelets['sym6']))
         # Image-space filtering: four octave bands [0, pi/8], [pi/8, pi/4], [pi/4, pi/2], [pi/2, pi].
-        self.register_buffer('Hz_fbank', torch.as_tensor(wavelet_filter_bank(SYM2, 4), dtype=torch.float32))
+        self.register_buffer('Hz_fbank', torch.as_tensor(wavelet_filter_bank(wavelets['sym2'], 4), dtype=torch.float32))
         if len(self.imgfilter_bands) != self.Hz_fbank.shape[0]:
             raise ValueError(f'imgfilter_bands needs one value per band ({self.Hz_fbank.shape[0]}), '
                              f'got {list(imgfilter_bands)}')
@@ -410,7 +507,7 @@ class AugmentPipe(torch.nn.Module):
             if self.xflip != 0:
                 flip = _discrete(2, [N], device, pct)
                 mask = self._gate(N, device, pct, self.xflip * self.p)
-                blit = blit @ self._gated(_scale2d(1 - 2 * flip, 1), mask)
+                blit = blit @ self._gated(scale2d(1 - 2 * flip, 1), mask)
             if self.rotate90 != 0:
                 quarters = _discrete(4, [N], device, pct)
                 mask = self._gate(N, device, pct, self.rotate90 * self.p)
@@ -419,31 +516,31 @@ class AugmentPipe(torch.nn.Module):
                 t = (_uniform([N, 2], device, pct) * 2 - 1) * self.xint_max
                 shift = torch.round(t * misc.constant([width, height], dtype=torch.float32, device=device))
                 mask = self._gate(N, device, pct, self.xint * self.p)
-                blit = blit @ self._gated(_translate2d(-shift[:, 0], -shift[:, 1]), mask)
+                blit = blit @ self._gated(translate2d(-shift[:, 0], -shift[:, 1]), mask)
 
         if self._enabled(GEOM_TRANSFORMS):
             geom = eye
             if self.scale != 0:
                 s = torch.exp2(_normal([N], device, pct) * self.scale_std)
                 mask = self._gate(N, device, pct, self.scale * self.p)
-                geom = geom @ self._gated(_scale2d(1 / s, 1 / s), mask)
+                geom = geom @ self._gated(scale2d(1 / s, 1 / s), mask)
             # The rotation is applied twice, around the anisotropic scaling, each time with a probability
             # that makes "at least one of the two" as likely as rotate * p (Appendix B).
             rotate_prob = 1 - torch.sqrt((1 - self.rotate * self.p).clamp(0, 1))
             if self.rotate != 0:
                 theta = (_uniform([N], device, pct) * 2 - 1) * (math.pi * self.rotate_max)
-                geom = geom @ self._gated(_rotate2d(-theta), self._gate(N, device, pct, rotate_prob))
+                geom = geom @ self._gated(rotate2d(-theta), self._gate(N, device, pct, rotate_prob))
             if self.aniso != 0:
                 s = torch.exp2(_normal([N], device, pct) * self.aniso_std)
                 mask = self._gate(N, device, pct, self.aniso * self.p)
-                geom = geom @ self._gated(_scale2d(1 / s, s), mask)
+                geom = geom @ self._gated(scale2d(1 / s, s), mask)
             if self.rotate != 0:
                 theta = (_uniform([N], device, pct) * 2 - 1) * (math.pi * self.rotate_max)
-                geom = geom @ self._gated(_rotate2d(-theta), self._gate(N, device, pct, rotate_prob))
+                geom = geom @ self._gated(rotate2d(-theta), self._gate(N, device, pct, rotate_prob))
             if self.xfrac != 0:
                 t = _normal([N, 2], device, pct) * self.xfrac_std
                 mask = self._gate(N, device, pct, self.xfrac * self.p)
-                geom = geom @ self._gated(_translate2d(-t[:, 0] * width, -t[:, 1] * height), mask)
+                geom = geom @ self._gated(translate2d(-t[:, 0] * width, -t[:, 1] * height), mask)
 
         return blit, geom
 
@@ -690,7 +787,7 @@ class AdaController:
     al. 2020, Sec. 3): every `interval` steps, p moves by sign(r_t - target) times the images seen since the
     last adjustment over `kimg` thousand, so that p can go from 0 to 1 in `kimg` kimg; p never drops below 0.
 
-    r_t is read from the statistic the loss reports (training.loss.STAT_SIGNS_REAL), reduced over ranks by a
+    r_t is read from the statistic the loss reports (STAT_SIGNS_REAL), reduced over ranks by a
     training_stats.Collector. `flush()` moves what arrived since the last adjustment into `pending` (count, sum,
     sum of squares); `state_dict()` holds `pending`, so an interrupted and resumed run adjusts p exactly as the
     uninterrupted one. p itself is a buffer of the pipe and travels with it.
@@ -719,9 +816,13 @@ class AdaController:
     def flush(self) -> None:
         """Take in the signs reported so far (a collective in multi-process runs: every rank calls it)."""
         self.collector.update()
-        moments = self.collector.moments(STAT_SIGNS_REAL)
-        if moments is not None:
-            self.pending += moments
+        # Only num/mean/std, the Collector methods the official training_stats has too (SPEC §7): this module's
+        # source travels in snapshots. mean * count gives the sum back to within one rounding, which can only
+        # matter if r_t equals the target exactly.
+        count = self.collector.num(STAT_SIGNS_REAL)
+        if count > 0:
+            mean, std = self.collector.mean(STAT_SIGNS_REAL), self.collector.std(STAT_SIGNS_REAL)
+            self.pending += np.array([count, mean * count, (std ** 2 + mean ** 2) * count])
 
     def step(self, batch_idx: int) -> None:
         """Called after every training step with the number of steps done; adjusts p every `interval` steps."""

@@ -12,12 +12,48 @@ import numpy as np
 import torch
 
 from torch_utils import misc, persistence
-from training.networks import Conv2dLayer
+from torch_utils.ops import bias_act, conv2d_resample, upfirdn2d
 
 
 def decoder_resolutions(out_res: int):
     """The resolutions of the decoder blocks, 8, 16, ..., out_res."""
     return [2 ** i for i in range(3, int(np.log2(out_res)) + 1)]
+
+
+@persistence.persistent_class
+class DecoderConv(torch.nn.Module):
+    """A linear 1x1 convolution with equalized learning rate and a bias, optionally after 2x FIR upsampling.
+
+    It computes what `training.networks.Conv2dLayer(in, out, kernel_size=1, activation='linear', up=up)` does,
+    with the same parameter and buffer names (`weight`, `bias`, `resample_filter`) and the same random draws at
+    construction. It lives here rather than being imported from training.networks because a snapshot embeds
+    this module's source, and the official code (and forks built on it) execute that source against their own
+    `training` package, which a module of ours must not lean on (SPEC §7).
+    """
+
+    def __init__(self,
+        in_channels,                # Number of input channels.
+        out_channels,               # Number of output channels.
+        up              = 1,        # 1 = no resampling, 2 = upsample 2x with the [1,3,3,1] filter first.
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1, 3, 3, 1]))
+        self.weight_gain = 1 / np.sqrt(in_channels)
+        self.weight = torch.nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
+        self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
+
+    def forward(self, x):
+        w = (self.weight * self.weight_gain).to(x.dtype)
+        # flip_weight as Conv2dLayer passes it: a 1x1 kernel makes it irrelevant, but the op path stays the same.
+        x = conv2d_resample.conv2d_resample(x=x, w=w, f=self.resample_filter, up=self.up, padding=0,
+                                            flip_weight=(self.up == 1))
+        return bias_act.bias_act(x, self.bias.to(x.dtype), act='linear')
+
+    def extra_repr(self):
+        return f'in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, up={self.up}'
 
 
 @persistence.persistent_class
@@ -46,8 +82,7 @@ class FeatureDecoder(torch.nn.Module):
         self.out_channels = channels[out_res]
         for res in decoder_resolutions(out_res):
             in_channels = channels[4] if res == 8 else channels[res // 2] * 2
-            setattr(self, f'dec{res}', Conv2dLayer(in_channels, channels[res], kernel_size=1, activation='linear',
-                                                   up=2))
+            setattr(self, f'dec{res}', DecoderConv(in_channels, channels[res], up=2))
         self.heads = GLeaDHeads(channels[out_res], **heads) if heads is not None else None
 
     def forward(self, features: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -78,9 +113,9 @@ class GLeaDHeads(torch.nn.Module):
         w_dim           = 512,      # Dimensionality of the predicted w.
     ):
         super().__init__()
-        self.img_proj = Conv2dLayer(in_channels, img_channels, kernel_size=1, activation='linear')
-        self.feat_proj1 = Conv2dLayer(in_channels, feat_channels, kernel_size=1, activation='linear')
-        self.feat_proj2 = Conv2dLayer(in_channels, w_dim, kernel_size=1, activation='linear')
+        self.img_proj = DecoderConv(in_channels, img_channels)
+        self.feat_proj1 = DecoderConv(in_channels, feat_channels)
+        self.feat_proj2 = DecoderConv(in_channels, w_dim)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         w = self.feat_proj2(x).mean(dim=[2, 3]).unsqueeze(1)  # [N, 1, w_dim]

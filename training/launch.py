@@ -104,6 +104,23 @@ def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp
             f.write(f'{time.monotonic_ns()}\n{e.message}')
         raise
 
+def run_rank(rank: int, args: Mapping[str, Any], temp_dir: str, loop: str = DEFAULT_TRAINING_LOOP,
+             metric_fn: Optional[Callable] = None) -> Optional[str]:
+    """Process `rank` of args['num_gpus'] that someone else started (the contract of the official
+    subprocess_fn, which train.subprocess_fn keeps): the ranks of a multi-process run meet through a file in
+    `temp_dir`; each runs on its own CUDA device, or on the CPU when args['device_type'] says so. args['run_dir']
+    must exist. Returns the stop message on rank 0 when a signal stopped the run, else None."""
+    world_size = args['num_gpus']
+    device = launcher.rank_device(args.get('device_type', 'cuda'), rank)
+    if world_size == 1:
+        return _run_rank(rank, 1, args, device, loop, metric_fn)
+    init_file = os.path.abspath(os.path.join(temp_dir, launcher.INIT_FILE_NAME))
+    launcher.init_process_group(rank, world_size, device, f'file://{init_file}')
+    try:
+        return _run_rank(rank, world_size, args, device, loop, metric_fn)
+    finally:
+        torch.distributed.destroy_process_group()
+
 # ----------------------------------------------------------------------------
 # Launching.
 

@@ -65,8 +65,9 @@ def load_network_pkl(
     """Read a snapshot from the open binary file `f`: an official or our own pickle, a TensorFlow pickle of
     the StyleGAN2(-ADA) TensorFlow releases, or a weights-only file.
 
-    Returns the snapshot dict. Entries the file does not hold (a file with only `G_ema`, say) are absent
-    from it rather than None. With `force_fp16`, G, D and G_ema are rebuilt with `num_fp16_res=4,
+    Returns the snapshot dict. As the official function does, it always has `training_set_kwargs` and
+    `augment_pipe` (None when the file holds neither: a TensorFlow pickle, a file with only `G_ema`), so that
+    code written for the official one can index them; other networks the file lacks stay absent. With `force_fp16`, G, D and G_ema are rebuilt with `num_fp16_res=4,
     conv_clamp=256` (the training configuration) and given the loaded weights; the networks still compute
     in fp32 off-GPU. With `adopt`, networks of classes embedded in the pickle become instances of
     `training.networks` / `training.augment` classes where that is safe (notes are printed where not).
@@ -80,6 +81,8 @@ def load_network_pkl(
     else:
         raise ValueError(f'Not a network snapshot: the file is {_describe_head(head)}; expected a pickle '
                          f'(.pkl) or a weights-only file (.pt) written by training.legacy.save_weights_only')
+    data.setdefault('training_set_kwargs', None)
+    data.setdefault('augment_pipe', None)
     if adopt:
         data = adopt_snapshot(data)
     if force_fp16:
