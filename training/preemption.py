@@ -10,6 +10,15 @@ signal ends the process at once, for when saving takes longer than one can wait.
 A launching process (train.py with several spawned ranks) forwards its own signals through a shared value
 (`StopRequest.shared`) instead of signalling the children: under a scheduler the children get the signal
 themselves too, and a forwarded copy would count as their second.
+
+Schedulers signal every process of the job, so the helpers of a process must outlive the stop signals: a
+DataLoader worker that died of SIGTERM would make its loader raise in the training process before anything is
+saved. While `stop_signals` is active, every process forked here (DataLoader workers, also the metrics' ones)
+starts with the stop signals blocked (`_block_stop_signals_across_fork`): the mask is inherited at the fork
+itself, so no signal can reach a worker before it could protect itself, and nothing in a worker unblocks them
+(torch's worker sets a SIGTERM handler, which a blocked signal never reaches). A worker still ends when the
+loader tells it to, or on its own when its parent is gone. multiprocessing's resource tracker, which the
+spawned ranks need, is started with the signals blocked for the same reason (training/launch.py).
 """
 
 import contextlib
@@ -67,20 +76,59 @@ class StopRequest:
         return signal.Signals(signum).name if signum else None
 
 
+def stop_signal_numbers() -> set:
+    return {signal.Signals[name] for name in STOP_SIGNALS}
+
+
+class _ForkGuard:
+    """os.register_at_fork hooks that let a forked child start with the stop signals blocked while
+    `active` > 0 (stop_signals() blocks nest). Hooks cannot be unregistered, so they are registered once, at
+    the first stop_signals() of the process, and do nothing while no block is active."""
+
+    def __init__(self):
+        self.active = 0
+        self.registered = False
+        self.saved_masks = threading.local()
+
+    def register(self) -> None:
+        if not self.registered:
+            os.register_at_fork(before=self.before, after_in_parent=self.after_in_parent)
+            self.registered = True
+
+    def before(self) -> None:
+        if self.active:
+            # Only the forking thread is copied into the child, with its mask: block there, just for the fork.
+            self.saved_masks.mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signal_numbers())
+
+    def after_in_parent(self) -> None:
+        mask = getattr(self.saved_masks, 'mask', None)
+        if mask is not None:
+            # A signal that came during the fork was held, not lost: it is delivered here, to our handler.
+            self.saved_masks.mask = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+_fork_guard = _ForkGuard()
+
+
 @contextlib.contextmanager
 def stop_signals(request: StopRequest) -> Iterator[StopRequest]:
-    """Within this block the stop signals go to `request`; the previous handlers come back afterwards. Outside
-    the main thread (where Python cannot install handlers) the block only watches `request.shared`."""
+    """Within this block the stop signals go to `request`, and processes forked here (DataLoader workers)
+    start with them blocked (module docstring); the previous handlers come back afterwards. Outside the main
+    thread (where Python cannot install handlers) the block only watches `request.shared`."""
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
     previous = {}
+    _fork_guard.register()
+    _fork_guard.active += 1
     try:
         for name in STOP_SIGNALS:
             signum = signal.Signals[name]
             previous[signum] = signal.signal(signum, request.handle)
         yield request
     finally:
+        _fork_guard.active -= 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
