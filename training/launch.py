@@ -71,7 +71,8 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
         signame = getattr(state, 'stopped_by', None)
         if rank != 0 or signame is None:
             return None
-        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'])
+        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'],
+                                          cause=getattr(state.stop_request, 'cause', None))
         print(message)  # Into log.txt as well.
         return message
     except Exception as e:
@@ -92,7 +93,7 @@ def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp
     from training import preemption
 
     try:
-        stop_request = preemption.StopRequest(shared=stop_value)
+        stop_request = preemption.StopRequest(shared=stop_value, parent_pid=os.getppid())
         message = _run_rank(rank, args['num_gpus'], args, device, loop, metric_fn, stop_request)
         if message is not None:
             with open(os.path.join(temp_dir, 'stopped'), 'w') as f:
@@ -177,7 +178,9 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
         return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop, metric_fn)
     _start_resource_tracker_without_sigusr1()
     spawn = torch.multiprocessing.get_context('spawn')
-    stop_value = spawn.Value('i', 0)
+    # Without a lock (one int, written here only): a lock is a named semaphore that the resource tracker would
+    # report as leaked if this process were killed with SIGKILL.
+    stop_value = spawn.Value('i', 0, lock=False)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
         context = launcher.start(_spawned_rank, (args, temp_dir, loop, metric_fn, stop_value), world_size,
                                  device_type, temp_dir)

@@ -13,12 +13,14 @@ themselves too, and a forwarded copy would count as their second.
 
 Schedulers signal every process of the job, so the helpers of a process must outlive the stop signals: a
 DataLoader worker that died of SIGTERM would make its loader raise in the training process before anything is
-saved. While `stop_signals` is active, every process forked here (DataLoader workers, also the metrics' ones)
-starts with the stop signals blocked (`_block_stop_signals_across_fork`): the mask is inherited at the fork
-itself, so no signal can reach a worker before it could protect itself, and nothing in a worker unblocks them
-(torch's worker sets a SIGTERM handler, which a blocked signal never reaches). A worker still ends when the
-loader tells it to, or on its own when its parent is gone. multiprocessing's resource tracker, which the
-spawned ranks need, is started with the signals blocked for the same reason (training/launch.py).
+saved. Such helpers start with the stop signals blocked: a child inherits the signal mask of the thread that
+starts it, through fork and exec alike, so no signal can reach it before it could protect itself, and nothing
+in a DataLoader worker unblocks them (torch's worker sets a SIGTERM handler, which a blocked signal never
+reaches). Two ways: the loop starts its loader's workers inside `holding_stop_signals()` (any start method:
+spawned ranks spawn their workers too), and while `stop_signals` is active every fork of this process (the
+metrics' loaders, with the default start method of a single process) blocks them just for the fork
+(`_ForkGuard`). A worker still ends when its loader tells it to, or on its own once its parent is gone.
+multiprocessing's resource tracker, which spawned ranks need, is started the same way (training/launch.py).
 """
 
 import contextlib
@@ -37,11 +39,17 @@ AGREE_INTERVAL = 4
 
 
 class StopRequest:
-    """Whether a stop was asked for, and by which signal (its name, e.g. 'SIGTERM')."""
+    """Whether a stop was asked for, and by which signal (its name, e.g. 'SIGTERM').
 
-    def __init__(self, shared: Any = None):
+    `parent_pid`: the launching process of a spawned rank. torch.multiprocessing makes the kernel send a
+    spawned rank SIGINT when its parent dies (PR_SET_PDEATHSIG); that SIGINT is nobody's Ctrl-C, so a SIGINT
+    that finds the rank adopted by another parent is reported as what it is (`cause`)."""
+
+    def __init__(self, shared: Any = None, parent_pid: Optional[int] = None):
         self.signame: Optional[str] = None
         self.shared = shared    # A multiprocessing Value('i') holding a signal number set by the launcher, or None.
+        self.parent_pid = parent_pid
+        self.cause: Optional[str] = None    # What stopped the run when it was not a signal someone sent.
 
     def handle(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -50,6 +58,11 @@ class StopRequest:
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signame = name
+        if signum == signal.SIGINT and self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.cause = f'the launching process (PID {self.parent_pid}) died'
+            print(f'\n{self.cause[0].upper()}{self.cause[1:]}: stopping after the current step and saving the training state',
+                  file=sys.stderr, flush=True)
+            return
         print(f'\n{name} received: stopping after the current step and saving the training state '
               f'(send it again to exit at once)', file=sys.stderr, flush=True)
 
@@ -112,6 +125,18 @@ _fork_guard = _ForkGuard()
 
 
 @contextlib.contextmanager
+def holding_stop_signals() -> Iterator[None]:
+    """Within this block the calling thread holds the stop signals back (they are delivered when it ends, not
+    lost), so that the processes it starts (DataLoader workers, helper processes) inherit them blocked and
+    outlive a stop signal sent to the whole process group."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signal_numbers())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def stop_signals(request: StopRequest) -> Iterator[StopRequest]:
     """Within this block the stop signals go to `request`, and processes forked here (DataLoader workers)
     start with them blocked (module docstring); the previous handlers come back afterwards. Outside the main
@@ -133,6 +158,7 @@ def stop_signals(request: StopRequest) -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
-def stop_message(signame: str, kimg: float, run_dir: str) -> str:
-    """The one line a stopped run ends with."""
-    return f'Stopped by {signame} at kimg {kimg:.1f}; resume with: python train.py --resume={run_dir}'
+def stop_message(signame: str, kimg: float, run_dir: str, cause: Optional[str] = None) -> str:
+    """The one line a stopped run ends with; `cause` replaces the signal where it says more (StopRequest.cause)."""
+    why = f'because {cause}' if cause else f'by {signame}'
+    return f'Stopped {why} at kimg {kimg:.1f}; resume with: python train.py --resume={run_dir}'
