@@ -234,8 +234,13 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
         if message[1] is not None:
             raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
         args.run_dir = message[0]
+        from training import preemption
+        # The agent of torchrun (or srun's step daemon) launched this process; torchrun forwards signals (see
+        # StopRequest for both).
+        stop_request = preemption.StopRequest(parent_pid=os.getppid(),
+                                              repeat_window=preemption.FORWARD_REPEAT_WINDOW)
         try:
-            return _run_rank(rank, world_size, args, device, loop, metric_fn)
+            return _run_rank(rank, world_size, args, device, loop, metric_fn, stop_request)
         except RunFailed as e:
             if rank != 0:
                 raise

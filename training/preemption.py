@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator, Optional
 
 import torch
@@ -36,38 +37,62 @@ STOP_SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')
 # In a multi-process run the ranks agree on a stop every this many steps (a tiny all-reduce, the only host
 # synchronization it adds); a single process checks after every step.
 AGREE_INTERVAL = 4
+# Seconds within which a rank under torchrun takes a repeat of its first signal for the copy the agent forwards.
+FORWARD_REPEAT_WINDOW = 5.0
 
 
 class StopRequest:
     """Whether a stop was asked for, and by which signal (its name, e.g. 'SIGTERM').
 
-    `parent_pid`: the launching process of a spawned rank. torch.multiprocessing makes the kernel send a
-    spawned rank SIGINT when its parent dies (PR_SET_PDEATHSIG); that SIGINT is nobody's Ctrl-C, so a SIGINT
-    that finds the rank adopted by another parent is reported as what it is (`cause`)."""
+    `parent_pid`: the process that launched this rank (train.py's spawning process, torchrun's agent). Its
+    death stops the run as well, reported as such (`cause`) under the name SIGHUP (the hang-up of a controlling
+    process): torch.multiprocessing has the kernel send its ranks a SIGINT when their parent dies
+    (PR_SET_PDEATHSIG), which nobody typed, and torchrun's agent dies of a SIGUSR1 (it handles only SIGTERM,
+    SIGINT, SIGHUP and SIGQUIT) without telling its workers, which sit in sessions of their own.
 
-    def __init__(self, shared: Any = None, parent_pid: Optional[int] = None):
+    `repeat_window`: under torchrun, the agent passes each signal it gets on to every rank once, so a rank that
+    got the signal itself too (SLURM signals every process of a job step) sees it twice; a repeat of the first
+    signal within this many seconds is taken for that copy, not for a second request."""
+
+    def __init__(self, shared: Any = None, parent_pid: Optional[int] = None, repeat_window: float = 0.0):
         self.signame: Optional[str] = None
         self.shared = shared    # A multiprocessing Value('i') holding a signal number set by the launcher, or None.
         self.parent_pid = parent_pid
+        self.repeat_window = repeat_window
         self.cause: Optional[str] = None    # What stopped the run when it was not a signal someone sent.
+        self.first_time = 0.0
 
     def handle(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signame is not None:
+            if name == self.signame and time.monotonic() - self.first_time < self.repeat_window:
+                return
             print(f'\n{name} again: exiting at once (the training state of the last snapshot or stop is intact)',
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signame = name
-        if signum == signal.SIGINT and self.parent_pid is not None and os.getppid() != self.parent_pid:
-            self.cause = f'the launching process (PID {self.parent_pid}) died'
-            print(f'\n{self.cause[0].upper()}{self.cause[1:]}: stopping after the current step and saving the training state',
-                  file=sys.stderr, flush=True)
+        self.first_time = time.monotonic()
+        if signum == signal.SIGINT and self._parent_died():
             return
+        self.signame = name
         print(f'\n{name} received: stopping after the current step and saving the training state '
               f'(send it again to exit at once)', file=sys.stderr, flush=True)
 
+    def _parent_died(self) -> bool:
+        """Whether the launching process is gone (this process was adopted by another); the first time, say so
+        and ask for the stop."""
+        if self.parent_pid is None or os.getppid() == self.parent_pid:
+            return False
+        if self.cause is None:
+            self.signame = 'SIGHUP'
+            self.cause = f'the launching process (PID {self.parent_pid}) died'
+            print(f'\nThe launching process (PID {self.parent_pid}) died: stopping after the current step and '
+                  f'saving the training state', file=sys.stderr, flush=True)
+        return True
+
     def local(self) -> int:
         """The signal number this process knows of, 0 for none."""
+        if self.signame is None:
+            self._parent_died()  # One system call; the agent of torchrun dies without a word to its ranks.
         if self.signame is not None:
             return int(signal.Signals[self.signame])
         if self.shared is not None and self.shared.value:
