@@ -6,6 +6,7 @@ the signal); the others send real signals to real `python train.py` processes, t
 and Kubernetes signal every process of the job (`os.killpg` on a run started in a session of its own), data
 workers included. tools/preemption_matrix.py runs every combination of signal, --workers and launch."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,6 +138,33 @@ def test_a_stop_in_the_middle_of_a_tick_leaves_the_run_as_it_would_have_been(tmp
                      **options)
     assert resumed.cur_nimg == 8 * BATCH and resumed.stopped_by is None
     assert_same_as_uninterrupted(tmp_path / 'run', tmp_path / 'reference', 'network-snapshot-000000.016.pkl')
+
+
+def _send_blocked_signals(connection):
+    connection.send(sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+def test_processes_started_while_a_run_trains_start_with_the_stop_signals_blocked():
+    import multiprocessing
+    stop_numbers = sorted(int(signal.Signals[name]) for name in preemption.STOP_SIGNALS)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    request = preemption.StopRequest()
+    with preemption.stop_signals(request):
+        children = {}
+        for method in ('fork', 'spawn'):
+            context = multiprocessing.get_context(method)
+            ours, theirs = context.Pipe()
+            # Forks are guarded wherever they happen; a spawned child, where the loop starts its workers.
+            with contextlib.nullcontext() if method == 'fork' else preemption.holding_stop_signals(spawning=True):
+                context.Process(target=_send_blocked_signals, args=(theirs,)).start()
+            children[method] = ours.recv()
+        # A signal that comes while they are held back is delivered afterwards, not lost.
+        with preemption.holding_stop_signals():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert request.signame is None
+        assert request.signame == 'SIGUSR1'
+    assert all(set(stop_numbers) <= set(blocked) for blocked in children.values()), children
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before
 
 
 def test_state_kimg_writes_states_between_snapshots(tmp_path, data_dir):

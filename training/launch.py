@@ -16,6 +16,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
+from training import preemption
 from training.errors import RunFailed, UserError
 from training.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
 
@@ -48,7 +49,6 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
     the process with RunFailed (one line) and leaves its traceback in log.txt.
     """
     from torch_utils import custom_ops, training_stats
-    from training import preemption
 
     logger = None
     if rank == 0:
@@ -90,8 +90,6 @@ def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp
                   metric_fn: Optional[Callable], stop_value: Any) -> None:
     """A process that launcher.start() spawned, already in the process group. A failure leaves its one-line
     message in `<temp_dir>/rank<r>.error`, a signal stop in `<temp_dir>/stopped`, for the launching process."""
-    from training import preemption
-
     try:
         stop_request = preemption.StopRequest(shared=stop_value, parent_pid=os.getppid())
         message = _run_rank(rank, args['num_gpus'], args, device, loop, metric_fn, stop_request)
@@ -127,8 +125,6 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
     ranks poll; see training/preemption.py for why it is not re-sent as a signal); a second one kills them."""
     import signal
 
-    from training import preemption
-
     def handle(signum, _frame):
         if stop_value.value:
             for process in processes:
@@ -147,21 +143,6 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
             signal.signal(signum, handler)
 
 
-def _start_resource_tracker_without_sigusr1() -> None:
-    """multiprocessing's resource tracker, a helper process that the ranks' queues need, ignores SIGINT and
-    SIGTERM but dies on SIGUSR1, which SLURM's --signal sends to every process of the job (it is relaunched with
-    a traceback). Started with SIGUSR1 blocked, it inherits the blocked signal; a tracker already running is
-    left as it is."""
-    import signal
-    from multiprocessing import resource_tracker
-
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP,
                     metric_fn: Optional[Callable] = None) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
@@ -176,7 +157,7 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
     world_size = args['num_gpus']
     if world_size == 1:
         return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop, metric_fn)
-    _start_resource_tracker_without_sigusr1()
+    preemption.start_resource_tracker()
     spawn = torch.multiprocessing.get_context('spawn')
     # Without a lock (one int, written here only): a lock is a named semaphore that the resource tracker would
     # report as leaked if this process were killed with SIGKILL.
@@ -234,7 +215,6 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
         if message[1] is not None:
             raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
         args.run_dir = message[0]
-        from training import preemption
         # The agent of torchrun (or srun's step daemon) launched this process; torchrun forwards signals (see
         # StopRequest for both).
         stop_request = preemption.StopRequest(parent_pid=os.getppid(),

@@ -20,7 +20,8 @@ reaches). Two ways: the loop starts its loader's workers inside `holding_stop_si
 spawned ranks spawn their workers too), and while `stop_signals` is active every fork of this process (the
 metrics' loaders, with the default start method of a single process) blocks them just for the fork
 (`_ForkGuard`). A worker still ends when its loader tells it to, or on its own once its parent is gone.
-multiprocessing's resource tracker, which spawned ranks need, is started the same way (training/launch.py).
+multiprocessing's resource tracker, which spawned processes need, starts with SIGUSR1 blocked (it ignores the
+other two itself).
 """
 
 import contextlib
@@ -149,11 +150,29 @@ class _ForkGuard:
 _fork_guard = _ForkGuard()
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker, a helper process that spawned processes need, unless it runs.
+    It ignores SIGINT and SIGTERM but would die of SIGUSR1, which SLURM's --signal sends to every process of a
+    job (it is relaunched with a traceback): started with SIGUSR1 blocked, it inherits the blocked signal. Its
+    start unblocks SIGINT and SIGTERM in the calling thread whatever the mask was, so it must not happen inside
+    `holding_stop_signals()`: that block starts it first where it is needed."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
-def holding_stop_signals() -> Iterator[None]:
+def holding_stop_signals(spawning: bool = False) -> Iterator[None]:
     """Within this block the calling thread holds the stop signals back (they are delivered when it ends, not
     lost), so that the processes it starts (DataLoader workers, helper processes) inherit them blocked and
-    outlive a stop signal sent to the whole process group."""
+    outlive a stop signal sent to the whole process group. `spawning`: processes will be started with the spawn
+    or forkserver method, which need the resource tracker (started first; see start_resource_tracker)."""
+    if spawning:
+        start_resource_tracker()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signal_numbers())
     try:
         yield

@@ -258,7 +258,8 @@ def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
                                          batch_size=opts.batch_size // opts.num_gpus, **kwargs)
     # The workers start here, once per run (the sampler never ends an epoch), and must survive the stop signals
     # a scheduler sends to every process of the job: they start with them blocked (training/preemption.py).
-    with preemption.holding_stop_signals():
+    spawning = kwargs.get('num_workers', 0) > 0 and kwargs.get('multiprocessing_context') != 'fork'
+    with preemption.holding_stop_signals(spawning=spawning):
         return training_set, iter(loader)
 
 
