@@ -201,6 +201,7 @@ class TrainingState:
     stopped_by:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
     last_state_nimg:    int = 0                 # cur_nimg of the last training state written (--state-kimg).
     stop_stats:         Optional[dict] = None   # At a stop: the statistics of the tick in progress (_TickStats).
+    last_snapshot_nimg: Optional[int] = None    # cur_nimg of this process's last network snapshot, on every rank.
 
     cur_nimg = _progress_field('cur_nimg')
     cur_tick = _progress_field('cur_tick')
@@ -729,6 +730,7 @@ def _write_network_snapshot(state: TrainingState, tag: str):
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
         legacy.save_network_pkl(snapshot, path)
         state.last_snapshot = path
+    state.last_snapshot_nimg = state.cur_nimg
     return path, snapshot
 
 
@@ -744,7 +746,7 @@ def _stop(state: TrainingState) -> None:
     state.stop_stats = dict(log=state.stats_collector.state_dict(), health=state.health_stats.state_dict())
     with _stop_when_disk_full(state):
         tag = snapshot_tag(state.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
-        if opts.stop_snapshot and not os.path.isfile(os.path.join(opts.run_dir, f'network-snapshot-{tag}.pkl')):
+        if opts.stop_snapshot and state.last_snapshot_nimg != state.cur_nimg:  # Not if this step's tick wrote one.
             _write_network_snapshot(state, tag)
         state.progress.between_ticks = True
         try:
