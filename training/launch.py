@@ -21,6 +21,8 @@ from training.errors import RunFailed, UserError
 from training.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
 
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
+# Seconds the other ranks get to end by themselves after one failed, and again after SIGTERM (launch_training).
+FAILED_RUN_GRACE_S = 5
 
 # ----------------------------------------------------------------------------
 # One rank.
@@ -167,7 +169,10 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
                                  device_type, temp_dir)
         try:
             with _forward_stop_signals(stop_value, context.processes):
-                while not context.join():
+                # After a rank fails, the others get that long to end on their own, then SIGTERM, then as long
+                # again before SIGKILL (torch's default is 30 s): one that waits in a collective for the failed
+                # one would only hold the end of the run up.
+                while not context.join(grace_period=FAILED_RUN_GRACE_S):
                     pass
         except torch.multiprocessing.ProcessRaisedException:
             message = _first_error(temp_dir)
