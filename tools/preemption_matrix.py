@@ -145,6 +145,15 @@ def _one(outdir, data, signame, workers, launch, reference):
     expected = (-signal.SIGUSR1 if signame == 'SIGUSR1' else 1) if torchrun else 75
     if run.returncode != expected:
         notes.append(f'status {run.returncode}')
+    if torchrun:
+        # A dead agent (SIGUSR1) leaves its ranks running on their own, writing where it cannot read: the
+        # README's way to tell a stop under torchrun is the last line of log.txt, once the ranks are done.
+        log = os.path.join(run_dir, 'log.txt')
+        deadline = time.monotonic() + 600
+        while not open(log).read().rstrip().splitlines()[-1].startswith('Stopped ') and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(5)  # The ranks exit (and release the run) right after that line.
+        stdout = open(log).read().rstrip().splitlines()[-1]
     lines = [line for line in stdout.splitlines() if line.startswith('Stopped ')]
     want = 'Stopped because the launching process' if launch == 'torchrun' and signame == 'SIGUSR1' else \
         'Stopped ' if launch == 'torchrun-all' else f'Stopped by {signame} at kimg'
