@@ -130,15 +130,17 @@ def _one(outdir, data, signame, workers, launch, reference):
                            start_new_session=True)
     while _ticks(_run_dir(out)) < 2 and run.poll() is None:
         time.sleep(0.05)
+    import psutil
+    children = psutil.Process(run.pid).children(recursive=True)
     os.killpg(run.pid, getattr(signal, signame))
     if launch == 'torchrun-all':
-        import psutil
         for child in psutil.Process(run.pid).children():
             try:
                 os.killpg(child.pid, getattr(signal, signame))
             except ProcessLookupError:
                 pass
     stdout, stderr = run.communicate(timeout=900)
+    psutil.wait_procs(children, timeout=600)  # Ranks whose agent died go on alone until they have saved.
     run_dir, notes = _run_dir(out), []
     torchrun = launch.startswith('torchrun')
     # torchrun's own status: 1 after SIGTERM/SIGINT (it re-raises them), killed by SIGUSR1 (it does not handle it).
@@ -146,14 +148,10 @@ def _one(outdir, data, signame, workers, launch, reference):
     if run.returncode != expected:
         notes.append(f'status {run.returncode}')
     if torchrun:
-        # A dead agent (SIGUSR1) leaves its ranks running on their own, writing where it cannot read: the
-        # README's way to tell a stop under torchrun is the last line of log.txt, once the ranks are done.
-        log = os.path.join(run_dir, 'log.txt')
-        deadline = time.monotonic() + 600
-        while not open(log).read().rstrip().splitlines()[-1].startswith('Stopped ') and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(5)  # The ranks exit (and release the run) right after that line.
-        stdout = open(log).read().rstrip().splitlines()[-1]
+        # A dead agent (SIGUSR1) cannot pass its ranks' output on: the README's way to tell a stop under torchrun
+        # is the last line of log.txt.
+        with open(os.path.join(run_dir, 'log.txt')) as f:
+            stdout = f.read().rstrip().splitlines()[-1]
     lines = [line for line in stdout.splitlines() if line.startswith('Stopped ')]
     want = 'Stopped because the launching process' if launch == 'torchrun' and signame == 'SIGUSR1' else \
         'Stopped ' if launch == 'torchrun-all' else f'Stopped by {signame} at kimg'
