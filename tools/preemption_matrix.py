@@ -134,7 +134,7 @@ def _one(outdir, data, signame, workers, launch, reference):
     children = psutil.Process(run.pid).children(recursive=True)
     os.killpg(run.pid, getattr(signal, signame))
     if launch == 'torchrun-all':
-        for child in psutil.Process(run.pid).children():
+        for child in children:  # The ranks lead sessions of their own; their data workers do not (skipped).
             try:
                 os.killpg(child.pid, getattr(signal, signame))
             except ProcessLookupError:
