@@ -16,10 +16,12 @@ DataLoader worker that died of SIGTERM would make its loader raise in the traini
 saved. Such helpers start with the stop signals blocked: a child inherits the signal mask of the thread that
 starts it, through fork and exec alike, so no signal can reach it before it could protect itself, and nothing
 in a DataLoader worker unblocks them (torch's worker sets a SIGTERM handler, which a blocked signal never
-reaches). Two ways: the loop starts its loader's workers inside `holding_stop_signals()` (any start method:
-spawned ranks spawn their workers too), and while `stop_signals` is active every fork of this process (the
-metrics' loaders, with the default start method of a single process) blocks them just for the fork
-(`_ForkGuard`). A worker still ends when its loader tells it to, or on its own once its parent is gone.
+reaches). Two ways: the loop starts its loader's workers inside `holding_stop_signals()` (whatever the start
+method; on Linux it forks them, also in ranks that torch.multiprocessing spawned), and while `stop_signals` is
+active every fork of this process blocks them just for the fork (`_ForkGuard`), which covers other loaders that
+fork, such as the metrics' loader in a one-process run. (A loader that spawns its workers elsewhere, such as
+the metrics' loader in a spawned rank, needs `holding_stop_signals(spawning=True)` around its `iter()`.) A
+worker still ends when its loader tells it to, or on its own once its parent is gone.
 multiprocessing's resource tracker, which spawned processes need, starts with SIGUSR1 blocked (it ignores the
 other two itself).
 """
