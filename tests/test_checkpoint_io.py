@@ -51,10 +51,22 @@ def test_groups_must_match_exactly():
 
 def test_progress_resumes_at_the_next_tick():
     progress = Progress(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64)
-    assert progress.state_dict() == dict(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64)
+    assert progress.state_dict() == dict(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64,
+                                         between_ticks=False)
     resumed = Progress()
     resumed.load_state_dict(progress.state_dict())
     assert (resumed.cur_nimg, resumed.cur_tick, resumed.batch_idx, resumed.tick_start_nimg) == (96, 4, 12, 96)
+    # States written before the flag existed were all written at a tick.
+    resumed.load_state_dict(dict(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64))
+    assert (resumed.cur_tick, resumed.tick_start_nimg) == (4, 96)
+
+
+def test_progress_saved_by_a_stop_resumes_in_the_same_tick():
+    # A stop after 96 images, in tick 3, which began at 64: the resumed run finishes tick 3.
+    resumed = Progress()
+    resumed.load_state_dict(Progress(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64,
+                                     between_ticks=True).state_dict())
+    assert resumed == Progress(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64)
 
 
 def test_training_state_reads_and_writes_its_progress():

@@ -2,8 +2,11 @@
 temporary files swept, resumed logs without duplicate ticks, a killed rank reported in one line.
 
 The loop-level tests drive training_loop in this process (a stop request set from progress_fn stands in for
-the signal); the others send real signals to real `python train.py` processes."""
+the signal); the others send real signals to real `python train.py` processes, the way schedulers do: SLURM
+and Kubernetes signal every process of the job (`os.killpg` on a run started in a session of its own), data
+workers included. tools/preemption_matrix.py runs every combination of signal, --workers and launch."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +62,109 @@ def test_a_stop_request_ends_the_run_after_the_step_with_its_state_saved(tmp_pat
                          else ['network-snapshot-000000.008.pkl'])
     assert preemption.stop_message('SIGTERM', 0.032, 'runs/00001-x') == \
         'Stopped by SIGTERM at kimg 0.0; resume with: python train.py --resume=runs/00001-x'
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run_files(run_dir):
+    return sorted(name for name in os.listdir(run_dir) if name.endswith('.pkl') or name.endswith('.png'))
+
+
+def _assert_identical(ours, theirs, where):
+    """Two training-state records (or parts of them) equal: tensors bit for bit, everything else exactly."""
+    if isinstance(theirs, torch.Tensor):
+        assert torch.equal(ours, theirs), where
+    elif isinstance(theirs, dict):
+        assert sorted(ours) == sorted(theirs), where
+        for key, value in theirs.items():
+            _assert_identical(ours[key], value, f'{where}.{key}')
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            _assert_identical(a, b, f'{where}[{i}]')
+    else:
+        assert ours == theirs, where
+
+
+def assert_same_as_uninterrupted(run_dir, reference_dir, stop_snapshot=None):
+    """A stopped and resumed run against the uninterrupted one: the same ticks (tick numbers and image counts),
+    stats records with the same names and values (timings and memory aside; 1e-9 for the rounding of a tick's
+    sums that were carried over in the state), the same files besides the stop's snapshot, and the same final
+    training state, bit for bit (its options aside: they say what was resumed)."""
+    ours, theirs = _records(run_dir), _records(reference_dir)
+    # (Each value is a difference of running totals, so even the uninterrupted run's image counts are rounded.)
+    assert [(round(r['Progress/tick']['mean']), round(r['Progress/kimg']['mean'] * 1000)) for r in ours] == \
+        [(round(r['Progress/tick']['mean']), round(r['Progress/kimg']['mean'] * 1000)) for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert sorted(a) == sorted(b), b['Progress/kimg']
+        for name, value in b.items():
+            if name != 'timestamp' and not name.startswith(('Timing/', 'Resources/')):
+                assert a[name]['num'] == value['num'], name
+                assert a[name]['mean'] == pytest.approx(value['mean'], rel=1e-9, abs=1e-12, nan_ok=True), name
+                assert a[name]['std'] == pytest.approx(value['std'], rel=1e-6, abs=1e-9, nan_ok=True), name
+    files = _run_files(run_dir)
+    if stop_snapshot is not None:
+        assert stop_snapshot in files
+        files.remove(stop_snapshot)
+    assert files == _run_files(reference_dir)
+    ours = checkpoint.load_training_state(os.path.join(run_dir, checkpoint.STATE_FILE_NAME))
+    theirs = checkpoint.load_training_state(os.path.join(reference_dir, checkpoint.STATE_FILE_NAME))
+    _assert_identical({k: v for k, v in ours.items() if k != 'options'},
+                      {k: v for k, v in theirs.items() if k != 'options'}, 'state')
+
+
+def test_a_stop_in_the_middle_of_a_tick_leaves_the_run_as_it_would_have_been(tmp_path, data_dir):
+    # Ticks end after steps 1, 3, 5, 7, 8; lazy regularization and ADA every 4 steps (steps 1, 5), so the tick
+    # of steps 2-3 reports no Loss/G/reg and its record repeats the previous one (what the state must carry).
+    options = dict(steps=8, steps_per_tick=2, G_reg_interval=4, D_reg_interval=4, ada_interval=4,
+                   network_snapshot_ticks=2, image_snapshot_ticks=2)
+    _train(tmp_path / 'reference', data_dir, **options)
+    request = preemption.StopRequest()
+
+    def progress(cur_kimg, total_kimg):
+        if os.path.isfile(tmp_path / 'run' / 'stats.jsonl') and len(_stats_kimg(tmp_path / 'run')) == 1:
+            request.signame = 'SIGUSR1'
+    state = _train(tmp_path / 'run', data_dir, stop_request=request, progress_fn=progress, **options)
+    assert state.stopped_by == 'SIGUSR1' and state.cur_nimg == 2 * BATCH  # Half way through the tick of 2-3.
+    assert _stats_kimg(tmp_path / 'run') == [8]  # A stop is not a tick.
+    saved = checkpoint.load_training_state(str(tmp_path / 'run' / checkpoint.STATE_FILE_NAME))
+    assert saved['progress'] == dict(cur_nimg=16, cur_tick=1, batch_idx=2, tick_start_nimg=8, between_ticks=True)
+    assert saved['tick_stats']['log']['pending']['Loss/G/loss'][0] == BATCH  # The tick's first step, carried.
+
+    resumed = _train(tmp_path / 'run', data_dir, resume_state=str(tmp_path / 'run' / checkpoint.STATE_FILE_NAME),
+                     **options)
+    assert resumed.cur_nimg == 8 * BATCH and resumed.stopped_by is None
+    assert_same_as_uninterrupted(tmp_path / 'run', tmp_path / 'reference', 'network-snapshot-000000.016.pkl')
+
+
+def _send_blocked_signals(connection):
+    connection.send(sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+def test_processes_started_while_a_run_trains_start_with_the_stop_signals_blocked():
+    import multiprocessing
+    stop_numbers = sorted(int(signal.Signals[name]) for name in preemption.STOP_SIGNALS)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    request = preemption.StopRequest()
+    with preemption.stop_signals(request):
+        children = {}
+        for method in ('fork', 'spawn'):
+            context = multiprocessing.get_context(method)
+            ours, theirs = context.Pipe()
+            # Forks are guarded wherever they happen; a spawned child, where the loop starts its workers.
+            with contextlib.nullcontext() if method == 'fork' else preemption.holding_stop_signals(spawning=True):
+                context.Process(target=_send_blocked_signals, args=(theirs,)).start()
+            children[method] = ours.recv()
+        # A signal that comes while they are held back is delivered afterwards, not lost.
+        with preemption.holding_stop_signals():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert request.signame is None
+        assert request.signame == 'SIGUSR1'
+    assert all(set(stop_numbers) <= set(blocked) for blocked in children.values()), children
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before
 
 
 def test_state_kimg_writes_states_between_snapshots(tmp_path, data_dir):
@@ -209,20 +315,83 @@ def test_a_second_sigint_exits_at_once(tmp_path, data_zip):
     assert 'SIGINT again: exiting at once' in stdout + stderr and 'Traceback' not in stdout + stderr
 
 
+# Ticks of 3 steps (24 images) after the first, so that most stops fall in the middle of one.
+GROUP_TINY = [*TINY[:-4], '--tick=0.024', '--snap=2', '--aug=noaug', '--kimg=0.2']
+LAUNCHES = {
+    '1 process':    [sys.executable, os.path.join(REPO_ROOT, 'train.py'), '--gpus=0'],
+    '2 processes':  [sys.executable, os.path.join(REPO_ROOT, 'train.py'), '--gpus=2', '--device=cpu'],
+    'torchrun':     [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                     os.path.join(REPO_ROOT, 'train.py'), '--device=cpu'],
+}
+
+
+def run_group(launch, args, cwd):
+    """A run started the way a scheduler starts a job: in a session (and process group) of its own."""
+    return subprocess.Popen([*LAUNCHES[launch], *args], cwd=str(cwd), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_zip):
+    """The run directory of the uninterrupted GROUP_TINY run on 1 or 2 processes, made on first use."""
+    made = {}
+
+    def get(processes):
+        if processes not in made:
+            outdir = tmp_path_factory.mktemp('uninterrupted')
+            run = run_group(processes, [f'--outdir={outdir}', f'--data={data_zip}', *GROUP_TINY], outdir)
+            stdout, stderr = run.communicate(timeout=600)
+            assert run.returncode == 0, stderr[-3000:]
+            made[processes] = _one_run_dir(outdir)
+        return made[processes]
+    return get
+
+
+@pytest.mark.parametrize('signame,workers,launch', [
+    ('SIGTERM', 3, '1 process'),
+    pytest.param('SIGUSR1', 1, '2 processes', marks=pytest.mark.slow),
+    pytest.param('SIGINT', 1, 'torchrun', marks=pytest.mark.slow),
+])
+def test_a_signal_to_the_whole_job_saves_it_and_the_resumed_run_is_the_uninterrupted_one(
+        tmp_path, data_zip, uninterrupted, signame, workers, launch):
+    # With --workers 0 the same holds (test_sigterm_saves_..., tools/preemption_matrix.py for all combinations).
+    outdir = tmp_path / 'runs'
+    run = run_group(launch, [f'--outdir={outdir}', f'--data={data_zip}', *GROUP_TINY, f'--workers={workers}'],
+                    tmp_path)
+    _wait_for(lambda: _one_run_dir(outdir) and _ticks(_one_run_dir(outdir)) >= 2, run, timeout=300)
+    os.killpg(run.pid, getattr(signal, signame))
+    stdout, stderr = run.communicate(timeout=300)
+    run_dir = _one_run_dir(outdir)
+    if launch == 'torchrun':
+        # torchrun's agent forwards the signal to its ranks (in sessions of their own), which stop as here and
+        # exit 75; the agent itself exits 1 after any signal, whatever its ranks did (README).
+        assert run.returncode == 1, stderr[-3000:]
+    else:
+        assert run.returncode == preemption_exit_status(), stderr[-3000:]
+        assert 'Traceback' not in stderr and 'Error' not in stderr, stderr[-3000:]
+    (line,) = [line for line in stdout.splitlines() if line.startswith('Stopped by')]
+    assert line.startswith(f'Stopped by {signame} at kimg ') and line.endswith(f'--resume={run_dir}')
+    stopped_at = _state_nimg(run_dir)
+    assert 32 <= stopped_at < 200
+
+    resume = LAUNCHES[launch][:-1] if launch == 'torchrun' else LAUNCHES[launch][:2]  # README: --resume alone.
+    resumed = subprocess.run([*resume, f'--resume={run_dir}'], capture_output=True, text=True, env=_env(),
+                             cwd=str(tmp_path), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = uninterrupted('1 process' if launch == '1 process' else '2 processes')
+    assert_same_as_uninterrupted(run_dir, reference, f'network-snapshot-000000.{stopped_at:03d}.pkl')
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('to', ['launcher', 'every process'])
-def test_two_processes_stop_together(tmp_path, data_zip, to):
-    # SLURM's `--signal=USR1@120` signals every process of the job step; `kill <pid>` only the launcher.
+def test_two_processes_stop_together(tmp_path, data_zip):
+    # `kill <pid>` signals only the launcher, which passes the stop on (a signal to every process: above).
     outdir = tmp_path / 'runs'
     args = [sys.executable, os.path.join(REPO_ROOT, 'train.py'), f'--outdir={outdir}', f'--data={data_zip}',
             '--gpus=2', '--device=cpu', *TINY]
     run = subprocess.Popen(args, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
     _wait_for(lambda: _one_run_dir(outdir) and _ticks(_one_run_dir(outdir)) >= 2, run, timeout=180)
-    if to == 'launcher':
-        run.send_signal(signal.SIGUSR1)
-    else:
-        os.killpg(run.pid, signal.SIGUSR1)
+    run.send_signal(signal.SIGUSR1)
     stdout, stderr = run.communicate(timeout=180)
     assert run.returncode == preemption_exit_status(), stderr[-3000:]
     assert 'Stopped by SIGUSR1 at kimg' in stdout and 'Traceback' not in stderr
@@ -233,7 +402,8 @@ def test_two_processes_stop_together(tmp_path, data_zip, to):
 def test_a_killed_rank_ends_the_run_in_one_line(tmp_path, data_zip):
     import psutil
     outdir = tmp_path / 'runs'
-    run = _start([f'--outdir={outdir}', f'--data={data_zip}', '--gpus=2', '--device=cpu', *TINY], tmp_path)
+    run = _start([f'--outdir={outdir}', f'--data={data_zip}', '--gpus=2', '--device=cpu', *TINY, '--workers=1'],
+                 tmp_path)
     _wait_for(lambda: _one_run_dir(outdir) and _ticks(_one_run_dir(outdir)) >= 1, run, timeout=180)
     ranks = [child for child in psutil.Process(run.pid).children() if 'spawn' in ' '.join(child.cmdline())]
     assert len(ranks) >= 2, [child.cmdline() for child in psutil.Process(run.pid).children()]
@@ -246,6 +416,28 @@ def test_a_killed_rank_ends_the_run_in_one_line(tmp_path, data_zip):
     (error,) = [line for line in stderr.splitlines() if line.startswith('Error:')]
     assert f'(PID {victim.pid}) was killed by SIGKILL' in error and 'Traceback' not in stderr, stderr[-3000:]
     assert error.endswith('log.txt') and 'The log is ' in error
+    assert 'leaked' not in stderr, stderr[-3000:]  # multiprocessing's resource tracker has nothing left over.
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_ranks_that_say_so_and_save_the_run(tmp_path, data_zip):
+    import psutil
+    outdir = tmp_path / 'runs'
+    run = run_group('2 processes', [f'--outdir={outdir}', f'--data={data_zip}', *GROUP_TINY, '--workers=1'], tmp_path)
+    _wait_for(lambda: _one_run_dir(outdir) and _ticks(_one_run_dir(outdir)) >= 2, run, timeout=300)
+    ranks = [child for child in psutil.Process(run.pid).children() if 'spawn' in ' '.join(child.cmdline())]
+    run.kill()
+    # The ranks (and their helpers) hold the launcher's output pipes: they close when the last of them ends.
+    stdout, stderr = run.communicate(timeout=300)
+    psutil.wait_procs(ranks, timeout=60)
+    said = f'The launching process (PID {run.pid}) died: stopping after the current step and saving'
+    assert said in stderr and 'SIGINT' not in stdout + stderr, stderr[-3000:]
+    run_dir = _one_run_dir(outdir)
+    (line,) = [line for line in stdout.splitlines() if line.startswith('Stopped')]
+    assert line.startswith(f'Stopped because the launching process (PID {run.pid}) died at kimg ')
+    saved = checkpoint.load_training_state(os.path.join(run_dir, checkpoint.STATE_FILE_NAME))
+    assert saved['progress']['between_ticks'] and saved['progress']['cur_nimg'] >= 32
+    assert 'leaked' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
 
 
 def test_a_moved_dataset_does_not_strand_a_run(tmp_path, data_zip):

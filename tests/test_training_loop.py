@@ -113,7 +113,8 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
     assert record['progress']['cur_nimg'] == 3 * BATCH
     # The version-1 layout (training/checkpoint.py), which states written before the components existed share.
     assert record['version'] == 1 and set(record) == {'format', 'version', 'options', 'progress', 'networks',
-                                                      'optimizers', 'loss', 'ada', 'health', 'rng'}
+                                                      'optimizers', 'loss', 'ada', 'health', 'tick_stats', 'rng'}
+    assert record['tick_stats'] is None and not record['progress']['between_ticks']  # Written at a tick.
     assert set(record['networks']) == {'G', 'D', 'G_ema', 'augment_pipe'} and set(record['optimizers']) == {'G', 'D'}
     assert set(record['loss']) == {'pl_mean'}
 

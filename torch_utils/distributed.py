@@ -310,8 +310,9 @@ class _SpawnedRank:
 
     def __call__(self, rank: int, *args: Any) -> None:
         device = rank_device(self.device_type, rank)
-        if device.type == 'cpu':
-            # CPU ranks share the cores; each using all of them only slows every one down.
+        if device.type == 'cpu' and not os.environ.get('OMP_NUM_THREADS'):
+            # CPU ranks share the cores; each using all of them only slows every one down. An explicit
+            # OMP_NUM_THREADS wins, as under torchrun (which sets it to 1), so both launches compute alike.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
         init_process_group(rank, self.world_size, device, f'file://{self.init_file}')
         try:

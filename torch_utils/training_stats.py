@@ -253,6 +253,30 @@ class Collector:
         self._moments = moments
         self._previous_cumulative.update(cumulative)
 
+    def state_dict(self) -> dict:
+        """What a collector in another process needs to go on as this one would: the moments of the last interval
+        (which `keep_previous` shows again) and those reported since the last update, summed over the ranks, as
+        plain lists. A collective in multi-process runs (every rank calls it); it leaves this collector as it was.
+        """
+        names = sorted(name for name in _state.moments if self._regex.fullmatch(name))
+        cumulative = _cumulative_moments(names)
+        pending = {name: (cumulative[name] - self._previous_cumulative.get(name, 0.0)).tolist() for name in names}
+        previous = {name: np.asarray(moments, dtype=np.float64).tolist() for name, moments in self._moments.items()}
+        return dict(pending=pending, previous=previous)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from `state_dict()` of a collector in an earlier process, on every rank, before anything is
+        reported: the next update includes the pending moments (once, however many ranks there are) and the
+        names the earlier process knew are known here too, so a stats record lists the same names."""
+        for name in sorted(set(state['pending']) | set(state['previous'])):
+            report(name, [])  # Registers the name on every rank, as the earlier process had it.
+        self._generation = _state.generation
+        self._moments = {name: np.asarray(moments, dtype=np.float64) for name, moments in state['previous'].items()}
+        self._names = sorted(self._moments)
+        # The totals of this process start from zero; a baseline of minus the pending moments adds them once.
+        self._previous_cumulative = {name: -np.asarray(moments, dtype=np.float64)
+                                     for name, moments in state['pending'].items()}
+
     def _get(self, name: str) -> Optional[np.ndarray]:
         return self._moments.get(name)
 

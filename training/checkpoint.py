@@ -6,12 +6,15 @@ learning). A training state adds what that loses:
 
     {'format': 'stylegan2-training-state', 'version': 1,
      'options':  the training_loop kwargs of the run (plain JSON-like values),
-     'progress': {cur_nimg, cur_tick, batch_idx, tick_start_nimg},
+     'progress': {cur_nimg, cur_tick, batch_idx, tick_start_nimg, between_ticks (written by a stop: cur_tick is
+                  the tick in progress, which the resumed run finishes; absent in older states)},
      'networks': {'G', 'D', 'G_ema', 'augment_pipe': state dicts (augment_pipe may be None)},
      'optimizers': {'G', 'D': optimizer state dicts},
      'loss': {'pl_mean': tensor},
      'ada': {'pending': [count, sum, sum of squares] of the D signs not yet used for an update} or None,
      'health': the divergence monitor's per-tick loss history (training/health.py) or None,
+     'tick_stats': in a state written by a stop, the statistics of the tick in progress (training_stats
+                   Collector.state_dict() of the log's and the monitor's collectors); None at a tick,
      'rng': {'torch', 'numpy', 'python': generator states}}
 
 It contains only tensors and plain containers, so `torch.load(path, weights_only=True)` reads it without

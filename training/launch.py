@@ -16,10 +16,13 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
+from training import preemption
 from training.errors import RunFailed, UserError
 from training.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
 
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
+# Seconds the other ranks get to end by themselves after one failed, and again after SIGTERM (launch_training).
+FAILED_RUN_GRACE_S = 5
 
 # ----------------------------------------------------------------------------
 # One rank.
@@ -48,7 +51,6 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
     the process with RunFailed (one line) and leaves its traceback in log.txt.
     """
     from torch_utils import custom_ops, training_stats
-    from training import preemption
 
     logger = None
     if rank == 0:
@@ -71,7 +73,8 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
         signame = getattr(state, 'stopped_by', None)
         if rank != 0 or signame is None:
             return None
-        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'])
+        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'],
+                                          cause=getattr(state.stop_request, 'cause', None))
         print(message)  # Into log.txt as well.
         return message
     except Exception as e:
@@ -89,10 +92,8 @@ def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp
                   metric_fn: Optional[Callable], stop_value: Any) -> None:
     """A process that launcher.start() spawned, already in the process group. A failure leaves its one-line
     message in `<temp_dir>/rank<r>.error`, a signal stop in `<temp_dir>/stopped`, for the launching process."""
-    from training import preemption
-
     try:
-        stop_request = preemption.StopRequest(shared=stop_value)
+        stop_request = preemption.StopRequest(shared=stop_value, parent_pid=os.getppid())
         message = _run_rank(rank, args['num_gpus'], args, device, loop, metric_fn, stop_request)
         if message is not None:
             with open(os.path.join(temp_dir, 'stopped'), 'w') as f:
@@ -143,8 +144,6 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
     ranks poll; see training/preemption.py for why it is not re-sent as a signal); a second one kills them."""
     import signal
 
-    from training import preemption
-
     def handle(signum, _frame):
         if stop_value.value:
             for process in processes:
@@ -163,21 +162,6 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
             signal.signal(signum, handler)
 
 
-def _start_resource_tracker_without_sigusr1() -> None:
-    """multiprocessing's resource tracker, a helper process that the ranks' queues need, ignores SIGINT and
-    SIGTERM but dies on SIGUSR1, which SLURM's --signal sends to every process of the job (it is relaunched with
-    a traceback). Started with SIGUSR1 blocked, it inherits the blocked signal; a tracker already running is
-    left as it is."""
-    import signal
-    from multiprocessing import resource_tracker
-
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP,
                     metric_fn: Optional[Callable] = None) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
@@ -192,15 +176,20 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
     world_size = args['num_gpus']
     if world_size == 1:
         return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop, metric_fn)
-    _start_resource_tracker_without_sigusr1()
+    preemption.start_resource_tracker()
     spawn = torch.multiprocessing.get_context('spawn')
-    stop_value = spawn.Value('i', 0)
+    # Without a lock (one int, written here only): a lock is a named semaphore that the resource tracker would
+    # report as leaked if this process were killed with SIGKILL.
+    stop_value = spawn.Value('i', 0, lock=False)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
         context = launcher.start(_spawned_rank, (args, temp_dir, loop, metric_fn, stop_value), world_size,
                                  device_type, temp_dir)
         try:
             with _forward_stop_signals(stop_value, context.processes):
-                while not context.join():
+                # After a rank fails, the others get that long to end on their own, then SIGTERM, then as long
+                # again before SIGKILL (torch's default is 30 s): one that waits in a collective for the failed
+                # one would only hold the end of the run up.
+                while not context.join(grace_period=FAILED_RUN_GRACE_S):
                     pass
         except torch.multiprocessing.ProcessRaisedException:
             message = _first_error(temp_dir)
@@ -248,8 +237,12 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
         if message[1] is not None:
             raise UserError(message[1] if rank == 0 else f'rank 0 could not prepare the run directory: {message[1]}')
         args.run_dir = message[0]
+        # The agent of torchrun (or srun's step daemon) launched this process; torchrun forwards signals (see
+        # StopRequest for both).
+        stop_request = preemption.StopRequest(parent_pid=os.getppid(),
+                                              repeat_window=preemption.FORWARD_REPEAT_WINDOW)
         try:
-            return _run_rank(rank, world_size, args, device, loop, metric_fn)
+            return _run_rank(rank, world_size, args, device, loop, metric_fn, stop_request)
         except RunFailed as e:
             if rank != 0:
                 raise

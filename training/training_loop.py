@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -141,16 +142,23 @@ class Progress:
     cur_tick:           int = 0     # Completed ticks.
     batch_idx:          int = 0     # Training steps so far (the per-step seed and the lazy phases use it).
     tick_start_nimg:    int = 0     # cur_nimg at the start of the current tick.
+    between_ticks:      bool = False    # Saved by a stop: cur_tick is the tick in progress, not the one just done.
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        # The saved tick was complete: the resumed run starts the next one where the saved run stopped.
         self.cur_nimg = state['cur_nimg']
-        self.cur_tick = state['cur_tick'] + 1
         self.batch_idx = state['batch_idx']
-        self.tick_start_nimg = state['cur_nimg']
+        if state.get('between_ticks', False):
+            # A stop: the resumed run finishes the tick the stopped one was in, at the same boundary.
+            self.cur_tick = state['cur_tick']
+            self.tick_start_nimg = state['tick_start_nimg']
+        else:
+            # Saved at a tick, which was complete: the resumed run starts the next one where the saved run stopped.
+            self.cur_tick = state['cur_tick'] + 1
+            self.tick_start_nimg = state['cur_nimg']
+        self.between_ticks = False
 
 
 def _progress_field(name: str) -> property:
@@ -192,6 +200,8 @@ class TrainingState:
     stop_request:       Any = None              # preemption.StopRequest: signals received, shared launcher flag.
     stopped_by:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
     last_state_nimg:    int = 0                 # cur_nimg of the last training state written (--state-kimg).
+    stop_stats:         Optional[dict] = None   # At a stop: the statistics of the tick in progress (_TickStats).
+    last_snapshot_nimg: Optional[int] = None    # cur_nimg of this process's last network snapshot, on every rank.
 
     cur_nimg = _progress_field('cur_nimg')
     cur_tick = _progress_field('cur_tick')
@@ -239,10 +249,19 @@ def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
     training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
     sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
                                    seed=opts.random_seed, start_index=start_nimg)
+    kwargs = dataset.loader_kwargs_on(opts.data_loader_kwargs, device)
+    if kwargs.get('num_workers', 0) > 0 and sys.platform.startswith('linux'):
+        # Forked workers on Linux, also in ranks that torch.multiprocessing spawned (whose default would spawn
+        # them as well): they start at once, and their queues' semaphores are unlinked as soon as they exist, so
+        # a rank killed with SIGKILL leaves nothing for the resource tracker to report as leaked.
+        kwargs['multiprocessing_context'] = 'fork'
     loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
-                                         batch_size=opts.batch_size // opts.num_gpus,
-                                         **dataset.loader_kwargs_on(opts.data_loader_kwargs, device))
-    return training_set, iter(loader)
+                                         batch_size=opts.batch_size // opts.num_gpus, **kwargs)
+    # The workers start here, once per run (the sampler never ends an epoch), and must survive the stop signals
+    # a scheduler sends to every process of the job: they start with them blocked (training/preemption.py).
+    spawning = kwargs.get('num_workers', 0) > 0 and kwargs.get('multiprocessing_context') != 'fork'
+    with preemption.holding_stop_signals(spawning=spawning):
+        return training_set, iter(loader)
 
 
 def _build_networks(opts, training_set, device):
@@ -351,6 +370,7 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
         state.ada = dnnlib.util.construct_class_by_name(class_name=ADA_CONTROLLER_CLASS, augment_pipe=augment_pipe,
                                                         target=opts.ada_target, interval=opts.ada_interval,
                                                         kimg=opts.ada_kimg, batch_size=opts.batch_size)
+    state.stats_collector = training_stats.Collector(regex='.*')  # Before the restore, which may fill it.
     if resume_record is not None:
         _restore_state(state, resume_record)
     _setup_logs(state)
@@ -381,8 +401,26 @@ def _checkpoint_io(state: TrainingState) -> checkpoint.CheckpointIO:
         loss        = state.loss,
         ada         = state.ada,
         health      = state.health_monitor,     # States from before it existed start a new warmup.
+        tick_stats  = _TickStats(state),        # None except in a state written by a stop.
         rng         = checkpoint.RngState(),    # Last: restoring the others draws no random numbers after it.
     )
+
+
+class _TickStats:
+    """The statistics of the tick in progress, as a checkpoint component: a stop writes them (taken on every
+    rank by `_stop`, since taking them is a collective), so that the resumed run's record of that tick holds what
+    the uninterrupted run's would (the same names; the same values, except timings and rounding). States written
+    at a tick hold None: their tick is complete and recorded."""
+
+    def __init__(self, state: TrainingState):
+        self.state = state
+
+    def state_dict(self) -> Optional[dict]:
+        return self.state.stop_stats
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state.stats_collector.load_state_dict(saved['log'])
+        self.state.health_stats.load_state_dict(saved['health'])
 
 
 def _state_record(state: TrainingState) -> dict:
@@ -399,7 +437,6 @@ def _restore_state(state: TrainingState, record: dict) -> None:
 
 def _setup_logs(state: TrainingState) -> None:
     opts = state.opts
-    state.stats_collector = training_stats.Collector(regex='.*')
     if not state.is_main:
         return
     if opts.resume_state is not None:
@@ -692,30 +729,59 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
     if state.is_main and opts.image_snapshot_ticks and (done or state.cur_tick % opts.image_snapshot_ticks == 0):
         save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{tag}.png'), drange=[-1, 1],
                         grid_size=state.grid_size)
-    stopping = state.stopped_by is not None
+    stopping = state.stopped_by is not None  # A stop at the end of a tick: _stop writes the state after it.
     snapshot_due = bool(opts.network_snapshot_ticks) and (done or state.cur_tick % opts.network_snapshot_ticks == 0)
-    if stopping and not opts.stop_snapshot:
-        snapshot_due = False
     if not snapshot_due:
-        if stopping or _state_due(state):
+        if _state_due(state):
             _write_training_state(state)
         return
+    path, snapshot = _write_network_snapshot(state, tag)
+    _write_training_state(state)
+    if opts.metrics and state.metric_fn is not None and not stopping:  # A stop must not wait for metrics.
+        # Rank 0 evaluates the copy it just saved; the others make their own.
+        G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.G_ema)
+        _evaluate_metrics(state, G_ema, path)
+
+
+def _write_network_snapshot(state: TrainingState, tag: str):
+    """network-snapshot-<tag>.pkl (rank 0 writes; every rank checks that the ranks agree): (path, what rank 0
+    wrote, None on the others)."""
+    opts = state.opts
     modules = {name: getattr(state, name) for name in ('G', 'D', 'G_ema', 'augment_pipe')}
     if opts.num_gpus > 1:
         for module in modules.values():
             if module is not None:
                 misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
     path = os.path.join(opts.run_dir, f'network-snapshot-{tag}.pkl')
+    snapshot = None
     if state.is_main:
         snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
         legacy.save_network_pkl(snapshot, path)
         state.last_snapshot = path
-    _write_training_state(state)
-    if opts.metrics and state.metric_fn is not None and not stopping:  # A stop must not wait for metrics.
-        # Rank 0 evaluates the copy it just saved; the others make their own.
-        G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.G_ema)
-        _evaluate_metrics(state, G_ema, path)
+    state.last_snapshot_nimg = state.cur_nimg
+    return path, snapshot
+
+
+def _stop(state: TrainingState) -> None:
+    """After the step at which the ranks agreed to stop (training/preemption.py): the training state and, with
+    --stop-snapshot, a network snapshot. A stop is not a tick: no status line, record or image grid, and the
+    state keeps the tick in progress (Progress.between_ticks) with its statistics so far (_TickStats), so that
+    the resumed run ends that tick at the same image count as the uninterrupted run, with the same record."""
+    opts = state.opts
+    if state.ada is not None:
+        state.ada.flush()  # The pending D signs into the state (counts and sums of +-1: exact in any order).
+    # Collectives, so on every rank; only rank 0 writes them.
+    state.stop_stats = dict(log=state.stats_collector.state_dict(), health=state.health_stats.state_dict())
+    with _stop_when_disk_full(state):
+        tag = snapshot_tag(state.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
+        if opts.stop_snapshot and state.last_snapshot_nimg != state.cur_nimg:  # Not if this step's tick wrote one.
+            _write_network_snapshot(state, tag)
+        state.progress.between_ticks = True
+        try:
+            _write_training_state(state)
+        finally:
+            state.progress.between_ticks = False
 
 
 def _state_due(state: TrainingState) -> bool:
@@ -967,18 +1033,22 @@ def _run(state: TrainingState, abort_fn: Optional[Callable], progress_fn: Option
         _train_step(state)
         done = state.cur_nimg >= opts.total_kimg * 1000
         signame = state.stop_request.agreed(state.batch_idx, opts.num_gpus, state.device)
-        if signame is not None:
-            # Every rank stops after the same step; the maintenance below writes the training state.
-            state.stopped_by, done = signame, True
-        if not done and state.cur_tick != 0 and state.cur_nimg < state.tick_start_nimg + opts.kimg_per_tick * 1000:
-            continue
-        if abort_fn is not None and abort_fn():
-            done = True
-            state.log('Aborting...')
-        _maintenance(state, done)
-        if progress_fn is not None:
-            progress_fn(state.cur_nimg // 1000, opts.total_kimg)
+        if signame is not None and not done:
+            # Every rank stops after the same step (a run that is done has nothing left to save for).
+            state.stopped_by = signame
+        if done or state.cur_tick == 0 or state.cur_nimg >= state.tick_start_nimg + opts.kimg_per_tick * 1000:
+            # The tick ends here whether or not a stop came with this step, as it would without the stop.
+            if abort_fn is not None and abort_fn():
+                done = True
+                state.log('Aborting...')
+            _maintenance(state, done)
+            if progress_fn is not None:
+                progress_fn(state.cur_nimg // 1000, opts.total_kimg)
         if done:
+            state.stopped_by = None
+            break
+        if state.stopped_by is not None:
+            _stop(state)
             break
     if state.is_main:
         state.stats_jsonl.close()
