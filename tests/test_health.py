@@ -22,7 +22,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 import dataset_tool
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, legacy, loss, networks
+from training import checkpoint, health, legacy, loss, networks, preemption
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -436,6 +436,47 @@ def test_a_blow_up_in_the_last_step_of_a_tick_keeps_that_ticks_files_out_and_res
     assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.048.pkl',
                                        training_state='training-state.pt', kimg=0.048, tick=3)
     assert _progress_nimg(run_dir) == 6 * BATCH
+
+
+class AfterDmainBlowUpLoss(_StepCountingLoss):
+    """In the last round of D's main phase of step `first_step` (a step without the lazy R1 phase, so G is used
+    nowhere after it), G's toRGB weights are multiplied by 1e4."""
+
+    first_step = 1
+
+    def accumulate_gradients(self, phase, **kwargs):
+        super().accumulate_gradients(phase=phase, **kwargs)
+        if phase == 'Dmain' and kwargs['sync'] and self.step() == AfterDmainBlowUpLoss.first_step:
+            with torch.no_grad():
+                for name, param in self.G_synthesis.named_parameters():
+                    if 'torgb' in name:
+                        param.mul_(1e4)
+
+
+def test_a_stop_between_ticks_does_not_save_blown_up_weights_as_last_good(tmp_path, data_dir):
+    # Tick 0 is step 0 (nimg 8); a stop asked for at its end comes after step 1, half way through tick 1, and
+    # step 1 blew G up. The tick's statistics are not complete at a stop, but the weights about to be saved are
+    # probed: the run ends as diverged, writes nothing, and names tick 0's files.
+    run_dir = tmp_path / 'run'
+    request = preemption.StopRequest()
+
+    def progress(cur_kimg, total_kimg):
+        if request.signame is None and any(name.startswith('fakes0') for name in os.listdir(run_dir)):
+            request.signame = 'SIGTERM'  # What the handler does on the first signal; after tick 0's end.
+    message = _diverge(run_dir, data_dir, AfterDmainBlowUpLoss, first_step=1, steps=10, stop_request=request,
+                       progress_fn=progress)
+    assert message.startswith('Training diverged at 0.0 kimg: at the stop, Health/end/G/img_absmax is out of range')
+    assert _kept(run_dir, 'network-snapshot-000000.008.pkl', 0.008, 0) in message
+    assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.008.pkl', training_state='training-state.pt',
+                                       kimg=0.008, tick=0)
+    assert not os.path.exists(run_dir / 'network-snapshot-000000.016.pkl')
+    assert _progress_nimg(run_dir) == BATCH
+    # The same stop without the blow-up saves its snapshot and state, and the pointer names them.
+    run_dir, request = tmp_path / 'healthy', preemption.StopRequest()
+    state = _train(run_dir, data_dir, steps=10, stop_request=request, progress_fn=progress)
+    assert state.stopped_by == 'SIGTERM' and state.cur_nimg == 2 * BATCH
+    assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.016.pkl',
+                                       training_state='training-state.pt', kimg=0.016, tick=1)
 
 
 def test_nonfinite_gradients_in_every_step_stop_the_run(tmp_path, data_dir):

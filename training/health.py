@@ -257,7 +257,6 @@ def root_mean_square(entry: Mapping[str, float]) -> float:
     return math.hypot(mean, std)
 
 
-@torch.no_grad()
 def report_end_of_tick(G: torch.nn.Module, G_ema: torch.nn.Module, D: torch.nn.Module, z: Optional[torch.Tensor],
                        c: Optional[torch.Tensor]) -> None:
     """Report the health of the weights at the end of a tick (rule 3): the output range of G and G_ema and D's
@@ -266,13 +265,21 @@ def report_end_of_tick(G: torch.nn.Module, G_ema: torch.nn.Module, D: torch.nn.M
     only register the names), before the tick's statistics are collected.
 
     Without it a tick whose last step blew the weights up would look healthy (its statistics were computed
-    before that step's update) and its snapshot would be written. The networks run in eval mode (G's w_avg does
-    not move) with constant noise, so no random number is drawn and training continues bitwise as without the
-    check."""
+    before that step's update) and its snapshot would be written."""
     if z is None:
         for name in END_OF_TICK_NAMES:
             training_stats.report0(name, [])
         return
+    for name, values in weight_probe(G, G_ema, D, z, c).items():
+        training_stats.report0(name, values)
+
+
+@torch.no_grad()
+def weight_probe(G: torch.nn.Module, G_ema: torch.nn.Module, D: torch.nn.Module, z: torch.Tensor,
+                 c: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The values of END_OF_TICK_NAMES for the latents `z` and labels `c`. The networks run in eval mode (G's
+    w_avg does not move) with constant noise, so no random number is drawn and training continues bitwise as
+    without the probe."""
     modes = [(module, module.training) for module in (G, G_ema, D)]
     try:
         for module, _ in modes:
@@ -283,9 +290,23 @@ def report_end_of_tick(G: torch.nn.Module, G_ema: torch.nn.Module, D: torch.nn.M
     finally:
         for module, mode in modes:
             module.train(mode)
-    training_stats.report0(STAT_END_G_IMG_ABSMAX, image_absmax(img))
-    training_stats.report0(STAT_END_G_EMA_IMG_ABSMAX, image_absmax(img_ema))
-    training_stats.report0(STAT_END_D_SCORES, logits.float())
+    return {STAT_END_G_IMG_ABSMAX: image_absmax(img), STAT_END_G_EMA_IMG_ABSMAX: image_absmax(img_ema),
+            STAT_END_D_SCORES: logits.float()}
+
+
+def judge_probe(values: Mapping[str, torch.Tensor], ceilings: Optional[Mapping[str, float]] = None
+                ) -> Optional[Divergence]:
+    """Rules 1 and 3 over one weight_probe() alone, for a stop between ticks: the tick's statistics are not
+    complete there, but the snapshot and training state about to be written must not be those of blown-up
+    weights (last-good.json will name them). Touches no history."""
+    stats = {}
+    for name, value in values.items():
+        finite = value.detach().double().flatten()
+        finite = finite[torch.isfinite(finite)]
+        stats[name] = dict(num=finite.numel(), mean=finite.mean().item() if finite.numel() else math.nan,
+                           std=finite.std(unbiased=False).item() if finite.numel() else math.nan)
+    monitor = DivergenceMonitor(every_tick_names=tuple(values), ceilings=ceilings)
+    return monitor._nonfinite_values(stats) or monitor._ceilings(stats)
 
 # ----------------------------------------------------------------------------
 # The last good files of a run.

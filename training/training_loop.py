@@ -771,6 +771,8 @@ def _stop(state: TrainingState) -> None:
     opts = state.opts
     if state.ada is not None:
         state.ada.flush()  # The pending D signs into the state (counts and sums of +-1: exact in any order).
+    if state.cur_nimg != state.tick_start_nimg:
+        _check_weights_at_stop(state)  # A stop at a tick's end comes after that tick's _check_health.
     # Collectives, so on every rank; only rank 0 writes them.
     state.stop_stats = dict(log=state.stats_collector.state_dict(), health=state.health_stats.state_dict())
     with _stop_when_disk_full(state):
@@ -782,6 +784,32 @@ def _stop(state: TrainingState) -> None:
             _write_training_state(state)
         finally:
             state.progress.between_ticks = False
+
+
+def _check_weights_at_stop(state: TrainingState) -> None:
+    """Before a stop between ticks writes its snapshot and state (which last-good.json will name): the weights
+    are finite and the end-of-tick probe is within the ceilings (health.judge_probe); the tick's statistics
+    are judged when the resumed run ends the tick. Rank 0 probes, every rank learns the verdict."""
+    problem = None
+    for net_name in ('G', 'D'):
+        bad = _first_nonfinite_tensor(getattr(state, net_name))
+        if bad is not None:
+            problem = (f'{net_name} has non-finite weights ({bad})', None)
+            break
+    if problem is None and state.is_main:
+        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid_z))
+        values = health.weight_probe(state.G, state.G_ema, state.D, state.grid_z[:count], state.grid_c[:count])
+        divergence = health.judge_probe(values)
+        if divergence is not None:
+            problem = (f'at the stop, {divergence.message}', divergence.name)
+    if state.opts.num_gpus > 1:
+        backend_device = state.device if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+        flag = torch.tensor([int(problem is not None)], dtype=torch.int64, device=backend_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if problem is None and int(flag.item()):
+            problem = ('rank 0 found the weights out of range at the stop', None)
+    if problem is not None:
+        raise TrainingDiverged(_divergence_message(state, *problem))
 
 
 def _state_due(state: TrainingState) -> bool:
