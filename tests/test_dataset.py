@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -388,8 +389,11 @@ def test_data_loader_kwargs_are_recorded_independent_of_the_device():
 
 def test_loader_kwargs_on_a_device():
     recorded = data_loader_kwargs(3)
-    assert loader_kwargs_on(recorded, 'cuda:1') == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
-    assert loader_kwargs_on(recorded, torch.device('cpu')) == dict(pin_memory=False, num_workers=3, prefetch_factor=2)
+    # Workers are forked on Linux (what lets them outlive a scheduler's stop signals; training/preemption.py).
+    forked = dict(multiprocessing_context='fork') if sys.platform.startswith('linux') else {}
+    assert loader_kwargs_on(recorded, 'cuda:1') == dict(pin_memory=True, num_workers=3, prefetch_factor=2, **forked)
+    assert loader_kwargs_on(recorded, torch.device('cpu')) == dict(pin_memory=False, num_workers=3, prefetch_factor=2,
+                                                                   **forked)
     # Options written by hand may hold a prefetch_factor without workers, which DataLoader rejects.
     assert loader_kwargs_on(dict(num_workers=0, prefetch_factor=2), 'cpu') == dict(pin_memory=False, num_workers=0)
     assert recorded == data_loader_kwargs(3)  # Not modified.

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import zipfile
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
@@ -494,9 +495,17 @@ def data_loader_kwargs(workers: int, base: Optional[Dict[str, Any]] = None) -> d
 def loader_kwargs_on(kwargs: Dict[str, Any], device: Any) -> Dict[str, Any]:
     """What torch.utils.data.DataLoader gets on `device` for the options `kwargs`: pinned memory only when the
     batches go to a CUDA device (pinning speeds up host-to-GPU copies only, and warns without CUDA), and no
-    prefetch_factor without workers (options written by hand or by older versions may hold one)."""
+    prefetch_factor without workers (options written by hand or by older versions may hold one).
+
+    Workers are forked on Linux, also in ranks that torch.multiprocessing spawned (whose default would spawn
+    them as well): they start at once, their queues' semaphores are unlinked as soon as they exist (so a rank
+    killed with SIGKILL leaves nothing for the resource tracker to report as leaked), and a fork made while a
+    run trains starts with the stop signals blocked (training/preemption.py), which a scheduler sends to every
+    process of the job: the training loop's and the metrics' workers alike outlive them."""
     kwargs = dict(kwargs)
     kwargs['pin_memory'] = bool(kwargs.get('pin_memory', False)) and torch.device(device).type == 'cuda'
     if kwargs.get('num_workers', 0) == 0:
         kwargs.pop('prefetch_factor', None)
+    elif sys.platform.startswith('linux'):
+        kwargs.setdefault('multiprocessing_context', 'fork')
     return kwargs

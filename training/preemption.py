@@ -19,9 +19,9 @@ in a DataLoader worker unblocks them (torch's worker sets a SIGTERM handler, whi
 reaches). Two ways: the loop starts its loader's workers inside `holding_stop_signals()` (whatever the start
 method; on Linux it forks them, also in ranks that torch.multiprocessing spawned), and while `stop_signals` is
 active every fork of this process blocks them just for the fork (`_ForkGuard`), which covers other loaders that
-fork, such as the metrics' loader in a one-process run. (A loader that spawns its workers elsewhere, such as
-the metrics' loader in a spawned rank, needs `holding_stop_signals(spawning=True)` around its `iter()`.) A
-worker still ends when its loader tells it to, or on its own once its parent is gone.
+fork, such as the metrics' loader (training.dataset.loader_kwargs_on forks the workers of both on Linux, in
+spawned ranks too; a loader that spawns its workers needs `holding_stop_signals(spawning=True)` around its
+`iter()`). A worker still ends when its loader tells it to, or on its own once its parent is gone.
 multiprocessing's resource tracker, which spawned processes need, starts with SIGUSR1 blocked (it ignores the
 other two itself).
 """

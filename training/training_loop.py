@@ -18,7 +18,6 @@ import errno
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -249,12 +248,7 @@ def _load_data(opts, rank: int, start_nimg: int, device: torch.device):
     training_set = dnnlib.util.construct_class_by_name(**opts.training_set_kwargs)
     sampler = misc.InfiniteSampler(dataset=training_set, rank=rank, num_replicas=opts.num_gpus,
                                    seed=opts.random_seed, start_index=start_nimg)
-    kwargs = dataset.loader_kwargs_on(opts.data_loader_kwargs, device)
-    if kwargs.get('num_workers', 0) > 0 and sys.platform.startswith('linux'):
-        # Forked workers on Linux, also in ranks that torch.multiprocessing spawned (whose default would spawn
-        # them as well): they start at once, and their queues' semaphores are unlinked as soon as they exist, so
-        # a rank killed with SIGKILL leaves nothing for the resource tracker to report as leaked.
-        kwargs['multiprocessing_context'] = 'fork'
+    kwargs = dataset.loader_kwargs_on(opts.data_loader_kwargs, device)  # Forked workers on Linux (see there).
     loader = torch.utils.data.DataLoader(dataset=training_set, sampler=sampler,
                                          batch_size=opts.batch_size // opts.num_gpus, **kwargs)
     # The workers start here, once per run (the sampler never ends an epoch), and must survive the stop signals
