@@ -404,7 +404,9 @@ def test_the_metrics_and_train_py_take_their_loader_options_from_here():
     from training import options  # The option builder of train.py.
     from training.errors import UserError
     assert metric_utils.default_data_loader_kwargs('cpu') == loader_kwargs_on(data_loader_kwargs(0), 'cpu')
-    assert metric_utils.default_data_loader_kwargs('cuda') == dict(pin_memory=True, num_workers=3, prefetch_factor=2)
+    forked = dict(multiprocessing_context='fork') if sys.platform.startswith('linux') else {}
+    assert metric_utils.default_data_loader_kwargs('cuda') == dict(pin_memory=True, num_workers=3, prefetch_factor=2,
+                                                                   **forked)
     assert options._data_loader_kwargs(2) == data_loader_kwargs(2)
     with pytest.raises(UserError, match='--workers must be at least 0'):
         options._data_loader_kwargs(-1)
