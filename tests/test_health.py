@@ -12,14 +12,12 @@ import subprocess
 import sys
 
 import numpy as np
-import PIL.Image
 import pytest
+import test_train_e2e
 import torch
-from click.testing import CliRunner
 from test_dnnlib import disk_full_open
 from test_training_loop import BATCH, _train, make_image_folder
 
-import dataset_tool
 from dnnlib import util
 from torch_utils import training_stats
 from training import checkpoint, health, legacy, loss, networks, preemption
@@ -565,23 +563,7 @@ def test_a_full_quota_is_reported_as_such(tmp_path, data_dir, monkeypatch):
 # train.py as users run it.
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def dataset_zip(tmp_path_factory):
-    # What tests/test_train_e2e.py trains on: 16 random 16x16 images, 2 classes.
-    root = tmp_path_factory.mktemp('zip')
-    images = root / 'images'
-    images.mkdir()
-    rnd = np.random.RandomState(0)
-    labels = []
-    for i in range(16):
-        PIL.Image.fromarray((rnd.rand(16, 16, 3) * 255).astype(np.uint8)).save(images / f'{i:02d}.png')
-        labels.append([f'{i:02d}.png', i % 2])
-    (images / 'dataset.json').write_text(json.dumps({'labels': labels}))
-    result = CliRunner().invoke(dataset_tool.main, [f'--source={images}', f'--dest={root / "tiny.zip"}'])
-    assert result.exit_code == 0, result.output
-    return str(root / 'tiny.zip')
+dataset_zip = test_train_e2e.dataset_zip  # The fixture: the 16 images train.py is tested on.
 
 
 def _start_train_py(*flags):
