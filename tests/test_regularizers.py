@@ -271,7 +271,7 @@ def _two_rank_worker(rank, world_size, run_root, data):
     # Both regularizers in one process group: each run is a separate training_loop in its own directory.
     training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
     for reg in ('ggdr', 'glead'):
-        training_stats.reset()
+        training_stats.reset_values()  # Keeps init_multiprocessing: the ranks judge health on shared statistics.
         opts = reg_options(os.path.join(run_root, reg), data, reg, steps=3, num_gpus=world_size, rank=rank,
                            batch_gpu=2)
         state = training_loop(device=torch.device('cpu'), **opts)
