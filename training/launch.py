@@ -7,6 +7,7 @@ metrics.metric_main.run_training_metrics); it must be a module-level function, s
 """
 
 import contextlib
+import inspect
 import os
 import tempfile
 import time
@@ -162,6 +163,10 @@ def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[Non
             signal.signal(signum, handler)
 
 
+def _join_takes_grace_period(context: Any) -> bool:
+    return 'grace_period' in inspect.signature(context.join).parameters
+
+
 def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP,
                     metric_fn: Optional[Callable] = None) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
@@ -188,8 +193,9 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
             with _forward_stop_signals(stop_value, context.processes):
                 # After a rank fails, the others get that long to end on their own, then SIGTERM, then as long
                 # again before SIGKILL (torch's default is 30 s): one that waits in a collective for the failed
-                # one would only hold the end of the run up.
-                while not context.join(grace_period=FAILED_RUN_GRACE_S):
+                # one would only hold the end of the run up. (PyTorch before 2.3 has no grace period to set.)
+                grace = {'grace_period': FAILED_RUN_GRACE_S} if _join_takes_grace_period(context) else {}
+                while not context.join(**grace):
                     pass
         except torch.multiprocessing.ProcessRaisedException:
             message = _first_error(temp_dir)
