@@ -110,11 +110,16 @@ class StopRequest:
         else:
             if batch_idx % AGREE_INTERVAL != 0:
                 return None
-            backend_device = device if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
-            flag = torch.tensor([self.local()], dtype=torch.int64, device=backend_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signum = int(flag.item())
+            signum = max_over_ranks(self.local(), device)
         return signal.Signals(signum).name if signum else None
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (a collective over the default process group)."""
+    backend_device = device if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=backend_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def stop_signal_numbers() -> set:

@@ -797,10 +797,7 @@ def _check_weights_at_stop(state: TrainingState) -> None:
         if divergence is not None:
             problem = (f'at the stop, {divergence.message}', divergence.name)
     if state.opts.num_gpus > 1:
-        backend_device = state.device if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
-        flag = torch.tensor([int(problem is not None)], dtype=torch.int64, device=backend_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if problem is None and int(flag.item()):
+        if preemption.max_over_ranks(problem is not None, state.device) and problem is None:
             problem = ('rank 0 found the weights out of range at the stop', None)
     if problem is not None:
         raise TrainingDiverged(_divergence_message(state, *problem))
