@@ -23,6 +23,7 @@ running code, and it is written to a temporary file and renamed, so a crash leav
 
 import os
 import random
+import re
 from typing import Optional
 
 import numpy as np
@@ -184,3 +185,17 @@ def restore_rng_state(state: dict) -> None:
     p = state['python']
     random.setstate((p['version'], tuple(p['state']), p['gauss']))
 
+
+# network-snapshot-<kimg:06d>[.<images:03d>].pkl (training_loop.snapshot_tag): when a snapshot was written.
+SNAPSHOT_NAME_RE = re.compile(r'network-snapshot-(\d+)(?:\.(\d{3}))?\.pkl')
+
+
+def newest_snapshot(run_dir: str) -> Optional[str]:
+    """The newest network-snapshot-*.pkl of `run_dir` by the training time in its name ('000016.512' is after
+    '000016', whatever the characters), as a path; None if there is none."""
+    found = []
+    for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else []):
+        match = SNAPSHOT_NAME_RE.fullmatch(name)
+        if match is not None:
+            found.append((int(match.group(1)), int(match.group(2) or 0), name))
+    return os.path.join(run_dir, max(found)[2]) if found else None

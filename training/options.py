@@ -402,10 +402,8 @@ def _check_length_left(state_path: str, args: dnnlib.EasyDict, given: Mapping[st
     if done_nimg < args.total_kimg * 1000:
         return
     run_dir = os.path.dirname(os.path.abspath(state_path))
-    # By the training time in the name ('000016.512' is after '000016'), not by the name's characters.
-    newest = sorted((name for name in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+(\.\d+)?\.pkl', name)),
-                    key=lambda name: float(name[len('network-snapshot-'):-len('.pkl')]))
-    final = f'; its last snapshot is {os.path.join(run_dir, newest[-1])}' if newest else ''
+    newest = checkpoint.newest_snapshot(run_dir)
+    final = f'; its last snapshot is {newest}' if newest else ''
     asked = f'--kimg={given["kimg"]:g} is' if given.get('kimg') is not None else f'its length of {args.total_kimg:g} kimg is'
     raise UserError(f'--resume: the run in "{run_dir}" has already trained {done_nimg / 1000:g} kimg, so {asked} '
                     f'reached{final}. Nothing was written; give a --kimg above {done_nimg / 1000:g} to train on')

@@ -454,14 +454,12 @@ def _setup_logs(state: TrainingState) -> None:
                         grid_size=grid_size)
 
 
-_SNAPSHOT_NAME_RE = re.compile(r'network-snapshot-(\d+)(?:\.(\d{3}))?\.pkl')
-
 
 def _record_nimg(record: dict) -> Optional[float]:
     """When a stats.jsonl / metric-*.jsonl record was written, in images shown; None if it does not say."""
     if isinstance(record.get('Progress/kimg'), dict):
         return record['Progress/kimg'].get('mean', 0) * 1000
-    match = _SNAPSHOT_NAME_RE.fullmatch(os.path.basename(str(record.get('snapshot_pkl', ''))))
+    match = checkpoint.SNAPSHOT_NAME_RE.fullmatch(os.path.basename(str(record.get('snapshot_pkl', ''))))
     if match is not None:
         return int(match.group(1)) * 1000 + int(match.group(2) or 0)
     return None
@@ -696,13 +694,7 @@ def _newest_snapshot(state: TrainingState) -> Optional[str]:
     network-snapshot-*.pkl of the run directory by the training time in its name; None if there is none."""
     if state.last_snapshot is not None:
         return state.last_snapshot
-    run_dir = state.opts.run_dir
-    found = []
-    for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else []):
-        match = _SNAPSHOT_NAME_RE.fullmatch(name)
-        if match is not None:
-            found.append((int(match.group(1)), int(match.group(2) or 0), name))
-    return os.path.join(run_dir, max(found)[2]) if found else None
+    return checkpoint.newest_snapshot(state.opts.run_dir)
 
 
 def snapshot_tag(cur_nimg: int, kimg_per_tick: float, total_kimg: float) -> str:
