@@ -27,8 +27,8 @@ import torch
 
 # The helpers the generator scripts share live in the package (a script should not import another script);
 # they stay importable from here because they were first defined here and outside code imports them so.
-from training.errors import FiniteFloatRange
-from training.sampling import (
+from runner.errors import FiniteFloatRange
+from runner.sampling import (
     ADOPT_HELP,
     MAX_SEED,
     adopt_option,

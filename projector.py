@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import dnnlib
 from metrics import metric_utils
 from metrics.metric_utils import DETECTOR_DIR_ENV, LPIPS_RESOLUTION, VGG16_URL
-from training.sampling import (
+from runner.sampling import (
     adopt_option,
     load_generator,
     make_label,

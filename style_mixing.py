@@ -19,8 +19,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from training.errors import FiniteFloatRange
-from training.sampling import (
+from runner.errors import FiniteFloatRange
+from runner.sampling import (
     adopt_option,
     load_generator,
     make_label,

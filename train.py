@@ -32,9 +32,8 @@ each of which returns its part of the tree and its run-description pieces. Range
 once, by the click types; the builder checks what depends on several options or on the data. `--arch` and the
 flags of the synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered
 there brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check. This script
-is the command line and the composition: the builder is training/options.py, the process launcher training/launch.py,
-the run directory training/run_dir.py; the metrics come from package `metrics`, which `training` may not
-import, so the builder and the launcher get them from here (`check_metrics_ready`, `launch_training`).
+is the command line and the composition: the builder is runner/options.py, the process launcher runner/launch.py,
+the run directory runner/run_dir.py, the metrics' checks runner/metric_plan.py (package `runner`).
 
 Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`). The pieces, in order:
     <dataset name>
@@ -97,22 +96,17 @@ process count works, not only powers of two. Process groups time out after 15 mi
 import copy
 import inspect
 import os
-import re
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import List, Optional
 
 import click
 
 import dnnlib
-import training.launch
-import training.options
-from metrics import metric_main
-from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
-from training.checkpoint import STATE_FILE_NAME
-from training.errors import FiniteFloatRange, RunFailed, UserError, warn
-from training.launch import DEFAULT_TRAINING_LOOP
-from training.lpips import KINDS as RECONSTRUCTION_DISTANCES
-from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
-from training.options import (
+import runner.launch
+import runner.options
+from runner.errors import FiniteFloatRange, RunFailed, UserError, warn
+from runner.launch import DEFAULT_TRAINING_LOOP, launch_torchrun, launch_training
+from runner.metric_plan import check_metrics_ready, cpu_metric_note
+from runner.options import (
     AUG_MODES,
     AUGPIPE_NAMES,
     CFG_NAMES,
@@ -131,8 +125,7 @@ from training.options import (
     parse_metrics,
     resolve_launch,
 )
-from training.regularizers import GLEAD_FAKE_BRANCHES
-from training.run_dir import (
+from runner.run_dir import (
     LOG_FILE_NAME,
     OPTIONS_FILE_NAME,
     check_outdir,
@@ -142,6 +135,11 @@ from training.run_dir import (
     prepare_run_dir,
     write_options,
 )
+from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
+from training.checkpoint import STATE_FILE_NAME
+from training.lpips import KINDS as RECONSTRUCTION_DISTANCES
+from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
+from training.regularizers import GLEAD_FAKE_BRANCHES
 
 # What scripts, tests and users call as train.<name>; the code lives in training/ (options, launch, run_dir).
 __all__ = [
@@ -162,74 +160,9 @@ EXIT_STOPPED = 75
 # `metrics`, so this script hands the registry and the evaluator in.
 
 
-def check_metrics_ready(metrics: Sequence[str], detector_dir: Optional[str]) -> None:
-    """Find (or fetch) the feature network of every metric now, so that an offline machine without the file
-    fails before the run directory exists instead of after the first tick. Tests replace this hook."""
-    if not metrics:
-        return
-    try:
-        metric_main.check_metrics_ready(list(metrics), detector_dir=detector_dir)
-    except OSError as e:  # DetectorNotFoundError, DownloadError
-        raise UserError(f'--metrics: {e}') from None
-
-
-# Images per second that a feature network (Inception, VGG16) gets through on the CPU: measured at about 9 on
-# 2 cores (README, "Metrics"); more cores go faster, generating the images is not counted. An estimate only.
-CPU_FEATURE_IMAGES_PER_SECOND = 9.0
-_METRIC_COUNT = re.compile(r'[a-z]+?(\d+)k')  # 'fid50k_full' -> 50; the names of metric_main's docstring.
-
-
-def metric_images(metric: str, dataset_size: int, xflip: bool) -> Optional[tuple]:
-    """(generated, real) images that `metric` sends through its feature network, by the naming rule of the
-    metric registry: `<what><num generated>k[<nhood>][_full]`, `_full` comparing with the whole dataset and
-    the others with as many real images as generated (x-flips count when the dataset has them). The PPL
-    metrics (no number in their names) run 50k pairs of images. None for a name that follows no rule."""
-    if metric.startswith('ppl'):
-        return 2 * 50000, 0
-    match = _METRIC_COUNT.match(metric)
-    if match is None:
-        return None
-    generated = int(match.group(1)) * 1000
-    if metric.startswith('is'):
-        return generated, 0
-    available = dataset_size * (1 if metric.endswith('_full') or not xflip else 2)
-    return generated, (available if metric.endswith('_full') else min(generated, available))
-
-
-def cpu_metric_note(metrics: Sequence[str], dataset_size: int, xflip: bool) -> Optional[str]:
-    """One line for the start of a CPU run with metrics: how long they will take at the first snapshot (real
-    images included; their statistics are cached afterwards) and at each later one, and the cheaper choices.
-    The official default (fid50k_full) costs hours per snapshot on a CPU, which a user would otherwise only
-    find out by watching the run stand still after its first tick."""
-    counts = {metric: metric_images(metric, dataset_size, xflip) for metric in metrics}
-    known = {metric: count for metric, count in counts.items() if count is not None}
-    if not known:
-        return None
-    generated = sum(gen for gen, _real in known.values())
-    real = sum(real for _gen, real in known.values())
-    first = dnnlib.util.format_time((generated + real) / CPU_FEATURE_IMAGES_PER_SECOND)
-    later = dnnlib.util.format_time(generated / CPU_FEATURE_IMAGES_PER_SECOND)
-    unknown = [metric for metric in metrics if metric not in known]
-    line = (f'note: on the CPU, --metrics={",".join(metrics)} takes about {first} at the first snapshot and {later} '
-            f'at each later one ({generated:,} generated and {real:,} real images, the real ones once, through the '
-            f'feature network at about {CPU_FEATURE_IMAGES_PER_SECOND:g} images/s as measured on 2 CPU cores'
-            + (f'; {", ".join(unknown)} not counted' if unknown else '') + ')')
-    if set(metrics) != {'fid2k'}:
-        fid2k = dnnlib.util.format_time(sum(metric_images('fid2k', dataset_size, xflip)) /
-                                        CPU_FEATURE_IMAGES_PER_SECOND)
-        line += f'; --metrics=fid2k takes about {fid2k} and --metrics=none skips them'
-    return line
-
-
-def _metric_registry() -> training.options.MetricRegistry:
-    # Made at each call, so that a replaced check_metrics_ready takes effect.
-    return training.options.MetricRegistry(names=metric_main.list_valid_metrics, check_ready=check_metrics_ready)
-
-
 def build_training_plan(**opts) -> tuple:
-    """training.options.build_training_plan (its signature lists the options) with the metrics of `metrics`:
-    (run_desc, args, EasyDict(num_gpus, device_type))."""
-    return training.options.build_training_plan(**opts, metric_registry=_metric_registry())
+    """runner.options.build_training_plan: (run_desc, args, EasyDict(num_gpus, device_type))."""
+    return runner.options.build_training_plan(**opts)
 
 
 def setup_training_options(**opts) -> tuple:
@@ -282,7 +215,7 @@ def setup_training_loop_kwargs(
 
 def _option_names() -> List[str]:
     """The keywords setup_training_options takes: the builder's parameters and the synthesis blocks' options."""
-    params = inspect.signature(training.options.build_training_plan).parameters.values()
+    params = inspect.signature(runner.options.build_training_plan).parameters.values()
     names = [param.name for param in params if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     return names + list(synthesis_block_options())
 
@@ -294,22 +227,8 @@ def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> Optional[s
     (`torch.multiprocessing.spawn(fn=subprocess_fn, args=(args, temp_dir), nprocs=args.num_gpus)`); one process
     is just called. Returns the stop message on rank 0 when a signal stopped the run, else None; an error raises
     RunFailed (one line; the traceback is in log.txt)."""
-    return training.launch.run_rank(rank, args, temp_dir, metric_fn=metric_main.run_training_metrics)
+    return runner.launch.run_rank(rank, args, temp_dir)
 
-
-def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
-                    loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
-    """training.launch.launch_training with the metric evaluator: run the loop on args['num_gpus'] processes
-    (args['run_dir'] set); returns the stop message when a signal stopped the run, else None."""
-    return training.launch.launch_training(args, device_type, loop, metric_fn=metric_main.run_training_metrics)
-
-
-def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
-                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
-    """training.launch.launch_torchrun with the metric evaluator: this process's share of a torchrun or srun
-    launch (`dist` from distributed_env())."""
-    return training.launch.launch_torchrun(args, outdir, run_desc, device_type, dist, loop,
-                                           metric_fn=metric_main.run_training_metrics)
 
 # ----------------------------------------------------------------------------
 # Command-line types.

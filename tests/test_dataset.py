@@ -401,8 +401,8 @@ def test_loader_kwargs_on_a_device():
 
 def test_the_metrics_and_train_py_take_their_loader_options_from_here():
     from metrics import metric_utils
-    from training import options  # The option builder of train.py.
-    from training.errors import UserError
+    from runner import options  # The option builder of train.py.
+    from runner.errors import UserError
     assert metric_utils.default_data_loader_kwargs('cpu') == loader_kwargs_on(data_loader_kwargs(0), 'cpu')
     forked = dict(multiprocessing_context='fork') if sys.platform.startswith('linux') else {}
     assert metric_utils.default_data_loader_kwargs('cuda') == dict(pin_memory=True, num_workers=3, prefetch_factor=2,

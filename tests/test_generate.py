@@ -13,7 +13,8 @@ from test_legacy import make_generator  # Tiny generators with every tensor move
 import generate
 import projector
 import style_mixing
-from training import legacy, sampling
+from runner import sampling
+from training import legacy
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -55,7 +56,7 @@ SHARED_HELPERS = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'load_generator', 'm
 
 
 def test_shared_helpers_live_in_the_package_and_generate_reexports_them():
-    # The scripts take them from training.sampling; generate.<name> keeps working for outside code.
+    # The scripts take them from runner.sampling; generate.<name> keeps working for outside code.
     for name in SHARED_HELPERS:
         assert getattr(generate, name) is getattr(sampling, name), name
         assert name in generate.__all__

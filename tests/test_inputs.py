@@ -26,8 +26,9 @@ from test_training_loop import _train, make_image_folder
 
 import dataset_tool
 from dnnlib import util
-from training import checkpoint, dataset, legacy, options, run_dir
-from training.errors import RunFailed
+from runner import options, run_dir
+from runner.errors import RunFailed
+from training import checkpoint, dataset, legacy
 from training.networks import Discriminator
 from training.training_loop import TrainingStopped, one_line
 

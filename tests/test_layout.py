@@ -15,12 +15,13 @@ from metrics import fid_helper_inception
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each layer may import only from the layers before it (STYLE.md).
-LAYERS = ['dnnlib', 'torch_utils', 'training', 'metrics']
+LAYERS = ['dnnlib', 'torch_utils', 'training', 'metrics', 'runner']
 FORBIDDEN = {
-    'dnnlib': {'torch_utils', 'training', 'metrics', 'torch'},
-    'torch_utils': {'training', 'metrics'},
-    'training': {'metrics'},
-    'metrics': set(),
+    'dnnlib': {'torch_utils', 'training', 'metrics', 'runner', 'torch'},
+    'torch_utils': {'training', 'metrics', 'runner'},
+    'training': {'metrics', 'runner'},
+    'metrics': {'runner'},
+    'runner': set(),
 }
 RUNTIME_REQUIREMENTS = ['torch', 'numpy', 'click', 'pillow', 'scipy', 'requests', 'psutil', 'ninja']
 

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 import dnnlib
-from training import run_dir as rd
+from runner import run_dir as rd
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEX = 'ab12cd34ef56ab12cd34ef56ab12cd34'  # 32 lowercase hex digits, like uuid.uuid4().hex.
@@ -144,7 +144,7 @@ def test_lock_held_by_another_process_dies_with_it(tmp_path):
     run_dir = str(tmp_path)
     code = textwrap.dedent('''
         import sys, time
-        from training.run_dir import acquire_run_lock
+        from runner.run_dir import acquire_run_lock
         lock = acquire_run_lock(sys.argv[1])
         print('locked', flush=True)
         time.sleep(120)

@@ -23,9 +23,10 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
+from runner import metric_plan
+from runner import options as option_builder
+from runner import run_dir as run_dirs
 from training import checkpoint, networks
-from training import options as option_builder
-from training import run_dir as run_dirs
 from training.augment import AUGPIPE_SPECS
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'train_options')
@@ -77,13 +78,13 @@ class FakeData:
 
 @contextlib.contextmanager
 def stand_ins(data=None, cuda_devices=0):
-    """Replace the hooks of the option builder (training/options.py) into other modules: dataset, CUDA,
+    """Replace the hooks of the option builder (runner/options.py) into other modules: dataset, CUDA,
     checkpoints; and train.py's check of the metrics' files."""
     data = data or FakeData()
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(option_builder, 'inspect_dataset', data))
         stack.enter_context(mock.patch.object(option_builder, '_cuda_device_count', lambda: cuda_devices))
-        stack.enter_context(mock.patch.object(train, 'check_metrics_ready', data.check_metrics_ready))
+        stack.enter_context(mock.patch.object(metric_plan, 'check_metrics_ready', data.check_metrics_ready))
         stack.enter_context(mock.patch.object(option_builder, 'inspect_snapshot', data.inspect_snapshot))
         yield data
 

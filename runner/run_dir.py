@@ -36,8 +36,8 @@ from typing import Any, List, Mapping, Optional
 import click
 
 import dnnlib
+from runner.errors import RunFailed, UserError, sentence
 from training.checkpoint import STATE_FILE_NAME
-from training.errors import RunFailed, UserError, sentence
 
 LOCK_FILE_NAME = '.run.lock'
 OPTIONS_FILE_NAME = 'training_options.json'

@@ -15,8 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from runner.run_dir import directory_problem
 from training import legacy
-from training.run_dir import directory_problem
 
 MAX_SEED = 2 ** 32 - 1  # np.random.RandomState accepts seeds up to this value.
 # Most numbers one list may expand to: 20 times the 50k images of an FID, and far below a list whose Python ints

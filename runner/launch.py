@@ -1,25 +1,29 @@
 """Running the processes of a training run: one here, N spawned here, or this process's share of a torchrun or
 srun launch; each rank's logging and error handling, and the forwarding of stop signals to spawned ranks.
 
-An error in a rank is one line for the user (`RunFailed`) and a traceback in log.txt. The evaluator of the
-metrics comes in as `metric_fn`, because `training` may not import package `metrics` (train.py hands in
-metrics.metric_main.run_training_metrics); it must be a module-level function, since spawned ranks unpickle it.
+An error in a rank is one line for the user (`RunFailed`) and a traceback in log.txt. The training loop
+(package `training`, below `metrics`) gets the evaluator of the metrics from here, at its one call site.
 """
 
 import contextlib
 import inspect
 import os
+import signal
 import tempfile
 import time
-from typing import Any, Callable, Iterator, List, Mapping, Optional
+import traceback
+from typing import Any, Iterator, List, Mapping, Optional
 
 import torch
 
 import dnnlib
+from metrics import metric_main
+from runner.errors import RunFailed, UserError
+from runner.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
+from torch_utils import custom_ops, training_stats
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training import preemption
-from training.errors import RunFailed, UserError
-from training.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
+from training.training_loop import TrainingStopped, one_line
 
 DEFAULT_TRAINING_LOOP = 'training.training_loop.training_loop'
 # Seconds the other ranks get to end by themselves after one failed, and again after SIGTERM (launch_training).
@@ -31,7 +35,6 @@ FAILED_RUN_GRACE_S = 5
 
 def _failure_line(error: BaseException) -> str:
     """One line for an error raised by the training loop (TrainingStopped carries its own)."""
-    from training.training_loop import TrainingStopped, one_line
     if isinstance(error, TrainingStopped):
         return str(error)
     return f'Training stopped: {one_line(error)} ({type(error).__name__})'
@@ -39,20 +42,17 @@ def _failure_line(error: BaseException) -> str:
 
 def _log_traceback(run_dir: str, rank: int) -> None:
     """Append the traceback of the exception being handled to log.txt only (the console gets one line)."""
-    import traceback
     with open(os.path.join(run_dir, LOG_FILE_NAME), 'a') as f:
         f.write(f'\nTraceback of rank {rank}:\n{traceback.format_exc()}')
 
 
 def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch.device, loop: str,
-              metric_fn: Optional[Callable] = None, stop_request: Any = None) -> Optional[str]:
+              stop_request: Any = None) -> Optional[str]:
     """One process of a run whose process group (if any) is ready: logging, statistics, the training loop.
 
     Returns the one-line stop message when a signal stopped the run (rank 0 only), else None. An error ends
     the process with RunFailed (one line) and leaves its traceback in log.txt.
     """
-    from torch_utils import custom_ops, training_stats
-
     logger = None
     if rank == 0:
         logger = dnnlib.util.Logger(file_name=os.path.join(args['run_dir'], LOG_FILE_NAME), file_mode='a',
@@ -66,8 +66,8 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
         training_loop = dnnlib.util.get_obj_by_name(loop)
         extra = dict()
         if args.get('metrics'):
-            # The loop (package `training`) may not import `metrics`; the script hands the evaluator in.
-            extra['metric_fn'] = metric_fn
+            # The loop (package `training`) may not import `metrics`; the evaluator comes from here.
+            extra['metric_fn'] = metric_main.run_training_metrics
         if stop_request is not None:
             extra['stop_request'] = stop_request
         state = training_loop(rank=rank, device=device, **args, **extra)
@@ -90,12 +90,12 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
 
 
 def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp_dir: str, loop: str,
-                  metric_fn: Optional[Callable], stop_value: Any) -> None:
+                  stop_value: Any) -> None:
     """A process that launcher.start() spawned, already in the process group. A failure leaves its one-line
     message in `<temp_dir>/rank<r>.error`, a signal stop in `<temp_dir>/stopped`, for the launching process."""
     try:
         stop_request = preemption.StopRequest(shared=stop_value, parent_pid=os.getppid())
-        message = _run_rank(rank, args['num_gpus'], args, device, loop, metric_fn, stop_request)
+        message = _run_rank(rank, args['num_gpus'], args, device, loop, stop_request)
         if message is not None:
             with open(os.path.join(temp_dir, 'stopped'), 'w') as f:
                 f.write(message)
@@ -106,8 +106,7 @@ def _spawned_rank(rank: int, device: torch.device, args: Mapping[str, Any], temp
             f.write(f'{time.monotonic_ns()}\n{e.message}')
         raise
 
-def run_rank(rank: int, args: Mapping[str, Any], temp_dir: str, loop: str = DEFAULT_TRAINING_LOOP,
-             metric_fn: Optional[Callable] = None) -> Optional[str]:
+def run_rank(rank: int, args: Mapping[str, Any], temp_dir: str, loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """Process `rank` of args['num_gpus'] that someone else started (the contract of the official
     subprocess_fn, which train.subprocess_fn keeps): the ranks of a multi-process run meet through a file in
     `temp_dir`; each runs on its own CUDA device, or on the CPU when args['device_type'] says so. args['run_dir']
@@ -115,11 +114,11 @@ def run_rank(rank: int, args: Mapping[str, Any], temp_dir: str, loop: str = DEFA
     world_size = args['num_gpus']
     device = launcher.rank_device(args.get('device_type', 'cuda'), rank)
     if world_size == 1:
-        return _run_rank(rank, 1, args, device, loop, metric_fn)
+        return _run_rank(rank, 1, args, device, loop)
     init_file = os.path.abspath(os.path.join(temp_dir, launcher.INIT_FILE_NAME))
     launcher.init_process_group(rank, world_size, device, f'file://{init_file}')
     try:
-        return _run_rank(rank, world_size, args, device, loop, metric_fn)
+        return _run_rank(rank, world_size, args, device, loop)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -143,8 +142,6 @@ def _first_error(temp_dir: str) -> Optional[str]:
 def _forward_stop_signals(stop_value: Any, processes: List[Any]) -> Iterator[None]:
     """While the spawned ranks train, a stop signal to this launching process sets `stop_value` (which the
     ranks poll; see training/preemption.py for why it is not re-sent as a signal); a second one kills them."""
-    import signal
-
     def handle(signum, _frame):
         if stop_value.value:
             for process in processes:
@@ -167,27 +164,27 @@ def _join_takes_grace_period(context: Any) -> bool:
     return 'grace_period' in inspect.signature(context.join).parameters
 
 
-def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: str = DEFAULT_TRAINING_LOOP,
-                    metric_fn: Optional[Callable] = None) -> Optional[str]:
+def launch_training(args: Mapping[str, Any], device_type: str = 'cuda',
+                    loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """Run `loop(rank=..., device=..., **args)` on args['num_gpus'] processes; args['run_dir'] must be set.
     Returns the stop message when a signal stopped the run, else None.
 
     One process runs here; more are spawned, meeting through a file in a fresh temporary directory. If one
     rank fails (an error, or killed), torch.multiprocessing.spawn ends the others and this raises RunFailed
     with one line about the first failure. `loop` is a dotted name (spawned processes import it), so tests can
-    substitute a small function; `metric_fn` evaluates args['metrics'] at the snapshots (module docstring).
+    substitute a small function.
     """
     assert args.get('run_dir') is not None, 'launch_training() needs args.run_dir'
     world_size = args['num_gpus']
     if world_size == 1:
-        return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop, metric_fn)
+        return _run_rank(0, 1, args, launcher.rank_device(device_type, 0), loop)
     preemption.start_resource_tracker()
     spawn = torch.multiprocessing.get_context('spawn')
     # Without a lock (one int, written here only): a lock is a named semaphore that the resource tracker would
     # report as leaked if this process were killed with SIGKILL.
     stop_value = spawn.Value('i', 0, lock=False)
     with tempfile.TemporaryDirectory(prefix='stylegan-train-') as temp_dir:
-        context = launcher.start(_spawned_rank, (args, temp_dir, loop, metric_fn, stop_value), world_size,
+        context = launcher.start(_spawned_rank, (args, temp_dir, loop, stop_value), world_size,
                                  device_type, temp_dir)
         try:
             with _forward_stop_signals(stop_value, context.processes):
@@ -215,18 +212,17 @@ def launch_training(args: Mapping[str, Any], device_type: str = 'cuda', loop: st
 
 
 def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str, device_type: str,
-                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP,
-                    metric_fn: Optional[Callable] = None) -> Optional[str]:
+                    dist: Mapping[str, Any], loop: str = DEFAULT_TRAINING_LOOP) -> Optional[str]:
     """This process's share of a torchrun or srun launch (`dist` from distributed_env()): rank 0 prepares (and
     locks) the run directory and shares its path. Returns the stop message on rank 0 when a signal stopped the
-    run. `loop` and `metric_fn` as for launch_training()."""
+    run. `loop` as for launch_training()."""
     rank, world_size = dist['rank'], dist['world_size']
     device = launcher.rank_device(device_type, dist['local_rank'])
     is_new_run = args.get('run_dir') is None
     if world_size == 1:
         with prepare_run_dir(args, outdir, run_desc):
             try:
-                return _run_rank(0, 1, args, device, loop, metric_fn)
+                return _run_rank(0, 1, args, device, loop)
             except RunFailed as e:
                 raise finish_failed_run(e, args.run_dir, is_new_run) from None
     launcher.init_process_group(rank, world_size, device, launcher.launch_init_method(dist, os.environ))
@@ -248,7 +244,7 @@ def launch_torchrun(args: dnnlib.EasyDict, outdir: Optional[str], run_desc: str,
         stop_request = preemption.StopRequest(parent_pid=os.getppid(),
                                               repeat_window=preemption.FORWARD_REPEAT_WINDOW)
         try:
-            return _run_rank(rank, world_size, args, device, loop, metric_fn, stop_request)
+            return _run_rank(rank, world_size, args, device, loop, stop_request)
         except RunFailed as e:
             if rank != 0:
                 raise

@@ -6,24 +6,25 @@ description and the resume rules for the user).
 transfer), each of which returns its part of the tree and its run-description pieces; a `--resume` that names
 a training state continues that run instead (`_continue_state`). What the builder needs from outside (the
 dataset, the resume snapshot, the CUDA devices) goes through one small hook each (`inspect_dataset`,
-`inspect_snapshot`, `_cuda_device_count`), so that tests can build trees without image files, snapshots or
-GPUs. The metric registry lives in package `metrics`, which `training` may not import: the caller passes what
-the builder asks of it as a `MetricRegistry` (train.py does).
+`inspect_snapshot`, `_cuda_device_count`, `check_metrics_ready`), so that tests can build trees without image
+files, snapshots, GPUs or feature networks.
 """
 
 import copy
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import torch
 
 import dnnlib
+from runner import metric_plan
+from runner.errors import UserError, warn
+from runner.metric_plan import parse_metrics
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training import checkpoint, decoder, regularizers
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
-from training.errors import UserError, warn
 from training.networks import synthesis_block_options
 
 # ----------------------------------------------------------------------------
@@ -127,11 +128,6 @@ _LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_fi
 _PER_PROCESS_KEYS = ('rank', 'device')
 
 
-class MetricRegistry(NamedTuple):
-    """What the builder asks of the metric registry (metrics.metric_main), which the caller hands in."""
-    names:          Callable[[], Sequence[str]]         # The metric names --metrics accepts.
-    check_ready:    Callable[[Sequence[str], Optional[str]], None]  # Find (or fetch) the feature networks of
-                                                        # these metrics, in detector_dir; raises UserError.
 
 # ----------------------------------------------------------------------------
 # Small helpers.
@@ -146,22 +142,9 @@ def _to_easydict(obj: Any) -> Any:
     return obj
 
 
-def parse_metrics(value: Union[None, str, Sequence[str]]) -> List[str]:
-    """'fid50k_full,kid50k_full' -> ['fid50k_full', 'kid50k_full']; 'none' -> []. A list passes through."""
-    if value is None:
-        value = DEFAULTS['metrics']
-    names = value.split(',') if isinstance(value, str) else list(value)
-    names = [name.strip() for name in names if name.strip()]
-    if names == ['none']:
-        return []
-    if 'none' in names:
-        raise UserError('--metrics: "none" cannot be combined with metric names')
-    return names
-
-
 # ----------------------------------------------------------------------------
 # Hooks into the data, the snapshots and the devices. Each is one small function, so that tests can build option
-# trees without image files, snapshots or GPUs (they replace them; the metrics come in a MetricRegistry).
+# trees without image files, snapshots or GPUs (they replace them).
 
 
 def _cuda_device_count() -> int:
@@ -299,13 +282,6 @@ def auto_preset(resolution: int, num_gpus: int) -> Preset:
     )
 
 
-def _validate_metrics(metrics: List[str], registry: MetricRegistry) -> None:
-    valid = registry.names()
-    for name in metrics:
-        if name not in valid:
-            raise UserError(f'--metrics: unknown metric {name!r}; valid choices: {", ".join(valid)} (or none)')
-
-
 def _find_state_file(resume: str) -> Optional[str]:
     """The training-state file that `--resume` names, or None when it names a snapshot (.pkl, URL, preset)."""
     if resume in RESUME_PRESETS or resume == 'noresume' or dnnlib.util.is_url(resume, allow_file_urls=True):
@@ -324,7 +300,7 @@ def _find_state_file(resume: str) -> Optional[str]:
     return state_path
 
 
-def _continue_state(state_path: str, given: Mapping[str, Any], registry: MetricRegistry) -> tuple:
+def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
     """Options of a run that continues from its training state (see the docstring of train.py)."""
     try:
         stored = checkpoint.read_state_options(state_path)
@@ -345,7 +321,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any], registry: MetricR
         flags = ', '.join('--' + name.replace('_', '-') for name in ignored)
         warn(f'{flags} ignored: a resumed training state keeps its own options (only '
               f'{", ".join("--" + name.replace("_", "-") for name in STATE_OVERRIDES)} may change)')
-    _apply_state_overrides(args, given, registry)
+    _apply_state_overrides(args, given)
     _check_length_left(state_path, args, given)
 
     if given.get('data') is not None:
@@ -378,7 +354,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any], registry: MetricR
                  hint=f'the resumed run has batch {args.batch_size}: choose --gpus and --batch-gpu to divide it')
     args.num_gpus, args.batch_gpu, args.device_type = launch.num_gpus, batch_gpu, launch.device_type
     if given.get('check_files', True):
-        registry.check_ready(args.metrics, args.get('detector_dir'))
+        metric_plan.check_metrics_ready(args.metrics, args.get('detector_dir'))
     if given.get('check_devices', True):
         resolve_launch(gpus, device, given.get('distributed'))
 
@@ -409,7 +385,7 @@ def _check_length_left(state_path: str, args: dnnlib.EasyDict, given: Mapping[st
                     f'reached{final}. Nothing was written; give a --kimg above {done_nimg / 1000:g} to train on')
 
 
-def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any], registry: MetricRegistry) -> None:
+def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any]) -> None:
     """The options in STATE_OVERRIDES that the command line gives replace the stored ones (except --gpus and
     --batch-gpu, which the launch decides)."""
     if given.get('kimg') is not None:
@@ -418,7 +394,7 @@ def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any], regi
         args.image_snapshot_ticks = args.network_snapshot_ticks = given['snap']
     if given.get('metrics') is not None:
         args.metrics = parse_metrics(given['metrics'])
-        _validate_metrics(args.metrics, registry)
+        metric_plan.validate_metrics(args.metrics)
     if given.get('workers') is not None:
         args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
     if given.get('tick') is not None:
@@ -518,8 +494,6 @@ def build_training_plan(
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun/srun ranks other than 0, which rank 0 speaks for).
-    *,
-    metric_registry:    MetricRegistry,             # The metric names and their readiness check (metrics.metric_main).
     **block_options,                                # The synthesis blocks' own options (BlockOption), e.g. squeeze_r.
 ) -> tuple:
     """Command-line values -> (run_desc, args, EasyDict(num_gpus, device_type)): the options tree where
@@ -531,17 +505,17 @@ def build_training_plan(
     errors: a wrong --data is reported as such on any machine.
     """
     given = {name: value for name, value in locals().items()
-             if value is not None and name not in ('block_options', 'metric_registry')}
+             if value is not None and name != 'block_options'}
     given.update({name: value for name, value in block_options.items() if value is not None})
     opts = dnnlib.EasyDict({**DEFAULTS, **block_option_defaults(), **given})
 
     # A training state continues its own run; nothing below applies to it.
     state_path = _find_state_file(resume) if resume is not None else None
     if state_path is not None:
-        return _continue_state(state_path, given, metric_registry)
+        return _continue_state(state_path, given)
 
     launch = resolve_launch(gpus, device, distributed, probe_devices=False)
-    args = _base_args(opts, launch, metric_registry)
+    args = _base_args(opts, launch)
     dataset, pieces, info = _dataset_section(opts)
     spec, preset_pieces = _preset_section(opts, info.resolution, launch.num_gpus)
     networks, network_pieces = _network_section(opts, given, spec)
@@ -563,7 +537,7 @@ def build_training_plan(
     run_desc = ''.join(pieces[key] for key in RUN_DESC_ORDER if key in pieces)
 
     if check_files:
-        metric_registry.check_ready(args.metrics, detector_dir)
+        metric_plan.check_metrics_ready(args.metrics, detector_dir)
     if check_devices:
         resolve_launch(gpus, device, distributed)
     return run_desc, args, launch
@@ -574,10 +548,10 @@ RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'r
                   'mbstd', 'gamma', 'kimg', 'batch', 'aug', 'p', 'target', 'augpipe', 'resume', 'freezed', 'desc')
 
 
-def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict, registry: MetricRegistry) -> dnnlib.EasyDict:
+def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """The options tree with what no section decides: the loop's fixed settings and the run's switches."""
     metrics = parse_metrics(opts.metrics)
-    _validate_metrics(metrics, registry)
+    metric_plan.validate_metrics(metrics)
     return dnnlib.EasyDict(
         training_set_kwargs     = None,
         data_loader_kwargs      = _data_loader_kwargs(opts.workers),
