@@ -96,7 +96,7 @@ process count works, not only powers of two. Process groups time out after 15 mi
 import copy
 import inspect
 import os
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import click
 
@@ -113,7 +113,6 @@ from runner.options import (
     DEFAULTS,
     PRECISIONS,
     PRESETS,
-    REGULARIZERS,
     RESUME_PRESETS,
     STATE_OVERRIDES,
     Preset,
@@ -136,10 +135,9 @@ from runner.run_dir import (
     write_options,
 )
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
+from training import regularizers
 from training.checkpoint import STATE_FILE_NAME
-from training.lpips import KINDS as RECONSTRUCTION_DISTANCES
 from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
-from training.regularizers import GLEAD_FAKE_BRANCHES
 
 # What scripts, tests and users call as train.<name>; the code lives in training/ (options, launch, run_dir).
 __all__ = [
@@ -217,7 +215,7 @@ def _option_names() -> List[str]:
     """The keywords setup_training_options takes: the builder's parameters and the synthesis blocks' options."""
     params = inspect.signature(runner.options.build_training_plan).parameters.values()
     names = [param.name for param in params if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    return names + list(synthesis_block_options())
+    return names + list(synthesis_block_options()) + list(regularizers.regularizer_options())
 
 
 def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> Optional[str]:
@@ -347,27 +345,7 @@ EXAMPLES = '''Examples:
               help='Overfitting heuristic r_t that --aug=ada steers towards')
 @click.option('--augpipe', type=click.Choice(AUGPIPE_NAMES), default=DEFAULTS['augpipe'], show_default=True,
               help='Which transforms the augmentation applies (preset name)')
-# D regularizers (SPEC §5): GGDR and GLeaD, with any --arch.
-@click.option('--reg', type=click.Choice(REGULARIZERS), default=DEFAULTS['reg'], show_default=True,
-              help='D regularizer: ggdr (D predicts G\'s features), glead (D\'s predictions run G\'s upper blocks)')
-@click.option('--ggdr-res', type=click.IntRange(min=8), help='--reg=ggdr: resolution of the G feature that D '
-              'predicts  [default: resolution / 4, at least 8]')
-@click.option('--ggdr-weight', type=FiniteFloatRange(min=0), default=DEFAULTS['ggdr_weight'], show_default=True,
-              help='--reg=ggdr: weight of the cosine term')
-@click.option('--glead-res-g', type=click.IntRange(min=8), help='--reg=glead: G\'s blocks above this resolution '
-              'reconstruct D\'s input (64 or 32 at 256x256)  [default: resolution / 4, at least 8]')
-@click.option('--glead-fake', type=click.Choice(GLEAD_FAKE_BRANCHES), default=DEFAULTS['glead_fake'],
-              show_default=True, help='--reg=glead: fake branch, gfeat (cosine to G\'s feature: GLeaD + GGDR) or '
-              'gfwimage (reconstruction of the fake: plain GLeaD)')
-@click.option('--glead-recon', type=click.Choice(RECONSTRUCTION_DISTANCES), default=DEFAULTS['glead_recon'],
-              show_default=True, help='--reg=glead: reconstruction distance; lpips needs weights (--glead-lpips or '
-              'a download), mse needs none')
-@click.option('--glead-lpips', metavar='FILE|TRUNK,LIN', help='--reg=glead: LPIPS-AlexNet weights, torchvision\'s '
-              'alexnet-owt-7be5be79.pth and lpips\' weights/v0.1/alex.pth, or one combined file  [default: download]')
-@click.option('--glead-real-weight', type=FiniteFloatRange(min=0), default=DEFAULTS['glead_real_weight'],
-              show_default=True, help='--reg=glead: weight of the reconstruction of reals')
-@click.option('--glead-fake-weight', type=FiniteFloatRange(min=0), help='--reg=glead: weight of the fake branch  '
-              '[default: 10 for gfeat, 3 for gfwimage]')
+# (--reg and the options of the regularizers come here: make_main() adds them from the registry.)
 # Transfer learning and resuming.
 @click.option('--resume', help=f'Start from a snapshot ({", ".join(RESUME_PRESETS)}, .pkl path or URL), or '
               f'continue a run (its directory or {STATE_FILE_NAME})')
@@ -436,34 +414,66 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
         ctx.exit(EXIT_STOPPED)
 
 
+def _declared_click_option(option: Any, owners: str) -> click.Option:
+    """The flag of an option a synthesis block (networks.BlockOption) or a regularizer (training.flags.Option)
+    declares; `owners` ('--arch=squeeze') ends its help."""
+    if option.type is bool:
+        kwargs = dict(type=bool, metavar='BOOL', is_flag=False, flag_value=True)
+    elif option.choices:
+        kwargs = dict(type=click.Choice(option.choices))
+    elif option.type is int:
+        kwargs = dict(type=click.IntRange(min=option.min, max=getattr(option, 'max', None)))
+    elif option.type is float:
+        kwargs = dict(type=FiniteFloatRange(min=option.min, max=getattr(option, 'max', None),
+                                            min_open=getattr(option, 'min_open', False)))
+    else:
+        kwargs = dict(type=option.type)
+    help = f'{option.help} ({owners})'
+    if option.default is None and getattr(option, 'default_help', None):
+        help += f'  [default: {option.default_help}]'
+    if getattr(option, 'metavar', None):
+        kwargs['metavar'] = option.metavar
+    return click.Option(['--' + option.name.replace('_', '-')], default=option.default,
+                        show_default=option.default is not None, help=help, **kwargs)
+
+
 def _block_click_options() -> List[click.Option]:
     """--arch with the names in SYNTHESIS_BLOCKS, and one option per user option of those blocks
     (networks.BlockOption)."""
     params = [click.Option(['--arch'], type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'],
                            show_default=True, help='Generator synthesis block')]
-    for name, (option, owners) in synthesis_block_options().items():
-        if option.type is bool:
-            kwargs = dict(type=bool, metavar='BOOL', is_flag=False, flag_value=True)
-        elif option.choices:
-            kwargs = dict(type=click.Choice(option.choices))
-        elif option.type is int:
-            kwargs = dict(type=click.IntRange(min=option.min))
-        elif option.type is float:
-            kwargs = dict(type=FiniteFloatRange(min=option.min))
-        else:
-            kwargs = dict(type=option.type)
-        archs = ' or '.join(f'--arch={owner}' for owner in owners)
-        params.append(click.Option(['--' + name.replace('_', '-')], default=option.default, show_default=True,
-                                   help=f'{option.help} ({archs})', **kwargs))
+    for option, owners in synthesis_block_options().values():
+        params.append(_declared_click_option(option, ' or '.join(f'--arch={owner}' for owner in owners)))
     return params
+
+
+def _regularizer_click_options() -> List[click.Option]:
+    """--reg with the names in training.regularizers.REGULARIZERS, and one option per option they declare."""
+    helps = ', '.join(regularizers.regularizer_class(name).help for name in regularizers.REGULARIZERS)
+    params = [click.Option(['--reg'], callback=_regularizers_callback, default=DEFAULTS['reg'], show_default=True,
+                           help=f'D regularizers, a comma-separated list: {helps}; none = off')]
+    for option, owners in regularizers.regularizer_options().values():
+        params.append(_declared_click_option(option, ' or '.join(f'--reg={owner}' for owner in owners)))
+    return params
+
+
+def _regularizers_callback(_ctx, _param, value):
+    try:
+        regularizers.parse_regularizers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def make_main() -> click.Command:
     """The command line of train.py, with --arch and the flags of the synthesis blocks registered now (after
-    --tick). A block added to SYNTHESIS_BLOCKS brings its flags; `main` is built once, at import."""
+    --tick), and --reg with the flags of the regularizers (after --augpipe). A block added to SYNTHESIS_BLOCKS
+    or a regularizer added to REGULARIZERS brings its flags; `main` is built once, at import."""
     command = copy.copy(_command)
-    at = [param.name for param in _command.params].index('tick') + 1
-    command.params = _command.params[:at] + _block_click_options() + _command.params[at:]
+    names = [param.name for param in _command.params]
+    blocks, regs = names.index('tick') + 1, names.index('augpipe') + 1
+    command.params = (_command.params[:blocks] + _block_click_options() + _command.params[blocks:regs] +
+                      _regularizer_click_options() + _command.params[regs:])
     return command
 
 

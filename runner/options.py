@@ -22,10 +22,11 @@ from runner import metric_plan
 from runner.errors import UserError, warn
 from runner.metric_plan import parse_metrics
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
-from training import checkpoint, decoder, regularizers
+from training import checkpoint, regularizers
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
 from training.networks import synthesis_block_options
+from training.regularizers.term import NetworkFacts
 
 # ----------------------------------------------------------------------------
 # Constants: presets, defaults, names.
@@ -98,24 +99,13 @@ DEFAULTS = dict(
     stop_snapshot   = True,
     precision       = 'fp16',
     reg             = 'none',
-    ggdr_weight     = 10.0,
-    glead_fake      = 'gfeat',
-    glead_recon     = 'lpips',
-    glead_real_weight = 10.0,
 )
-
-REGULARIZERS = ('none', 'ggdr', 'glead')    # --reg: the D regularizers of SPEC §5 (training/regularizers.py).
-# The options of each regularizer; one given with another --reg is refused.
-REGULARIZER_OPTIONS = dict(
-    ggdr    = ('ggdr_res', 'ggdr_weight'),
-    glead   = ('glead_res_g', 'glead_fake', 'glead_recon', 'glead_lpips', 'glead_real_weight', 'glead_fake_weight'),
-)
-
-
 
 def block_option_defaults() -> Dict[str, Any]:
-    """The defaults of the synthesis blocks' own options (networks.BlockOption), which click shows too."""
-    return {name: option.default for name, (option, _owners) in synthesis_block_options().items()}
+    """The defaults of the options the synthesis blocks (networks.BlockOption) and the regularizers
+    (training.flags.Option) declare, which click shows too."""
+    declared = {**synthesis_block_options(), **regularizers.regularizer_options()}
+    return {name: option.default for name, (option, _owners) in declared.items()}
 
 
 # Options that may change when a training state is resumed; every other option is fixed by the state.
@@ -482,19 +472,12 @@ def build_training_plan(
     state_kimg:         Optional[float] = None,     # --state-kimg: training state every N kimg besides snapshots.
     stop_snapshot:      Optional[bool] = None,      # --stop-snapshot: a network snapshot too when a signal stops it.
     precision:          Optional[str] = None,       # --precision: fp16, bf16 or fp32 for the num_fp16_res blocks.
-    reg:                Optional[str] = None,       # --reg: none, ggdr or glead (D regularizer, SPEC §5).
-    ggdr_res:           Optional[int] = None,       # --ggdr-res: resolution of G's feature that D predicts.
-    ggdr_weight:        Optional[float] = None,     # --ggdr-weight: weight of GGDR's cosine term.
-    glead_res_g:        Optional[int] = None,       # --glead-res-g: G's tail runs the blocks above this resolution.
-    glead_fake:         Optional[str] = None,       # --glead-fake: gfeat (GLeaD + GGDR) or gfwimage (GLeaD).
-    glead_recon:        Optional[str] = None,       # --glead-recon: lpips or mse (the reconstruction distance).
-    glead_lpips:        Optional[str] = None,       # --glead-lpips: LPIPS weights, one file or TRUNK,LIN.
-    glead_real_weight:  Optional[float] = None,     # --glead-real-weight: weight of the reconstruction of reals.
-    glead_fake_weight:  Optional[float] = None,     # --glead-fake-weight: weight of the fake branch.
+    reg:                Optional[str] = None,       # --reg: none or a comma list of D regularizers (SPEC §5).
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun/srun ranks other than 0, which rank 0 speaks for).
-    **block_options,                                # The synthesis blocks' own options (BlockOption), e.g. squeeze_r.
+    **declared,                                     # The options the synthesis blocks and the regularizers declare
+                                                    # (squeeze_r, ggdr_res, ...); any other keyword is a TypeError.
 ) -> tuple:
     """Command-line values -> (run_desc, args, EasyDict(num_gpus, device_type)): the options tree where
     `training_loop(run_dir=..., **args)` trains, and how to launch it (train.setup_training_options drops the
@@ -505,9 +488,13 @@ def build_training_plan(
     errors: a wrong --data is reported as such on any machine.
     """
     given = {name: value for name, value in locals().items()
-             if value is not None and name != 'block_options'}
-    given.update({name: value for name, value in block_options.items() if value is not None})
-    opts = dnnlib.EasyDict({**DEFAULTS, **block_option_defaults(), **given})
+             if value is not None and name != 'declared'}
+    defaults = block_option_defaults()
+    unknown = sorted(set(declared) - set(defaults))
+    if unknown:
+        raise TypeError(f'build_training_plan() got unknown option(s) {", ".join(unknown)}')
+    given.update({name: value for name, value in declared.items() if value is not None})
+    opts = dnnlib.EasyDict({**DEFAULTS, **defaults, **given})
 
     # A training state continues its own run; nothing below applies to it.
     state_path = _find_state_file(resume) if resume is not None else None
@@ -805,54 +792,37 @@ def _transfer_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], check_file
 
 def _regularizer_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], info: Mapping[str, Any],
                          args: dnnlib.EasyDict) -> dict:
-    """--reg and its options -> D's decoder (D_kwargs.decoder_kwargs) and the loss term (loss_kwargs.d_terms),
-    written into `args`; returns the run-name pieces. Nothing changes with --reg=none."""
-    for reg, names in REGULARIZER_OPTIONS.items():
-        for name in names:
-            if name in given and opts.reg != reg:
-                raise UserError(f'--{name.replace("_", "-")} applies only to --reg={reg} (got --reg={opts.reg})')
-    if opts.reg == 'none':
+    """--reg (a comma list of training.regularizers.REGULARIZERS) and their options -> the loss terms
+    (loss_kwargs.d_terms) and D's decoder (D_kwargs.decoder_kwargs), written into `args`; returns the run-name
+    pieces. Nothing changes with --reg=none."""
+    try:
+        names = regularizers.parse_regularizers(opts.reg)
+    except ValueError as e:
+        raise UserError(f'--reg: {e}') from None
+    for name, (option, owners) in regularizers.regularizer_options().items():
+        if name in given and not set(owners) & set(names):
+            raise UserError(f'{option.flag} applies only to {" or ".join("--reg=" + owner for owner in owners)} '
+                            f'(got --reg={opts.reg})')
+    if not names:
         return dict()
-    res = info.resolution
-    feature_res = opts.get('ggdr_res' if opts.reg == 'ggdr' else 'glead_res_g') or max(8, res // 4)
-    top = res if opts.reg == 'ggdr' else res // 2  # GLeaD's G tail needs at least one block above its resolution.
-    flag = '--ggdr-res' if opts.reg == 'ggdr' else '--glead-res-g'
-    if feature_res not in [2 ** i for i in range(3, 16)] or not 8 <= feature_res <= top:
-        raise UserError(f'{flag} must be a power of two between 8 and {top} for {res}x{res} images, got '
-                        f'{feature_res}  [default: resolution / 4, at least 8]')
-    if opts.reg == 'ggdr':
-        args.D_kwargs.decoder_kwargs = decoder.decoder_kwargs(feature_res)
-        term = dnnlib.EasyDict(class_name='training.regularizers.GGDRTerm', res=feature_res,
-                               weight=float(opts.ggdr_weight))
-        suffix = '' if opts.ggdr_weight == DEFAULTS['ggdr_weight'] else f'w{opts.ggdr_weight:g}'
-        args.loss_kwargs.d_terms = [term]
-        return dict(reg=f'-ggdr{feature_res}{suffix}')
-    return _glead_section(opts, info, args, feature_res)
-
-
-def _glead_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], args: dnnlib.EasyDict, res_g: int) -> dict:
-    """GLeaD: its decoder ends at 64 (SPEC §5), or lower for small images, never below res_g. The LPIPS weights
-    are found and checked here, on every rank (the download cache writes atomically), so that the recorded
-    options name the files every rank loads."""
     synthesis = args.G_kwargs.synthesis_kwargs
-    channels = lambda r: min(synthesis.channel_base // r, synthesis.channel_max)  # noqa: E731
-    decoder_res = max(res_g, min(64, info.resolution // 4))
-    heads = dict(img_channels=info.num_channels, feat_channels=channels(res_g), w_dim=args.G_kwargs.w_dim)
-    args.D_kwargs.decoder_kwargs = decoder.decoder_kwargs(decoder_res, heads)
-    lpips_weights = opts.get('glead_lpips')
-    if opts.glead_recon == 'lpips':
+    net = NetworkFacts(resolution=info.resolution, img_channels=info.num_channels, w_dim=args.G_kwargs.w_dim,
+                       channel_base=synthesis.channel_base, channel_max=synthesis.channel_max)
+    terms, decoders, desc = [], dict(), ''
+    for name in names:
+        term_class = regularizers.regularizer_class(name)
         try:
-            lpips_weights = regularizers.resolve_lpips_weights(lpips_weights)
-        except (OSError, ValueError) as e:
-            raise UserError(f'--glead-recon=lpips: {e}; give the files with --glead-lpips=TRUNK.pth,LIN.pth '
-                            f'(torchvision\'s alexnet-owt-7be5be79.pth, lpips\' weights/v0.1/alex.pth) or one '
-                            f'combined file, or use --glead-recon=mse (needs no file)') from None
-    elif opts.glead_recon == 'mse':
-        lpips_weights = None
-    fake_weight = opts.get('glead_fake_weight')
-    args.loss_kwargs.d_terms = [dnnlib.EasyDict(
-        class_name='training.regularizers.GLeaDTerm', res_g=res_g, fake=opts.glead_fake,
-        real_weight=float(opts.glead_real_weight), fake_weight=None if fake_weight is None else float(fake_weight),
-        distance=opts.glead_recon, lpips_weights=lpips_weights)]
-    piece = f'-glead{res_g}' + ('' if opts.glead_fake == 'gfeat' else f'-{opts.glead_fake}')
-    return dict(reg=piece + ('-mse' if opts.glead_recon == 'mse' else ''))
+            plan = term_class.plan({option.name: opts[option.name] for option in term_class.options}, net)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        terms.append(dnnlib.EasyDict(class_name=regularizers.REGULARIZERS[name], **plan.term))
+        if plan.decoder is not None:
+            decoders[name] = plan.decoder
+        desc += plan.desc
+    if len({repr(sorted(decoder.items())) for decoder in decoders.values()}) > 1:
+        raise UserError(f'--reg={opts.reg}: {" and ".join(decoders)} each need a decoder of D, but not the same '
+                        f'one; combine at most one of them with the others')
+    if decoders:
+        args.D_kwargs.decoder_kwargs = dnnlib.EasyDict(next(iter(decoders.values())))
+    args.loss_kwargs.d_terms = terms
+    return dict(reg=desc)

@@ -86,6 +86,15 @@ def test_glead_with_mse_needs_no_file(fake):
     assert desc.endswith('-glead64-mse')
 
 
+@pytest.mark.parametrize('res, res_g', [(32, 8), (128, 32), (256, 64), (512, 64), (1024, 64)])
+def test_glead_defaults_follow_the_authors_above_256(fake, res, res_g):
+    # resolution / 4 (at least 8) up to 256x256; the authors' 64 above, where the decoder ends too (item 6).
+    fake.resolution = res
+    desc, args = build(reg='glead', glead_recon='mse', **PAPER256)
+    assert _terms(args)[0]['res_g'] == res_g and desc.endswith(f'-glead{res_g}-mse')
+    assert _decoder(args)['out_res'] == max(res_g, min(64, res // 4))
+
+
 def _combined_weights(tmp_path):
     """A combined LPIPS file of the published shapes (random values; the lin weights non-negative)."""
     path = tmp_path / 'lpips_alex.pt'

@@ -1,13 +1,9 @@
-"""GGDR and GLeaD as terms of D's loss (SPEC §5), for `train.py --reg=ggdr|glead`.
-
-Both give the discriminator a dense prediction task on its own encoder features (the decoder of
-training/decoder.py, an option of the Discriminator):
-- GGDR (Lee et al., ECCV 2022): on fakes, D's decoder predicts G's feature map at one resolution; the loss is
-  weight * (1 - cosine similarity over channels), averaged over positions.
-- GLeaD (Bai et al., CVPR 2023): heads on the decoder output give a feature, an image and one w, from which
-  G's frozen upper blocks reconstruct the input; on reals the reconstruction is compared with the real image
-  (LPIPS or mse), on fakes either the predicted feature with G's (`gfeat`, the GGDR term: "GLeaD + GGDR") or
-  the reconstruction with the fake (`gfwimage`, plain GLeaD).
+"""GLeaD ("Improving GANs with a Generator-Leading Task", Bai et al., CVPR 2023) as a term of D's loss (SPEC
+§5), `train.py --reg=glead`. Like GGDR it gives the discriminator a dense prediction task on its own encoder
+features (the decoder of training/decoder.py, an option of the Discriminator): heads on the decoder output give
+a feature, an image and one w, from which G's frozen upper blocks reconstruct the input; on reals the
+reconstruction is compared with the real image (LPIPS or mse), on fakes either the predicted feature with G's
+(`gfeat`, the GGDR term: "GLeaD + GGDR") or the reconstruction with the fake (`gfwimage`, plain GLeaD).
 Gradients flow through G's tail into D, but G's weights get none: the loop trains only D in D's phases.
 """
 
@@ -18,53 +14,49 @@ import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc, training_stats
-from training import lpips
-from training.loss import DiscriminatorTerm
+from training import decoder, lpips
+from training.flags import Option
+from training.regularizers.ggdr import FEATURE_RES_HELP, cosine_distance, default_feature_res
+from training.regularizers.term import Regularizer, power_of_two_between
 
-STAT_GGDR           = 'Loss/D/ggdr'             # Weighted GGDR cosine term per fake.
 STAT_GLEAD_REAL     = 'Loss/D/glead_real'       # Weighted reconstruction term per real.
 STAT_GLEAD_FAKE     = 'Loss/D/glead_fake'       # Weighted fake-branch term (gfeat or gfwimage) per fake.
 
 GLEAD_FAKE_BRANCHES = ('gfeat', 'gfwimage')
 GLEAD_FAKE_WEIGHTS = dict(gfeat=10.0, gfwimage=3.0)     # The published weights of the two branches.
+# The authors' train.py defaults to glead_res_g = 64 at every resolution and their decoder ends at 64 (SPEC §5);
+# below 256x256 we scale it down as GGDR's rule does (resolution / 4, at least 8), since 64 would leave G no
+# blocks above it. 128 at 512 and 256 at 1024 would run G's tail on D's predictions at a resolution the authors
+# never trained, so above 256 we follow them.
+DECODER_END = 64
+RES_G_HELP = FEATURE_RES_HELP + f', at most {DECODER_END} (the authors\' value above 256x256)'
 
 
-def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity over channels, averaged over positions: [N, C, H, W] x 2 -> [N]. Identical
-    features give 0, opposite ones 2."""
-    if pred.shape != target.shape:
-        raise ValueError(f"The decoded feature {list(pred.shape)} does not match G's {list(target.shape)}; G and "
-                         f"D must have the same channels at that resolution (same --cbase/--cmax)")
-    similarity = F.cosine_similarity(pred, target, dim=1, eps=1e-8)    # [N, H, W]
-    return 1 - similarity.mean(dim=[1, 2])
+def default_res_g(resolution: int) -> int:
+    return min(DECODER_END, default_feature_res(resolution))
 
 
-class GGDRTerm(DiscriminatorTerm):
-    """GGDR: weight * (1 - cos(dec(aug(G(z))), aug(feat_G))) in D's loss on fakes; nothing on reals or in G's
-    phases. The target is G's feature in float32, a constant (G is frozen in D's phases)."""
-
-    on_fakes = True
-
-    def __init__(self,
-        G_synthesis,                # G's synthesis network (given by the loss; GGDR reads only its features).
-        device,                     # Device of the networks (given by the loss).
-        res         = 64,           # Resolution of G's feature that D predicts (--ggdr-res).
-        weight      = 10.0,         # Weight of the term (--ggdr-weight).
-    ):
-        del G_synthesis, device
-        self.g_feature_res = res
-        self.weight = weight
-
-    def fake_loss(self, decoded, g_feature, gen_img):
-        del gen_img
-        loss = cosine_distance(decoded['feature'], g_feature.detach()) * self.weight
-        training_stats.report(STAT_GGDR, loss)
-        return loss
-
-
-class GLeaDTerm(DiscriminatorTerm):
+class GLeaDTerm(Regularizer):
     """GLeaD: D's heads -> G's frozen upper blocks -> a reconstruction of D's input (SPEC §5)."""
 
+    name = 'glead'
+    help = 'glead (D\'s predictions run G\'s upper blocks)'
+    options = (
+        Option('glead_res_g', int, None, 'G\'s blocks above this resolution reconstruct D\'s input (64 or 32 at '
+               '256x256)', min=8, tree='res_g', desc='{value}', desc_always=True, default_help=RES_G_HELP),
+        Option('glead_fake', str, 'gfeat', 'Fake branch, gfeat (cosine to G\'s feature: GLeaD + GGDR) or gfwimage '
+               '(reconstruction of the fake: plain GLeaD)', choices=GLEAD_FAKE_BRANCHES, tree='fake',
+               desc='-{value}'),
+        Option('glead_real_weight', float, 10.0, 'Weight of the reconstruction of reals', min=0,
+               tree='real_weight'),
+        Option('glead_fake_weight', float, None, 'Weight of the fake branch', min=0, tree='fake_weight',
+               default_help='10 for gfeat, 3 for gfwimage'),
+        Option('glead_recon', str, 'lpips', 'Reconstruction distance; lpips needs weights (--glead-lpips or a '
+               'download), mse needs none', choices=lpips.KINDS, tree='distance', desc='-{value}'),
+        Option('glead_lpips', str, None, 'LPIPS-AlexNet weights, torchvision\'s alexnet-owt-7be5be79.pth and '
+               'lpips\' weights/v0.1/alex.pth, or one combined file', tree='lpips_weights',
+               default_help='download', metavar='FILE|TRUNK,LIN'),
+    )
     on_fakes = True
     on_reals = True
 
@@ -88,6 +80,21 @@ class GLeaDTerm(DiscriminatorTerm):
         self.fake_weight = GLEAD_FAKE_WEIGHTS[fake] if fake_weight is None else fake_weight
         self.g_feature_res = res_g if fake == 'gfeat' else None
         self.distance = lpips.reconstruction_distance(distance, weights=_weights_arg(lpips_weights), device=device)
+
+    @classmethod
+    def resolve(cls, values, net):
+        res_g = values['glead_res_g'] or default_res_g(net.resolution)
+        # G's tail needs at least one block above res_g.
+        power_of_two_between('--glead-res-g', res_g, 8, net.resolution // 2, net.resolution, RES_G_HELP)
+        return dict(values, glead_res_g=res_g, glead_lpips=_lpips_weights(values))
+
+    @classmethod
+    def decoder(cls, values, net):
+        """The decoder ends at 64 (SPEC §5), or lower for small images, never below res_g; the heads give an
+        image, G's feature at res_g and one w."""
+        res_g = values['glead_res_g']
+        heads = dict(img_channels=net.img_channels, feat_channels=net.channels(res_g), w_dim=net.w_dim)
+        return decoder.decoder_kwargs(max(res_g, min(DECODER_END, net.resolution // 4)), heads)
 
     def _heads_at_res_g(self, decoded):
         """The heads' feature and image at res_g (resized bilinearly when the decoder ends above it)."""
@@ -131,6 +138,19 @@ def _weights_arg(value: Optional[str]):
 
 # ----------------------------------------------------------------------------
 # LPIPS weights for --glead-recon=lpips, found before the run starts.
+
+
+def _lpips_weights(values) -> Optional[str]:
+    """The weights the options record: none for mse; for lpips the files, found and checked now, on every rank
+    (the download cache writes atomically), so that the recorded options name the files every rank loads."""
+    if values['glead_recon'] != 'lpips':
+        return None
+    try:
+        return resolve_lpips_weights(values['glead_lpips'])
+    except (OSError, ValueError) as e:
+        raise ValueError(f'--glead-recon=lpips: {e}; give the files with --glead-lpips=TRUNK.pth,LIN.pth '
+                         f'(torchvision\'s alexnet-owt-7be5be79.pth, lpips\' weights/v0.1/alex.pth) or one '
+                         f'combined file, or use --glead-recon=mse (needs no file)') from None
 
 LIN_URL = 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth'
 

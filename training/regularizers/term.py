@@ -1,0 +1,75 @@
+"""What a regularizer of D declares for the command line, besides the loss term it is (training.loss.
+DiscriminatorTerm): its `--reg` name, its options, and how they become its part of the options tree.
+
+train.py makes `--reg` from the registry (training/regularizers/__init__.py) and one flag per declared option;
+the option builder (runner/options.py) refuses an option given without its regularizer, then calls `plan` of
+every regularizer in the `--reg` list with the values of its options (defaults filled in) and what the data and
+the networks are. A plan is the term's kwargs (class_name + keywords, which the loss builds the term from), the
+decoder of D it needs (None = none) and its run-name piece.
+"""
+
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+from training.flags import Option
+from training.loss import DiscriminatorTerm
+
+
+class TermPlan(NamedTuple):
+    """A regularizer's part of the options tree."""
+    term:       Dict[str, Any]              # loss_kwargs.d_terms entry: class_name + the term's keywords.
+    decoder:    Optional[Dict[str, Any]]    # D_kwargs.decoder_kwargs it needs, None = none.
+    desc:       str                         # Run-name piece, e.g. '-ggdr64'.
+
+
+class NetworkFacts(NamedTuple):
+    """What a plan may depend on: the data and the networks the rest of the tree describes."""
+    resolution:     int         # Image resolution (square, a power of two).
+    img_channels:   int         # Image channels.
+    w_dim:          int         # G's intermediate latent dimension.
+    channel_base:   int         # G's and D's channel_base (the same: D's decoder meets G's features).
+    channel_max:    int         # G's and D's channel_max.
+
+    def channels(self, res: int) -> int:
+        """C[res] of SPEC §5: the feature channels of G and D at resolution `res`."""
+        return min(self.channel_base // res, self.channel_max)
+
+
+class Regularizer(DiscriminatorTerm):
+    """A registered regularizer: a D loss term that declares its command line."""
+
+    name:       str = ''                    # Its --reg value.
+    help:       str = ''                    # One line for the --reg help.
+    options:    Tuple[Option, ...] = ()     # Its flags; the `tree` of each is a keyword of the class.
+
+    @classmethod
+    def resolve(cls, values: Mapping[str, Any], net: NetworkFacts) -> Dict[str, Any]:
+        """The option values with those left to the term (default None) decided; raises ValueError with one
+        line naming the flag for a value that does not fit the data. By default: as given."""
+        del net
+        return dict(values)
+
+    @classmethod
+    def decoder(cls, values: Mapping[str, Any], net: NetworkFacts) -> Optional[Dict[str, Any]]:
+        """The decoder of D this term reads (training.decoder.decoder_kwargs), None = none."""
+        del values, net
+        return None
+
+    @classmethod
+    def plan(cls, values: Mapping[str, Any], net: NetworkFacts) -> TermPlan:
+        """Its part of the tree from the values of its options (every one present, defaults filled in): the
+        keywords from the options' `tree` (the registry adds the class_name), the run-name piece '-<name>' and
+        the options' pieces."""
+        values = cls.resolve(values, net)
+        term = dict()
+        for option in cls.options:
+            if option.tree is not None:
+                term[option.tree] = option.tree_value(values[option.name])
+        desc = f'-{cls.name}' + ''.join(option.desc_piece(values[option.name]) for option in cls.options)
+        return TermPlan(term=term, decoder=cls.decoder(values, net), desc=desc)
+
+
+def power_of_two_between(flag: str, value: int, low: int, high: int, resolution: int, default_help: str) -> None:
+    """A feature resolution the networks have: a power of two in [low, high], else a ValueError naming `flag`."""
+    if value not in [2 ** i for i in range(2, 16)] or not low <= value <= high:
+        raise ValueError(f'{flag} must be a power of two between {low} and {high} for {resolution}x{resolution} '
+                         f'images, got {value}  [default: {default_help}]')
