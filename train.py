@@ -94,34 +94,28 @@ process count works, not only powers of two. Process groups time out after 15 mi
 """
 
 import copy
-import inspect
 import os
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import click
 
 import dnnlib
 import runner.launch
 import runner.options
+from runner.command_line import click_options, given_options
 from runner.errors import FiniteFloatRange, RunFailed, UserError, warn
 from runner.launch import DEFAULT_TRAINING_LOOP, launch_torchrun, launch_training
 from runner.metric_plan import check_metrics_ready, cpu_metric_note
 from runner.options import (
-    AUG_MODES,
     AUGPIPE_NAMES,
     CFG_NAMES,
-    DEFAULTS,
     PRECISIONS,
     PRESETS,
     RESUME_PRESETS,
     STATE_OVERRIDES,
-    Preset,
-    auto_preset,
-    block_option_defaults,
+    command_line_options,
     distributed_env,
     inspect_dataset,
-    inspect_snapshot,
-    parse_metrics,
     resolve_launch,
 )
 from runner.run_dir import (
@@ -135,18 +129,15 @@ from runner.run_dir import (
     write_options,
 )
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
-from training import regularizers
-from training.checkpoint import STATE_FILE_NAME
-from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
 
-# What scripts, tests and users call as train.<name>; the code lives in training/ (options, launch, run_dir).
+# What scripts, tests and users call as train.<name>; the code lives in package runner.
 __all__ = [
-    'AUG_MODES', 'AUGPIPE_NAMES', 'CFG_NAMES', 'DEFAULTS', 'DEFAULT_TRAINING_LOOP', 'EXIT_STOPPED', 'LOG_FILE_NAME',
-    'OPTIONS_FILE_NAME', 'PRECISIONS', 'PRESETS', 'RESUME_PRESETS', 'STATE_OVERRIDES', 'FiniteFloatRange', 'Preset',
-    'RunFailed', 'UserError', 'auto_preset', 'block_option_defaults', 'build_training_plan', 'check_metrics_ready',
-    'check_outdir', 'describe', 'distributed_env', 'finish_failed_run', 'inspect_dataset', 'inspect_snapshot',
-    'launch_torchrun', 'launch_training', 'main', 'make_main', 'next_run_dir', 'parse_metrics', 'prepare_run_dir',
-    'resolve_launch', 'setup_training_loop_kwargs', 'setup_training_options', 'subprocess_fn', 'write_options',
+    'AUGPIPE_NAMES', 'CFG_NAMES', 'DEFAULT_TRAINING_LOOP', 'EXIT_STOPPED', 'LOG_FILE_NAME', 'OPTIONS_FILE_NAME',
+    'PRECISIONS', 'PRESETS', 'RESUME_PRESETS', 'STATE_OVERRIDES', 'CommaSeparatedList', 'FiniteFloatRange',
+    'RunFailed', 'UserError', 'build_training_plan', 'check_metrics_ready', 'check_outdir', 'describe',
+    'distributed_env', 'finish_failed_run', 'inspect_dataset', 'launch_torchrun', 'launch_training', 'main',
+    'make_main', 'next_run_dir', 'prepare_run_dir', 'resolve_launch', 'setup_training_loop_kwargs',
+    'setup_training_options', 'subprocess_fn', 'write_options',
 ]
 
 # Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after saving its state: EX_TEMPFAIL of sysexits.h,
@@ -212,10 +203,9 @@ def setup_training_loop_kwargs(
 
 
 def _option_names() -> List[str]:
-    """The keywords setup_training_options takes: the builder's parameters and the synthesis blocks' options."""
-    params = inspect.signature(runner.options.build_training_plan).parameters.values()
-    names = [param.name for param in params if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    return names + list(synthesis_block_options()) + list(regularizers.regularizer_options())
+    """The keywords setup_training_options takes: every option of train.py (the builder's launch keywords
+    are not the official builder's)."""
+    return [option.name for option, _applies_to in command_line_options()]
 
 
 def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> Optional[str]:
@@ -226,17 +216,6 @@ def subprocess_fn(rank: int, args: dnnlib.EasyDict, temp_dir: str) -> Optional[s
     is just called. Returns the stop message on rank 0 when a signal stopped the run, else None; an error raises
     RunFailed (one line; the traceback is in log.txt)."""
     return runner.launch.run_rank(rank, args, temp_dir)
-
-
-# ----------------------------------------------------------------------------
-# Command-line types.
-
-
-def _metrics_callback(_ctx, _param, value):
-    try:
-        return parse_metrics(value)
-    except UserError as e:
-        raise click.BadParameter(e.message) from None
 
 
 # ----------------------------------------------------------------------------
@@ -255,12 +234,6 @@ class CommaSeparatedList(click.ParamType):
         if value is None or value == '' or value.lower() == 'none':
             return []
         return value.split(',')
-
-
-def _bool_option(*names: str, help: str):
-    """A boolean option that accepts --name, --name=1, --name=true, --name=0, ... (the official spelling is =1)."""
-    return click.option(*names, type=bool, metavar='BOOL', is_flag=False, flag_value=True,
-                        default=DEFAULTS[names[0].lstrip('-').replace('-', '_')], show_default=True, help=help)
 
 
 EXAMPLES = '''Examples:
@@ -289,85 +262,17 @@ EXAMPLES = '''Examples:
 
 @click.command(epilog=EXAMPLES)
 @click.pass_context
-# General options.
 @click.option('--outdir', type=click.Path(file_okay=False), help='Where to make the run directory (new runs)')
-@click.option('--gpus', type=click.IntRange(min=0), default=DEFAULTS['gpus'], show_default=True,
-              help='Number of processes (GPUs); 0 = train on the CPU')
-@click.option('--device', type=click.Choice(launcher.DEVICES), default=DEFAULTS['device'], show_default=True,
-              help='Where the processes run; cpu runs --gpus processes on the CPU (gloo)')
-@click.option('--snap', type=click.IntRange(min=1), default=DEFAULTS['snap'], show_default=True,
-              help='Ticks between image and network snapshots')
-@click.option('--state-kimg', type=FiniteFloatRange(min=0, min_open=True), help='Also write the training state '
-              'every N kimg (at the next tick), so that a preemption loses at most that much  [default: with '
-              'the network snapshots only]')
-@_bool_option('--stop-snapshot', help='On SIGTERM/SIGINT/SIGUSR1, write a network snapshot besides the training '
-              'state')
-@click.option('--metrics', callback=_metrics_callback, default=DEFAULTS['metrics'], show_default=True,
-              help='Comma-separated list of metrics, or "none"')
-@click.option('--seed', type=click.IntRange(min=0, max=2 ** 32 - 1), default=DEFAULTS['seed'], show_default=True,
-              help='Random seed')
 @click.option('-n', '--dry-run', is_flag=True, help='Show the options tree and the run directory; create nothing '
               '(needs no GPU)')
-@click.option('--desc', help='Extra text for the run directory name')
-@click.option('--detector-dir', type=click.Path(file_okay=False), help='Folder with the metrics\' feature networks '
-              '(inception-2015-12-05.pt, vgg16.pt) for offline machines  [default: $STYLEGAN_DETECTOR_DIR or the '
-              'download cache]')
-# Dataset.
-@click.option('--data', help='Dataset folder or .zip (as dataset_tool.py writes them)')
-@_bool_option('--cond', help='Condition G and D on the dataset labels (dataset.json)')
-@click.option('--subset', type=click.IntRange(min=1), help='Use only this many images, drawn at random with --seed')
-@_bool_option('--mirror', help='Also train on left-right mirrored copies')
-# Base configuration.
-@click.option('--cfg', type=click.Choice(CFG_NAMES), default=DEFAULTS['cfg'], show_default=True,
-              help='Preset (batch, learning rate, gamma, capacity, ...)')
-@click.option('--gamma', type=FiniteFloatRange(min=0), help='R1 weight gamma (replaces the preset value)')
-@click.option('--kimg', type=FiniteFloatRange(min=0, min_open=True),
-              help='Training length in kimg (replaces the preset value; fractions allowed for short tests)')
-@click.option('--batch', type=click.IntRange(min=1), help='Total batch over all processes (replaces the preset value)')
-@click.option('--batch-gpu', type=click.IntRange(min=1), help='Images per process and round: a smaller value '
-              'accumulates gradients over more rounds (the out-of-memory fix; same result up to rounding)')
-@click.option('--glr', type=FiniteFloatRange(min=0, min_open=True), help='G learning rate (replaces the preset value)')
-@click.option('--dlr', type=FiniteFloatRange(min=0, min_open=True), help='D learning rate (replaces the preset value)')
-@click.option('--mbstd-group', type=click.IntRange(min=1), help='Minibatch-std group size of D (replaces the '
-              'preset value)')
-@click.option('--cbase', type=click.IntRange(min=1), help='Capacity multiplier channel_base (replaces the preset value)')
-@click.option('--cmax', type=click.IntRange(min=1), help='Max. feature maps per layer (replaces the preset value 512)')
-@click.option('--map-depth', '--map', 'map_depth', type=click.IntRange(min=1),
-              help='Mapping network depth (replaces the preset value; --map is an alias)')
-@click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), help='kimg per tick (progress line, snapshot '
-              'unit)  [default: 4]')
-# (--arch and the options of the synthesis blocks come here: make_main() adds them from the registry.)
-# Augmentation.
-@click.option('--aug', type=click.Choice(AUG_MODES), default=DEFAULTS['aug'], show_default=True,
-              help='ada: adaptive p; fixed: constant --p; noaug: none')
-@click.option('--p', type=FiniteFloatRange(min=0, max=1), help='The constant probability of --aug=fixed')
-@click.option('--target', type=FiniteFloatRange(min=0, max=1), default=DEFAULTS['target'], show_default=True,
-              help='Overfitting heuristic r_t that --aug=ada steers towards')
-@click.option('--augpipe', type=click.Choice(AUGPIPE_NAMES), default=DEFAULTS['augpipe'], show_default=True,
-              help='Which transforms the augmentation applies (preset name)')
-# (--reg and the options of the regularizers come here: make_main() adds them from the registry.)
-# Transfer learning and resuming.
-@click.option('--resume', help=f'Start from a snapshot ({", ".join(RESUME_PRESETS)}, .pkl path or URL), or '
-              f'continue a run (its directory or {STATE_FILE_NAME})')
-@click.option('--freezed', type=click.IntRange(min=0), help='Keep the D layers below this index fixed (transfer learning)')
-# Performance.
-@click.option('--precision', type=click.Choice(PRECISIONS), default=DEFAULTS['precision'], show_default=True,
-              help='Precision of the 4 highest-resolution blocks of G and D on a GPU: fp16 (official), bf16 (no '
-              'overflow; H100/H200), or fp32 (= --fp32); everything else is float32')
-@_bool_option('--fp32', help='Float32 everywhere: no fp16 layers, no activation clamping (= --precision=fp32)')
-@_bool_option('--nhwc', help='Channels-last memory format for the fp16 layers')
-@_bool_option('--nobench', help='Do not let cuDNN time its algorithms (cudnn.benchmark off)')
-@_bool_option('--allow-tf32', help='Let matmuls and convolutions run in TF32 on recent GPUs')
-@click.option('--workers', type=click.IntRange(min=0), default=DEFAULTS['workers'], show_default=True,
-              help='Data-loading worker processes per training process')
+# (Every other option comes from runner.options.command_line_options(): make_main() adds them.)
 def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options) -> None:
     """Train a StyleGAN2-ADA generator (stock blocks or the image squeeze connection).
 
     The run goes to <outdir>/<NNNNN>-<description>/ (training_options.json, log.txt, images, snapshots,
     statistics). See the docstring of train.py for the run description and the resume rules.
     """
-    source = click.core.ParameterSource
-    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) != source.DEFAULT}
+    given = given_options(ctx, options)
     dist = distributed_env(os.environ)
     # Under torchrun or srun every process builds the plan; only rank 0 reads the resume snapshot and the
     # feature networks (if it fails, the launcher stops the others).
@@ -414,66 +319,12 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
         ctx.exit(EXIT_STOPPED)
 
 
-def _declared_click_option(option: Any, owners: str) -> click.Option:
-    """The flag of an option a synthesis block (networks.BlockOption) or a regularizer (training.flags.Option)
-    declares; `owners` ('--arch=squeeze') ends its help."""
-    if option.type is bool:
-        kwargs = dict(type=bool, metavar='BOOL', is_flag=False, flag_value=True)
-    elif option.choices:
-        kwargs = dict(type=click.Choice(option.choices))
-    elif option.type is int:
-        kwargs = dict(type=click.IntRange(min=option.min, max=getattr(option, 'max', None)))
-    elif option.type is float:
-        kwargs = dict(type=FiniteFloatRange(min=option.min, max=getattr(option, 'max', None),
-                                            min_open=getattr(option, 'min_open', False)))
-    else:
-        kwargs = dict(type=option.type)
-    help = f'{option.help} ({owners})'
-    if option.default is None and getattr(option, 'default_help', None):
-        help += f'  [default: {option.default_help}]'
-    if getattr(option, 'metavar', None):
-        kwargs['metavar'] = option.metavar
-    return click.Option(['--' + option.name.replace('_', '-')], default=option.default,
-                        show_default=option.default is not None, help=help, **kwargs)
-
-
-def _block_click_options() -> List[click.Option]:
-    """--arch with the names in SYNTHESIS_BLOCKS, and one option per user option of those blocks
-    (networks.BlockOption)."""
-    params = [click.Option(['--arch'], type=click.Choice(list(SYNTHESIS_BLOCKS)), default=DEFAULTS['arch'],
-                           show_default=True, help='Generator synthesis block')]
-    for option, owners in synthesis_block_options().values():
-        params.append(_declared_click_option(option, ' or '.join(f'--arch={owner}' for owner in owners)))
-    return params
-
-
-def _regularizer_click_options() -> List[click.Option]:
-    """--reg with the names in training.regularizers.REGULARIZERS, and one option per option they declare."""
-    helps = ', '.join(regularizers.regularizer_class(name).help for name in regularizers.REGULARIZERS)
-    params = [click.Option(['--reg'], callback=_regularizers_callback, default=DEFAULTS['reg'], show_default=True,
-                           help=f'D regularizers, a comma-separated list: {helps}; none = off')]
-    for option, owners in regularizers.regularizer_options().values():
-        params.append(_declared_click_option(option, ' or '.join(f'--reg={owner}' for owner in owners)))
-    return params
-
-
-def _regularizers_callback(_ctx, _param, value):
-    try:
-        regularizers.parse_regularizers(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
 def make_main() -> click.Command:
-    """The command line of train.py, with --arch and the flags of the synthesis blocks registered now (after
-    --tick), and --reg with the flags of the regularizers (after --augpipe). A block added to SYNTHESIS_BLOCKS
-    or a regularizer added to REGULARIZERS brings its flags; `main` is built once, at import."""
+    """The command line of train.py: --outdir and --dry-run, then every option of
+    runner.options.command_line_options(), read from the registries now (a block added to SYNTHESIS_BLOCKS or a
+    regularizer added to REGULARIZERS brings its flags); `main` is built once, at import."""
     command = copy.copy(_command)
-    names = [param.name for param in _command.params]
-    blocks, regs = names.index('tick') + 1, names.index('augpipe') + 1
-    command.params = (_command.params[:blocks] + _block_click_options() + _command.params[blocks:regs] +
-                      _regularizer_click_options() + _command.params[regs:])
+    command.params = _command.params + click_options(command_line_options())
     return command
 
 

@@ -17,7 +17,8 @@ DEFAULT_METRICS = 'fid50k_full'     # The official default; --metrics=fid2k is t
 
 
 def parse_metrics(value: Union[None, str, Sequence[str]]) -> List[str]:
-    """'fid50k_full,kid50k_full' -> ['fid50k_full', 'kid50k_full']; 'none' -> []. A list passes through."""
+    """'fid50k_full,kid50k_full' -> ['fid50k_full', 'kid50k_full']; 'none' -> []. A list passes through.
+    Raises ValueError for 'none' among names."""
     if value is None:
         value = DEFAULT_METRICS
     names = value.split(',') if isinstance(value, str) else list(value)
@@ -25,7 +26,7 @@ def parse_metrics(value: Union[None, str, Sequence[str]]) -> List[str]:
     if names == ['none']:
         return []
     if 'none' in names:
-        raise UserError('--metrics: "none" cannot be combined with metric names')
+        raise ValueError('"none" cannot be combined with metric names')
     return names
 
 def validate_metrics(metrics: List[str]) -> None:

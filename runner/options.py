@@ -13,7 +13,7 @@ files, snapshots, GPUs or feature networks.
 import copy
 import os
 import re
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -25,7 +25,8 @@ from torch_utils import distributed as launcher  # Not `distributed`: that names
 from training import checkpoint, regularizers
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
-from training.networks import synthesis_block_options
+from training.flags import Option
+from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
 from training.regularizers.term import NetworkFacts
 
 # ----------------------------------------------------------------------------
@@ -77,40 +78,137 @@ AUGPIPE_NAMES = tuple(AUGPIPE_SPECS)
 AUG_MODES = ('ada', 'noaug', 'fixed')
 PRECISIONS = ('fp16', 'bf16', 'fp32')   # --precision of the num_fp16_res blocks (training.networks.PRECISIONS + fp32).
 
-# The value of every option that the user did not give. click shows these as the defaults.
-DEFAULTS = dict(
-    gpus            = 1,
-    device          = 'auto',
-    snap            = 50,
-    metrics         = 'fid50k_full',
-    seed            = 0,
-    cond            = False,
-    mirror          = False,
-    cfg             = 'auto',
-    aug             = 'ada',
-    target          = 0.6,
-    augpipe         = 'bgc',
-    fp32            = False,
-    nhwc            = False,
-    nobench         = False,
-    allow_tf32      = False,
-    workers         = 3,
-    arch            = 'skip',
-    stop_snapshot   = True,
-    precision       = 'fp16',
-    reg             = 'none',
+# train.py's own options, each declared once: the click flag (runner/command_line.py), the default, the range
+# check, the run-name piece (`desc`, under the option's name in RUN_DESC_ORDER) and, where the value lands in the
+# tree as it is, the path (`tree`; the sections below decide the others). Given options with a `tree` replace the
+# preset's value after the sections ran (`_apply_overrides`). In the order of `train.py --help`; the synthesis
+# blocks' options follow --tick, the regularizers' follow --augpipe (`command_line_options`).
+OPTIONS = (
+    # General options.
+    Option('gpus', int, 1, 'Number of processes (GPUs); 0 = train on the CPU', min=0, on_resume=True),
+    Option('device', str, 'auto', 'Where the processes run; cpu runs --gpus processes on the CPU (gloo)',
+           choices=launcher.DEVICES),
+    Option('snap', int, 50, 'Ticks between image and network snapshots', min=1, on_resume=True,
+           tree=('image_snapshot_ticks', 'network_snapshot_ticks')),
+    Option('state_kimg', float, None, 'Also write the training state every N kimg (at the next tick), so that a '
+           'preemption loses at most that much', min=0, min_open=True, on_resume=True, tree='state_kimg',
+           default_help='with the network snapshots only'),
+    Option('stop_snapshot', bool, True, 'On SIGTERM/SIGINT/SIGUSR1, write a network snapshot besides the training '
+           'state', on_resume=True, tree='stop_snapshot'),
+    Option('metrics', str, metric_plan.DEFAULT_METRICS, 'Comma-separated list of metrics, or "none"',
+           parse=metric_plan.parse_metrics, on_resume=True),
+    Option('seed', int, 0, 'Random seed', min=0, max=2 ** 32 - 1, tree='random_seed'),  # And the dataset's (_dataset_section).
+    Option('desc', str, None, 'Extra text for the run directory name', desc='-{value}'),
+    Option('detector_dir', str, None, 'Folder with the metrics\' feature networks (inception-2015-12-05.pt, '
+           'vgg16.pt) for offline machines', metavar='DIRECTORY', on_resume=True, tree='detector_dir',
+           default_help='$STYLEGAN_DETECTOR_DIR or the download cache'),
+    # Dataset.
+    Option('data', str, None, 'Dataset folder or .zip (as dataset_tool.py writes them)'),
+    Option('cond', bool, False, 'Condition G and D on the dataset labels (dataset.json)', desc='-cond'),
+    Option('subset', int, None, 'Use only this many images, drawn at random with --seed', min=1,
+           desc='-subset{value}'),
+    Option('mirror', bool, False, 'Also train on left-right mirrored copies', desc='-mirror'),
+    # Base configuration.
+    Option('cfg', str, 'auto', 'Preset (batch, learning rate, gamma, capacity, ...)', choices=CFG_NAMES),
+    Option('gamma', float, None, 'R1 weight gamma (replaces the preset value)', min=0, tree='loss_kwargs.r1_gamma',
+           desc='-gamma{value:g}'),
+    Option('kimg', float, None, 'Training length in kimg (replaces the preset value; fractions allowed for short '
+           'tests)', min=0, min_open=True, on_resume=True, tree='total_kimg', desc='-kimg{value:g}'),
+    Option('batch', int, None, 'Total batch over all processes (replaces the preset value)', min=1,
+           desc='-batch{value}'),
+    Option('batch_gpu', int, None, 'Images per process and round: a smaller value accumulates gradients over more '
+           'rounds (the out-of-memory fix; same result up to rounding)', min=1, on_resume=True),
+    Option('glr', float, None, 'G learning rate (replaces the preset value)', min=0, min_open=True,
+           tree='G_opt_kwargs.lr', desc='-glr{value:g}'),
+    Option('dlr', float, None, 'D learning rate (replaces the preset value)', min=0, min_open=True,
+           tree='D_opt_kwargs.lr', desc='-dlr{value:g}'),
+    Option('mbstd_group', int, None, 'Minibatch-std group size of D (replaces the preset value)', min=1,
+           tree='D_kwargs.epilogue_kwargs.mbstd_group_size', desc='-mbstd{value}'),
+    # Capacity flags (named as in StyleGAN3's train.py) make small networks for CPU runs possible.
+    Option('cbase', int, None, 'Capacity multiplier channel_base (replaces the preset value)', min=1,
+           tree=('G_kwargs.synthesis_kwargs.channel_base', 'D_kwargs.channel_base'), desc='-cbase{value:d}'),
+    Option('cmax', int, None, 'Max. feature maps per layer (replaces the preset value 512)', min=1,
+           tree=('G_kwargs.synthesis_kwargs.channel_max', 'D_kwargs.channel_max'), desc='-cmax{value:d}'),
+    Option('map_depth', int, None, 'Mapping network depth (replaces the preset value; --map is an alias)', min=1,
+           aliases=('--map',), tree='G_kwargs.mapping_kwargs.num_layers', desc='-map{value:d}'),
+    Option('tick', float, None, 'kimg per tick (progress line, snapshot unit)', min=0, min_open=True,
+           on_resume=True, tree='kimg_per_tick', default_help='4'),
+    # Augmentation.
+    Option('aug', str, 'ada', 'ada: adaptive p; fixed: constant --p; noaug: none', choices=AUG_MODES,
+           desc='-{value}', desc_always=True),
+    Option('p', float, None, 'The constant probability of --aug=fixed', min=0, max=1, desc='-p{value:g}'),
+    Option('target', float, 0.6, 'Overfitting heuristic r_t that --aug=ada steers towards', min=0, max=1,
+           desc='-target{value:g}', desc_always=True),
+    Option('augpipe', str, 'bgc', 'Which transforms the augmentation applies (preset name)', choices=AUGPIPE_NAMES,
+           desc='-{value}', desc_always=True),
+    # Transfer learning and resuming.
+    Option('resume', str, None, f'Start from a snapshot ({", ".join(RESUME_PRESETS)}, .pkl path or URL), or '
+           f'continue a run (its directory or {STATE_FILE_NAME})'),
+    Option('freezed', int, None, 'Keep the D layers below this index fixed (transfer learning)', min=0,
+           tree='D_kwargs.block_kwargs.freeze_layers', desc='-freezed{value:d}'),
+    # Performance.
+    Option('precision', str, 'fp16', 'Precision of the 4 highest-resolution blocks of G and D on a GPU: fp16 '
+           '(official), bf16 (no overflow; H100/H200), or fp32 (= --fp32); everything else is float32',
+           choices=PRECISIONS),
+    Option('fp32', bool, False, 'Float32 everywhere: no fp16 layers, no activation clamping (= --precision=fp32)'),
+    Option('nhwc', bool, False, 'Channels-last memory format for the fp16 layers'),
+    Option('nobench', bool, False, 'Do not let cuDNN time its algorithms (cudnn.benchmark off)'),
+    Option('allow_tf32', bool, False, 'Let matmuls and convolutions run in TF32 on recent GPUs', tree='allow_tf32'),
+    Option('workers', int, 3, 'Data-loading worker processes per training process', min=0, on_resume=True),
 )
-
-def block_option_defaults() -> Dict[str, Any]:
-    """The defaults of the options the synthesis blocks (networks.BlockOption) and the regularizers
-    (training.flags.Option) declare, which click shows too."""
-    declared = {**synthesis_block_options(), **regularizers.regularizer_options()}
-    return {name: option.default for name, (option, _owners) in declared.items()}
+ARCH_DEFAULT = 'skip'       # --arch: the official generator.
 
 
-# Options that may change when a training state is resumed; every other option is fixed by the state.
-STATE_OVERRIDES = ('kimg', 'snap', 'metrics', 'workers', 'gpus', 'tick', 'batch_gpu', 'detector_dir', 'state_kimg',
-                   'stop_snapshot')
+def arch_option() -> Option:
+    """--arch, with the names registered in training.networks.SYNTHESIS_BLOCKS now."""
+    return Option('arch', str, ARCH_DEFAULT, 'Generator synthesis block', choices=tuple(SYNTHESIS_BLOCKS))
+
+
+def reg_option() -> Option:
+    """--reg, with the regularizers registered in training.regularizers.REGULARIZERS now."""
+    helps = ', '.join(regularizers.regularizer_class(name).help for name in regularizers.REGULARIZERS)
+    return Option('reg', str, 'none', f'D regularizers, a comma-separated list: {helps}; none = off',
+                  metavar='LIST', parse=_checked_regularizers)
+
+
+def _checked_regularizers(value: str) -> str:
+    regularizers.parse_regularizers(value)
+    return value
+
+
+def declared_options() -> Dict[str, Tuple[Option, str]]:
+    """The options the synthesis blocks (networks.BlockOption) and the regularizers (training.flags.Option)
+    declare: name -> (Option, the flags they apply to, e.g. '--arch=squeeze'), read from the registries now."""
+    options = dict()
+    for name, (block_option, owners) in synthesis_block_options().items():
+        option = Option(name, block_option.type, block_option.default, block_option.help,
+                        choices=block_option.choices, min=block_option.min)
+        options[name] = (option, ' or '.join(f'--arch={owner}' for owner in owners))
+    for name, (option, owners) in regularizers.regularizer_options().items():
+        options[name] = (option, ' or '.join(f'--reg={owner}' for owner in owners))
+    return options
+
+
+def command_line_options() -> List[Tuple[Option, str]]:
+    """Every option of train.py in the order of its help, as (Option, what it applies to or '')."""
+    table = [(option, '') for option in OPTIONS]
+    declared = declared_options()
+    names = [option.name for option in OPTIONS]
+    blocks = [(arch_option(), '')] + [declared[name] for name in synthesis_block_options()]
+    regs = [(reg_option(), '')] + [declared[name] for name in regularizers.regularizer_options()]
+    at_blocks, at_regs = names.index('tick') + 1, names.index('augpipe') + 1
+    return table[:at_blocks] + blocks + table[at_blocks:at_regs] + regs + table[at_regs:]
+
+
+def option_defaults() -> Dict[str, Any]:
+    """The value of every option the user did not give (None: the builder decides), read from the registries
+    now; click shows the same defaults."""
+    return {option.name: option.default for option, _owners in command_line_options()}
+
+
+# The options that may change when a training state is resumed; every other option is fixed by the state.
+STATE_OVERRIDES = tuple(option.name for option in OPTIONS if option.on_resume)
+DEFAULTS = {option.name: option.default for option in OPTIONS}   # Of train.py's own options (option_defaults()).
 # Options that choose how to launch, not what to train: never reported as ignored.
 _LAUNCH_OPTIONS = ('resume', 'device', 'distributed', 'check_devices', 'check_files')
 
@@ -378,20 +476,14 @@ def _check_length_left(state_path: str, args: dnnlib.EasyDict, given: Mapping[st
 def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any]) -> None:
     """The options in STATE_OVERRIDES that the command line gives replace the stored ones (except --gpus and
     --batch-gpu, which the launch decides)."""
-    if given.get('kimg') is not None:
-        args.total_kimg = given['kimg']
-    if given.get('snap') is not None:
-        args.image_snapshot_ticks = args.network_snapshot_ticks = given['snap']
+    for option in OPTIONS:
+        if option.on_resume and given.get(option.name) is not None:
+            for path in option.tree_paths:
+                _set_path(args, path, option.tree_value(given[option.name]))
     if given.get('metrics') is not None:
-        args.metrics = parse_metrics(given['metrics'])
-        metric_plan.validate_metrics(args.metrics)
+        args.metrics = _metric_list(given['metrics'])
     if given.get('workers') is not None:
         args.data_loader_kwargs = _data_loader_kwargs(given['workers'], args.data_loader_kwargs)
-    if given.get('tick') is not None:
-        args.kimg_per_tick = given['tick']
-    for name in ('detector_dir', 'state_kimg', 'stop_snapshot'):
-        if given.get(name) is not None:
-            args[name] = given[name]
 
 
 def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
@@ -433,51 +525,13 @@ def _data_loader_kwargs(workers: int, base: Optional[Mapping[str, Any]] = None) 
 
 
 def build_training_plan(
-    data:               Optional[str] = None,       # --data: dataset folder or .zip.
-    gpus:               Optional[int] = None,       # --gpus: number of processes, 0 = one CPU process.
-    device:             Optional[str] = None,       # --device: auto, cuda or cpu.
     distributed:        Optional[dict] = None,      # distributed_env() under torchrun or srun, else None.
-    snap:               Optional[int] = None,       # --snap: snapshot interval in ticks.
-    metrics:            Any = None,                 # --metrics: list or comma-separated string, 'none' = [].
-    seed:               Optional[int] = None,       # --seed: random seed.
-    cond:               Optional[bool] = None,      # --cond: train with the dataset's labels.
-    subset:             Optional[int] = None,       # --subset: train on this many images.
-    mirror:             Optional[bool] = None,      # --mirror: add x-flipped images.
-    cfg:                Optional[str] = None,       # --cfg: preset name or auto.
-    gamma:              Optional[float] = None,     # --gamma: R1 weight override.
-    kimg:               Optional[int] = None,       # --kimg: training length override.
-    batch:              Optional[int] = None,       # --batch: total batch size override.
-    aug:                Optional[str] = None,       # --aug: ada, noaug or fixed.
-    p:                  Optional[float] = None,     # --p: augmentation probability for --aug=fixed.
-    target:             Optional[float] = None,     # --target: ADA target for --aug=ada.
-    augpipe:            Optional[str] = None,       # --augpipe: augmentation preset.
-    resume:             Optional[str] = None,       # --resume: preset, URL, .pkl, run dir or training state.
-    freezed:            Optional[int] = None,       # --freezed: number of frozen D layers.
-    fp32:               Optional[bool] = None,      # --fp32: no mixed precision.
-    nhwc:               Optional[bool] = None,      # --nhwc: channels-last for fp16 layers.
-    nobench:            Optional[bool] = None,      # --nobench: no cuDNN benchmarking.
-    allow_tf32:         Optional[bool] = None,      # --allow-tf32: allow TF32 matmul / convolutions.
-    workers:            Optional[int] = None,       # --workers: DataLoader worker processes.
-    arch:               Optional[str] = None,       # --arch: synthesis block type (SYNTHESIS_BLOCKS).
-    cbase:              Optional[int] = None,       # --cbase: channel_base override (capacity).
-    cmax:               Optional[int] = None,       # --cmax: channel_max override.
-    map_depth:          Optional[int] = None,       # --map-depth (alias --map): mapping-network depth override.
-    tick:               Optional[float] = None,     # --tick: kimg per tick (progress line, snapshot unit).
-    batch_gpu:          Optional[int] = None,       # --batch-gpu: images per process and round (accumulation).
-    glr:                Optional[float] = None,     # --glr: G learning rate override.
-    dlr:                Optional[float] = None,     # --dlr: D learning rate override.
-    mbstd_group:        Optional[int] = None,       # --mbstd-group: minibatch-std group size override.
-    desc:               Optional[str] = None,       # --desc: extra text for the run directory name.
-    detector_dir:       Optional[str] = None,       # --detector-dir: folder with the metrics' feature networks.
-    state_kimg:         Optional[float] = None,     # --state-kimg: training state every N kimg besides snapshots.
-    stop_snapshot:      Optional[bool] = None,      # --stop-snapshot: a network snapshot too when a signal stops it.
-    precision:          Optional[str] = None,       # --precision: fp16, bf16 or fp32 for the num_fp16_res blocks.
-    reg:                Optional[str] = None,       # --reg: none or a comma list of D regularizers (SPEC §5).
     check_devices:      bool = True,                # Check that the CUDA devices exist (False: --dry-run).
     check_files:        bool = True,                # Load the resume snapshot, find the metrics' feature networks
                                                     # (False: torchrun/srun ranks other than 0, which rank 0 speaks for).
-    **declared,                                     # The options the synthesis blocks and the regularizers declare
-                                                    # (squeeze_r, ggdr_res, ...); any other keyword is a TypeError.
+    **options,                                      # train.py's options by name (command_line_options(): OPTIONS,
+                                                    # --arch, --reg and what the blocks and the regularizers declare),
+                                                    # None = not given; any other keyword is a TypeError naming it.
 ) -> tuple:
     """Command-line values -> (run_desc, args, EasyDict(num_gpus, device_type)): the options tree where
     `training_loop(run_dir=..., **args)` trains, and how to launch it (train.setup_training_options drops the
@@ -487,58 +541,95 @@ def build_training_plan(
     builder checks what depends on several options or on the data. Data and option errors come before device
     errors: a wrong --data is reported as such on any machine.
     """
-    given = {name: value for name, value in locals().items()
-             if value is not None and name != 'declared'}
-    defaults = block_option_defaults()
-    unknown = sorted(set(declared) - set(defaults))
+    defaults = option_defaults()
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f'build_training_plan() got unknown option(s) {", ".join(unknown)}')
-    given.update({name: value for name, value in declared.items() if value is not None})
-    opts = dnnlib.EasyDict({**DEFAULTS, **defaults, **given})
+    given = {name: options[name] for name in defaults if options.get(name) is not None}  # In the help's order.
+    opts = dnnlib.EasyDict({**defaults, **given})
+    launch_given = dict(distributed=distributed, check_devices=check_devices, check_files=check_files)
 
     # A training state continues its own run; nothing below applies to it.
-    state_path = _find_state_file(resume) if resume is not None else None
+    state_path = _find_state_file(opts.resume) if opts.resume is not None else None
     if state_path is not None:
-        return _continue_state(state_path, given)
+        return _continue_state(state_path, {**given, **launch_given})
 
-    launch = resolve_launch(gpus, device, distributed, probe_devices=False)
+    launch = resolve_launch(given.get('gpus'), given.get('device'), distributed, probe_devices=False)
     args = _base_args(opts, launch)
     dataset, pieces, info = _dataset_section(opts)
     spec, preset_pieces = _preset_section(opts, info.resolution, launch.num_gpus)
     networks, network_pieces = _network_section(opts, given, spec)
-    schedule, schedule_pieces = _schedule_section(opts, given, spec, launch.num_gpus)
-    augment, augment_pieces = _augment_section(opts, given)
+    schedule = _schedule_section(opts, given, spec, launch.num_gpus)
+    augment = _augment_section(opts, given)
     transfer, transfer_pieces = _transfer_section(opts, info, check_files)
     args.training_set_kwargs = dataset
     for part in (networks, schedule, augment, transfer):  # In this order: a transfer resets the EMA ramp-up.
         args.update(part)
-    reg_pieces = _regularizer_section(opts, given, info, args)
+    table_pieces = _apply_table_options(args, opts, given)
+    reg_pieces = _regularizer_section(opts, given, info, args)  # After the capacity flags: it reads C[res].
     _check_freezed(opts.get('freezed'), args.D_kwargs, info.resolution)
-    for part in (preset_pieces, network_pieces, schedule_pieces, augment_pieces, transfer_pieces, reg_pieces):
+    _check_desc(opts.get('desc'))
+    for part in (preset_pieces, network_pieces, transfer_pieces, table_pieces, reg_pieces):
         pieces.update(part)
-    if desc is not None:
-        if not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
-            raise UserError(f'--desc may hold letters, digits and _.+=- only (it becomes part of a directory name), '
-                            f'got {desc!r}')
-        pieces['desc'] = f'-{desc}'
     run_desc = ''.join(pieces[key] for key in RUN_DESC_ORDER if key in pieces)
 
     if check_files:
-        metric_plan.check_metrics_ready(args.metrics, detector_dir)
+        metric_plan.check_metrics_ready(args.metrics, opts.detector_dir)
     if check_devices:
-        resolve_launch(gpus, device, distributed)
+        resolve_launch(given.get('gpus'), given.get('device'), distributed)
     return run_desc, args, launch
 
 
+def _metric_list(value: Any) -> List[str]:
+    """--metrics as a list of names the registry knows (a list passes through)."""
+    try:
+        metrics = parse_metrics(value)
+    except ValueError as e:
+        raise UserError(f'--metrics: {e}') from None
+    metric_plan.validate_metrics(metrics)
+    return metrics
+
+
+def _apply_table_options(args: dnnlib.EasyDict, opts: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """Every option of OPTIONS with a `tree` writes its value (given, or a default that is not None) there,
+    replacing what the sections derived from the preset; returns the run-name pieces (`desc`) of those given
+    (the official script names --aug and --augpipe when they are given, even at their defaults)."""
+    pieces = dict()
+    for option in OPTIONS:
+        value = opts.get(option.name)
+        if value is None:
+            continue
+        for path in option.tree_paths:
+            _set_path(args, path, option.tree_value(value))
+        if option.name in given and option.desc_piece(value):
+            pieces[option.name] = option.desc_piece(value)
+    return pieces
+
+
+def _set_path(tree: dnnlib.EasyDict, path: str, value: Any) -> None:
+    """tree['a']['b'] = value for path 'a.b' (the dicts on the way exist: the sections made them)."""
+    *parents, key = path.split('.')
+    for parent in parents:
+        tree = tree[parent]
+    tree[key] = value
+
+
+def _check_desc(desc: Optional[str]) -> None:
+    if desc is not None and not re.fullmatch(r'[A-Za-z0-9_.+=-]+', desc):
+        raise UserError(f'--desc may hold letters, digits and _.+=- only (it becomes part of a directory name), '
+                        f'got {desc!r}')
+
+
 # The order of the run-description pieces (see the docstring of train.py); `block` holds the block options' pieces.
-RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'reg', 'cbase', 'cmax', 'map', 'glr', 'dlr',
-                  'mbstd', 'gamma', 'kimg', 'batch', 'aug', 'p', 'target', 'augpipe', 'resume', 'freezed', 'desc')
+RUN_DESC_ORDER = ('data', 'cond', 'subset', 'mirror', 'cfg', 'arch', 'block', 'reg', 'cbase', 'cmax', 'map_depth', 'glr',
+                  'dlr', 'mbstd_group', 'gamma', 'kimg', 'batch', 'aug', 'p', 'target', 'augpipe', 'resume', 'freezed',
+                  'desc')
 
 
 def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDict:
-    """The options tree with what no section decides: the loop's fixed settings and the run's switches."""
-    metrics = parse_metrics(opts.metrics)
-    metric_plan.validate_metrics(metrics)
+    """The options tree with what no section decides: the loop's fixed settings and the run's switches (None:
+    written by OPTIONS' `tree`, `_apply_table_options`)."""
+    metrics = _metric_list(opts.metrics)
     return dnnlib.EasyDict(
         training_set_kwargs     = None,
         data_loader_kwargs      = _data_loader_kwargs(opts.workers),
@@ -549,7 +640,7 @@ def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDic
         augment_kwargs          = None,
         loss_kwargs             = None,
         metrics                 = metrics,
-        random_seed             = opts.seed,
+        random_seed             = None,
         num_gpus                = launch.num_gpus,
         batch_size              = None,
         batch_gpu               = None,
@@ -562,21 +653,22 @@ def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDic
         ada_kimg                = 500,
         total_kimg              = None,
         kimg_per_tick           = 4,
-        image_snapshot_ticks    = opts.snap,
-        network_snapshot_ticks  = opts.snap,
+        image_snapshot_ticks    = None,
+        network_snapshot_ticks  = None,
         resume_pkl              = None,
         resume_state            = None,
         cudnn_benchmark         = not opts.nobench,
-        allow_tf32              = bool(opts.allow_tf32),
+        allow_tf32              = None,
         device_type             = launch.device_type,
-        detector_dir            = opts.get('detector_dir'),
-        state_kimg              = opts.get('state_kimg'),
-        stop_snapshot           = bool(opts.stop_snapshot),
+        detector_dir            = None,
+        state_kimg              = None,
+        stop_snapshot           = None,
     )
 
 
 def _dataset_section(opts: dnnlib.EasyDict) -> tuple:
-    """--data --cond --subset --mirror -> (training_set_kwargs, run-name pieces, what the dataset holds)."""
+    """--data --cond --subset --mirror -> (training_set_kwargs, the dataset's run-name piece, what the dataset
+    holds). The random seed is the run's: a subset is drawn with it."""
     if opts.get('data') is None:
         raise UserError('--data is required: a dataset folder or .zip archive (see dataset_tool.py)')
     kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=True,
@@ -587,19 +679,13 @@ def _dataset_section(opts: dnnlib.EasyDict) -> tuple:
         raise UserError(f'--data: the images of "{opts.data}" are {res}x{res}; training needs a power of two '
                         f'(at least 4), e.g. 256 (dataset_tool.py can resize)')
     kwargs.update(resolution=res, max_size=info.size, use_labels=bool(opts.cond), xflip=bool(opts.mirror))
-    pieces = dict(data=info.name)
-    if opts.cond:
-        if not info.has_labels:
-            raise UserError(f'--cond=1 needs labels, but "{opts.data}" has none (dataset.json with "labels")')
-        pieces['cond'] = '-cond'
+    if opts.cond and not info.has_labels:
+        raise UserError(f'--cond=1 needs labels, but "{opts.data}" has none (dataset.json with "labels")')
     if opts.get('subset') is not None:
         if opts.subset > info.size:
             raise UserError(f'--subset must be between 1 and the dataset size ({info.size}), got {opts.subset}')
-        pieces['subset'] = f'-subset{opts.subset}'
         kwargs.max_size = opts.subset
-    if opts.mirror:
-        pieces['mirror'] = '-mirror'
-    return kwargs, pieces, info
+    return kwargs, dict(data=info.name), info
 
 
 def _preset_section(opts: dnnlib.EasyDict, resolution: int, num_gpus: int) -> tuple:
@@ -610,11 +696,10 @@ def _preset_section(opts: dnnlib.EasyDict, resolution: int, num_gpus: int) -> tu
 
 
 def _network_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Preset) -> tuple:
-    """--arch and the block options, capacity, mapping depth, mbstd group, frozen D layers, precision ->
-    (dict(G_kwargs, D_kwargs), run-name pieces)."""
+    """--arch and the block options, the preset's capacity, mapping depth and mbstd group, precision ->
+    (dict(G_kwargs, D_kwargs), run-name pieces). The flags that replace preset values are OPTIONS' `tree`."""
     synthesis_kwargs, pieces = _synthesis_section(opts, given)
-    channel_base = int(spec.fmaps * 32768) if opts.get('cbase') is None else opts.cbase
-    channel_max = 512 if opts.get('cmax') is None else opts.cmax
+    channel_base, channel_max = int(spec.fmaps * 32768), 512    # --cbase, --cmax replace them (OPTIONS).
     synthesis_kwargs.update(channel_base=channel_base, channel_max=channel_max)
     G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
                                mapping_kwargs=dnnlib.EasyDict(num_layers=spec.map), synthesis_kwargs=synthesis_kwargs)
@@ -622,20 +707,6 @@ def _network_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Pres
                                channel_max=channel_max, num_fp16_res=4, conv_clamp=256, block_kwargs=dnnlib.EasyDict(),
                                mapping_kwargs=dnnlib.EasyDict(),
                                epilogue_kwargs=dnnlib.EasyDict(mbstd_group_size=spec.mbstd), **spec.D)
-    # Capacity flags (named as in StyleGAN3's train.py) make small networks for CPU runs possible.
-    if opts.get('cbase') is not None:
-        pieces['cbase'] = f'-cbase{opts.cbase:d}'
-    if opts.get('cmax') is not None:
-        pieces['cmax'] = f'-cmax{opts.cmax:d}'
-    if opts.get('map_depth') is not None:
-        pieces['map'] = f'-map{opts.map_depth:d}'
-        G_kwargs.mapping_kwargs.num_layers = opts.map_depth
-    if opts.get('mbstd_group') is not None:
-        pieces['mbstd'] = f'-mbstd{opts.mbstd_group}'
-        D_kwargs.epilogue_kwargs.mbstd_group_size = opts.mbstd_group
-    if opts.get('freezed') is not None:
-        pieces['freezed'] = f'-freezed{opts.freezed:d}'
-        D_kwargs.block_kwargs.freeze_layers = opts.freezed
     _apply_precision(opts, given.get('precision'), G_kwargs, D_kwargs)
     return dict(G_kwargs=G_kwargs, D_kwargs=D_kwargs), pieces
 
@@ -669,7 +740,7 @@ def _synthesis_section(opts: dnnlib.EasyDict, given: Mapping[str, Any]) -> tuple
     kwargs = dnnlib.EasyDict(channel_base=None, channel_max=None, num_fp16_res=4, conv_clamp=256,
                              architecture=opts.arch)
     pieces = dict()
-    if opts.arch != DEFAULTS['arch']:
+    if opts.arch != ARCH_DEFAULT:
         pieces['arch'] = f'-{opts.arch}'
     block_pieces = []
     for name, (option, owners) in synthesis_block_options().items():
@@ -702,8 +773,8 @@ def _apply_precision(opts: dnnlib.EasyDict, precision: Optional[str], G_kwargs: 
 
 
 def _schedule_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Preset, num_gpus: int) -> tuple:
-    """Optimizers, loss, length, batch and EMA from the preset and --glr --dlr --gamma --kimg --batch
-    --batch-gpu --tick -> (options, run-name pieces)."""
+    """Optimizers, loss, length, batch and EMA from the preset, --batch and --batch-gpu -> options (--glr --dlr
+    --gamma --kimg --tick replace preset values through OPTIONS' `tree`)."""
     part = dnnlib.EasyDict(
         G_opt_kwargs    = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8),
         D_opt_kwargs    = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=spec.lrate, betas=(0.0, 0.99), eps=1e-8),
@@ -715,23 +786,9 @@ def _schedule_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Pre
         ema_kimg        = spec.ema,
         ema_rampup      = spec.ramp,
     )
-    pieces = dict()
-    for flag, opt_kwargs in (('glr', part.G_opt_kwargs), ('dlr', part.D_opt_kwargs)):
-        if given.get(flag) is not None:
-            pieces[flag] = f'-{flag}{given[flag]:g}'
-            opt_kwargs.lr = given[flag]
-    if given.get('gamma') is not None:
-        pieces['gamma'] = f'-gamma{given["gamma"]:g}'
-        part.loss_kwargs.r1_gamma = given['gamma']
-    if given.get('kimg') is not None:
-        pieces['kimg'] = f'-kimg{given["kimg"]:g}'
-        part.total_kimg = given['kimg']
-    if given.get('tick') is not None:
-        part.kimg_per_tick = given['tick']
     if given.get('batch') is not None:
         if given['batch'] % num_gpus != 0:
             raise UserError(f'--batch={given["batch"]} must be a multiple of the number of GPUs ({num_gpus})')
-        pieces['batch'] = f'-batch{given["batch"]}'
         part.batch_size = given['batch']
         part.batch_gpu = given['batch'] // num_gpus
     if given.get('batch_gpu') is not None:
@@ -741,36 +798,30 @@ def _schedule_section(opts: dnnlib.EasyDict, given: Mapping[str, Any], spec: Pre
     _split_batch(part.batch_size, part.batch_gpu, num_gpus, mbstd,
                  hint='choose --batch (a multiple of --gpus), --batch-gpu (a divisor of the per-GPU batch) '
                       'or another --gpus')
-    return part, pieces
+    return part
 
 
 def _augment_section(opts: dnnlib.EasyDict, given: Mapping[str, Any]) -> tuple:
-    """--aug --p --target --augpipe -> (dict(augment_kwargs, augment_p, ada_target), run-name pieces). The
-    official script names --aug and --augpipe in the run when they are given, even at their defaults."""
+    """--aug --p --target --augpipe -> dict(augment_kwargs, augment_p, ada_target) (their run-name pieces are
+    the table's)."""
     part = dnnlib.EasyDict(augment_kwargs=None, augment_p=0.0, ada_target=None)
-    pieces = dict()
-    if 'aug' in given:
-        pieces['aug'] = f'-{opts.aug}'
     if opts.aug == 'fixed' and opts.get('p') is None:
         raise UserError('--aug=fixed requires --p (the fixed augmentation probability)')
     if opts.get('p') is not None:
         if opts.aug != 'fixed':
             raise UserError('--p can only be given with --aug=fixed')
-        pieces['p'] = f'-p{opts.p:g}'
         part.augment_p = float(opts.p)
     if 'target' in given:
         if opts.aug != 'ada':
             raise UserError('--target can only be given with --aug=ada')
-        pieces['target'] = f'-target{opts.target:g}'
     if opts.aug == 'ada':
         part.ada_target = float(opts.target)
     if 'augpipe' in given:
         if opts.aug == 'noaug':
             raise UserError('--augpipe cannot be given with --aug=noaug')
-        pieces['augpipe'] = f'-{opts.augpipe}'
     if opts.aug != 'noaug':
         part.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **AUGPIPE_SPECS[opts.augpipe])
-    return part, pieces
+    return part
 
 
 def _transfer_section(opts: dnnlib.EasyDict, info: Mapping[str, Any], check_files: bool) -> tuple:

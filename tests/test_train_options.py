@@ -880,3 +880,54 @@ def test_a_registered_block_brings_its_flag_without_an_edit_to_train_py(fake_dat
     assert result.exit_code == 2 and 'x>=0' in result.output
     # The command made at import knows nothing of it.
     assert '--toy-gain' not in cli(['--help']).output
+
+# ----------------------------------------------------------------------------
+# Every option declared once (runner.options.OPTIONS and the registries' declarations).
+
+
+def test_a_misspelt_keyword_to_the_builder_is_an_error_naming_it(fake_data):
+    with pytest.raises(TypeError, match='gama, sqeeze_r'):
+        train.build_training_plan(data='fakedata', device='cpu', gama=123.0, sqeeze_r=4)
+    with pytest.raises(TypeError, match='ggdr_weigth'):
+        train.setup_training_options(data='fakedata', device='cpu', reg='ggdr', ggdr_weigth=3.0)
+
+
+def _other_value(option):
+    """A valid value of `option` other than its default."""
+    if option.choices:
+        return next(choice for choice in option.choices if choice != option.default)
+    if option.type is float:
+        return 0.5 if option.max is not None and option.max <= 1 else 3.5
+    if option.type is int:
+        return (option.default or 0) + 2
+    assert option.type is str, option
+    return '/tmp/elsewhere'
+
+
+@pytest.mark.parametrize('option', [option for option in option_builder.OPTIONS if option.tree],
+                         ids=lambda option: option.name)
+def test_each_declared_option_lands_where_it_says(fake_data, option):
+    # The declaration alone gives the flag (with its check) and the place in the tree.
+    value = not option.default if option.type is bool else _other_value(option)
+    flag_value = str(int(value)) if option.type is bool else str(value)
+    _desc, args = build(**{option.name: value, 'cfg': 'paper256'})
+    assert value is not None and value != option.default
+    for path in option.tree_paths:
+        node = args
+        for key in path.split('.'):
+            node = node[key]
+        assert node == value, path
+    result = cli(['--outdir=/nonexistent', '--data=fakedata', '--device=cpu', '--dry-run', '--cfg=paper256',
+                  f'{option.flag}={flag_value}'])
+    assert result.exit_code == 0, result.output
+    if option.min is not None and option.type in (int, float):
+        result = cli(['--data=fakedata', '--dry-run', f'{option.flag}={option.min - 1}'])
+        assert result.exit_code == 2 and f"Invalid value for '{option.flag}'" in result.output
+
+
+def test_the_table_and_the_registries_make_every_flag_of_the_help():
+    help_text = cli(['--help']).output
+    names = [option.flag for option, _applies_to in option_builder.command_line_options()]
+    assert len(names) == len(set(names))
+    for flag in names:
+        assert f'  {flag} ' in help_text or f'  {flag}, ' in help_text, flag
