@@ -23,17 +23,20 @@ Examples:
 Structure. `setup_training_options(**opts)` is a pure function from command-line values to
 `(run_desc, args)`: `args` is the kwargs tree of `training.training_loop.training_loop`, with `class_name`
 strings that the loop resolves through `dnnlib.util.construct_class_by_name`. It is written whole to
-`<run_dir>/training_options.json` and printed by `--dry-run`. An option the user did not give is passed as
-None (or left out) and takes its value from `DEFAULTS`, so the builder also knows what was given explicitly;
-`main` passes only the options whose click parameter source is not the default. Presets are the table
-`PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`). The
-builder composes section builders (dataset, preset, networks, schedule, augmentation, transfer, regularizer),
-each of which returns its part of the tree and its run-description pieces. Ranges and choices are checked
-once, by the click types; the builder checks what depends on several options or on the data. `--arch` and the
-flags of the synthesis blocks come from `training.networks.SYNTHESIS_BLOCKS` (`make_main`): a block registered
-there brings its own flags, defaults, run-description pieces and "applies only to --arch=X" check. This script
-is the command line and the composition: the builder is runner/options.py, the process launcher runner/launch.py,
-the run directory runner/run_dir.py, the metrics' checks runner/metric_plan.py (package `runner`).
+`<run_dir>/training_options.json` and printed by `--dry-run`. Every option is declared once, as a
+`training.flags.Option` (runner.options.OPTIONS for these, the synthesis blocks' and the regularizers' own
+declarations for theirs): its flag, default, range check, run-name piece and, where its value lands as it is,
+its place in the tree come from there (`make_main`, `runner.command_line`). An option the user did not give is
+passed as None (or left out) and takes its declared default, so the builder also knows what was given
+explicitly; `main` passes only the options whose click parameter source is not the default. Presets are the
+table `PRESETS`; `auto` is computed from the dataset resolution and the number of processes (`auto_preset`).
+The builder composes section builders (dataset, preset, networks, schedule, augmentation, transfer,
+regularizers) for what depends on several options or on the data. `--arch` and the flags of the synthesis
+blocks come from `training.networks.SYNTHESIS_BLOCKS`, `--reg` and the flags of the regularizers from
+`training.regularizers.REGULARIZERS`: a block or a regularizer registered there brings its own flags, defaults,
+run-description pieces and "applies only to --arch=X / --reg=X" check. This script is the command line and the
+composition: the builder is runner/options.py, the process launcher runner/launch.py, the run directory
+runner/run_dir.py, the metrics' checks runner/metric_plan.py (package `runner`).
 
 Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`). The pieces, in order:
     <dataset name>
@@ -47,8 +50,9 @@ Run description (`run_desc`; the run directory is `<outdir>/<NNNNN>-<run_desc>`)
       -r<r>                   --squeeze-r (always, default 8): -squeeze-r8
       -noblend                --squeeze-noblend=1
       -torgb<src>             --squeeze-torgb other than squeeze: -torgbconv0, -torgbexcite
-    -ggdr<res>[w<w:g>]      --reg=ggdr: the feature resolution, the weight if not 10 (-ggdr64, -ggdr16w5)
-    -glead<res_g>[-gfwimage][-mse]  --reg=glead: G's tail resolution, the fake branch if not gfeat, mse
+    <regularizers>          --reg, in its order, each regularizer's piece:
+      -ggdr<res>[w<w:g>]      ggdr: the feature resolution, the weight if not 10 (-ggdr64, -ggdr16w5)
+      -glead<res_g>[-gfwimage][-mse]  glead: G's tail resolution, the fake branch if not gfeat, mse
     -cbase<n> -cmax<n>      --cbase, --cmax given (network capacity)
     -map<n>                 --map-depth (or its alias --map) given
     -glr<g:g> -dlr<d:g>     --glr, --dlr given
