@@ -25,6 +25,7 @@ from torch_utils import distributed as launcher  # Not `distributed`: that names
 from training import checkpoint, regularizers
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
+from training.dataset import data_loader_kwargs
 from training.flags import Option
 from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
 from training.regularizers.term import NetworkFacts
@@ -518,7 +519,6 @@ def _relocate_data(args: dnnlib.EasyDict, data: str, state_path: str) -> None:
 
 def _data_loader_kwargs(workers: int, base: Optional[Mapping[str, Any]] = None) -> dnnlib.EasyDict:
     """--workers as the run's DataLoader options; training.dataset.data_loader_kwargs decides them."""
-    from training.dataset import data_loader_kwargs
     if workers < 0:
         raise UserError(f'--workers must be at least 0, got {workers}')
     return data_loader_kwargs(workers, base)
