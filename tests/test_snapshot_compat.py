@@ -36,7 +36,8 @@ import generate
 import style_mixing
 import train
 from metrics import metric_utils
-from training import augment, decoder, legacy, loss, networks
+from training import augment, decoder, legacy, loss, networks, regularizers
+from training.regularizers.term import Regularizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -217,7 +218,10 @@ def test_the_variants_cover_every_kind_of_snapshot():
     assert _flag_values('--arch') == set(networks.SYNTHESIS_BLOCKS)
     assert _flag_values('--squeeze-torgb') | {'squeeze'} == set(networks.SQUEEZE_TORGB_SOURCES)
     assert _flag_values('--squeeze-noblend') == {'1'}
-    assert _flag_values('--reg') | {'none'} == _choices('reg')
+    # Every regularizer that changes D (its decoder); the others add no network.
+    changes_D = {name for name in regularizers.REGULARIZERS
+                 if regularizers.regularizer_class(name).decoder.__func__ is not Regularizer.decoder.__func__}
+    assert _flag_values('--reg') == changes_D
     assert {'ada', 'noaug'} <= _flag_values('--aug') and _flag_values('--cond') == {'1'}
     assert any('--cond=1' not in flags for flags in VARIANTS.values())
 
