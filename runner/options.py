@@ -161,10 +161,10 @@ def inspect_snapshot(path_or_url: str) -> dnnlib.EasyDict:
     is reported here, before the run directory exists. The training loop loads the file again; a download is
     cached, so that costs a second read of the file, not a second download.
     """
-    from training import legacy
+    from training import snapshot_io  # No cycle or cost keeps this here; it can join the imports at the top.
     try:
         with dnnlib.util.open_url(path_or_url) as f:
-            data = legacy.load_network_pkl(f)
+            data = snapshot_io.load_network_pkl(f)
     except Exception as e:  # Unpickling an arbitrary file can raise anything; the message is what matters.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'--resume: cannot use "{path_or_url}": {first_line}') from None
