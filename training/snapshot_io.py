@@ -47,10 +47,11 @@ def load_network_pkl(
 
     Returns the snapshot dict. As the official function does, it always has `training_set_kwargs` and
     `augment_pipe` (None when the file holds neither: a TensorFlow pickle, a file with only `G_ema`), so that
-    code written for the official one can index them; other networks the file lacks stay absent. With `force_fp16`, G, D and G_ema are rebuilt with `num_fp16_res=4,
-    conv_clamp=256` (the training configuration) and given the loaded weights; the networks still compute
-    in fp32 off-GPU. With `adopt`, networks of classes embedded in the pickle become instances of
-    `training.networks` / `training.augment` classes where that is safe (notes are printed where not).
+    code written for the official one can index them; other networks the file lacks stay absent. With
+    `force_fp16`, G, D and G_ema are rebuilt with `num_fp16_res=4, conv_clamp=256` (the training configuration)
+    and given the loaded weights; the networks still compute in fp32 off-GPU. With `adopt`, networks of classes
+    embedded in the pickle become instances of `training.networks` / `training.augment` classes where that is
+    safe (notes are printed where not).
     """
     head, f = _peek(f, 4)
     if head.startswith(b'PK'):
