@@ -13,7 +13,7 @@ Examples:
     python calc_metrics.py --network=net.pkl --data=data.zip --gpus=0 --detector-dir=/data/detectors
 
 The network may be an official or our own `.pkl` snapshot, a TensorFlow pickle, a weights-only `.pt` file or a
-URL of any (training/legacy.py); official networks are adopted into this code base's classes unless `--adopt=0`.
+URL of any (training/snapshot_io.py); official networks are adopted into this code base's classes unless `--adopt=0`.
 `--gpus` and `--device` mean what they mean for train.py: `--gpus=0` is one CPU process, `--gpus=N` runs N
 processes, one per CUDA device, or N processes on the CPU with `--device=cpu`; train.py's resolver and spawn
 (torch_utils/distributed.py) start them, so their process group also gives up after 15 minutes of waiting
@@ -32,7 +32,7 @@ import torch
 import dnnlib
 from metrics import metric_main, metric_utils
 from torch_utils import distributed
-from training import legacy
+from training import adoption, snapshot_io
 
 OPTIONS_FILE_NAME = 'training_options.json'  # Marks a run directory; holds training_set_kwargs.
 
@@ -63,15 +63,15 @@ def find_run_dir(network: str) -> Optional[str]:
 
 
 def load_snapshot(network: str, adopt: bool = True, verbose: bool = True, verify: bool = True) -> dict:
-    """The snapshot dict; its G_ema adopted into our classes (training.legacy.adopt_network) unless `adopt` is
+    """The snapshot dict; its G_ema adopted into our classes (training.adoption.adopt_network) unless `adopt` is
     False. Every problem becomes a one-line click error."""
     try:
         with dnnlib.util.open_url(network) as f:
-            snapshot = legacy.load_network_pkl(f)
+            snapshot = snapshot_io.load_network_pkl(f)
     except (OSError, ValueError, ImportError) as e:
         raise click.ClickException(f'--network: cannot load "{network}": {e}') from None
     if adopt:
-        snapshot['G_ema'], note = legacy.adopt_network(snapshot.get('G_ema'), name='G_ema', verify=verify)
+        snapshot['G_ema'], note = adoption.adopt_network(snapshot.get('G_ema'), name='G_ema', verify=verify)
         if note is not None and verbose:
             print(note)
     return snapshot
@@ -221,7 +221,7 @@ def calc_metrics(
         detector_dir    = detector_dir,
         device_type     = launch.device_type,
         run_dir         = find_run_dir(network),
-        adopt           = adopt and legacy.adoptable_classes().get(type(G).__name__) is type(G),
+        adopt           = adopt and adoption.adoptable_classes().get(type(G).__name__) is type(G),
         G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
     )
     if launch.num_gpus == 1:

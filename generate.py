@@ -12,7 +12,7 @@ Examples:
     python generate.py --outdir=out --projected-w=projected_w.npz --network=ffhq.pkl
 
 The network may be an official or our own `.pkl` snapshot, a TensorFlow pickle of the StyleGAN2(-ADA)
-TensorFlow releases, or a weights-only `.pt` file (training/legacy.py); a weights-only file runs no code stored
+TensorFlow releases, or a weights-only `.pt` file (training/snapshot_io.py); a weights-only file runs no code stored
 in it. Networks of official snapshots are rebuilt as this code base's classes ("adopted": fp32 on the CPU, our
 kernels); `--adopt=0` runs the classes embedded in the pickle instead. Image i of seed s uses
 z = RandomState(s).randn(1, z_dim), as the official script does, so seeds name the same images in both code bases.

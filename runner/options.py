@@ -22,7 +22,7 @@ from runner import metric_plan
 from runner.errors import UserError, warn
 from runner.metric_plan import parse_metrics
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
-from training import checkpoint, regularizers
+from training import checkpoint, regularizers, snapshot_io
 from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
 from training.dataset import data_loader_kwargs
@@ -250,10 +250,9 @@ def inspect_snapshot(path_or_url: str) -> dnnlib.EasyDict:
     is reported here, before the run directory exists. The training loop loads the file again; a download is
     cached, so that costs a second read of the file, not a second download.
     """
-    from training import legacy
     try:
         with dnnlib.util.open_url(path_or_url) as f:
-            data = legacy.load_network_pkl(f)
+            data = snapshot_io.load_network_pkl(f)
     except Exception as e:  # Unpickling an arbitrary file can raise anything; the message is what matters.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'--resume: cannot use "{path_or_url}": {first_line}') from None

@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 
 from runner.run_dir import directory_problem
-from training import legacy
+from training import snapshot_io
 
 MAX_SEED = 2 ** 32 - 1  # np.random.RandomState accepts seeds up to this value.
 # Most numbers one list may expand to: 20 times the 50k images of an FID, and far below a list whose Python ints
@@ -136,7 +136,7 @@ def load_generator(network: str, device: Any, adopt: bool = True) -> torch.nn.Mo
     """Load G_ema for a script (adopted into our classes unless `adopt` is False); every problem becomes a
     one-line click error."""
     try:
-        return legacy.load_network(network, key='G_ema', device=device, adopt=adopt)
+        return snapshot_io.load_network(network, key='G_ema', device=device, adopt=adopt)
     except (OSError, ValueError, ImportError) as e:
         raise click.ClickException(f'Cannot load network "{network}": {e}') from e
 

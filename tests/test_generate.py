@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from test_legacy import make_generator  # Tiny generators with every tensor moved off its initial value.
 
 import generate
+import legacy
 import projector
 import style_mixing
 from runner import sampling
-from training import legacy
+from training import snapshot_io
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -125,7 +126,7 @@ def test_generate_cli_writes_one_png_per_seed(G, network_pkl, tmp_path):
 
 
 def test_generate_cli_reads_weights_only_files(G, network_pkl, tmp_path):
-    legacy.convert(network_pkl, str(tmp_path / 'snapshot.pt'))
+    snapshot_io.convert(network_pkl, str(tmp_path / 'snapshot.pt'))
     result = run(generate.main, ['--network', str(tmp_path / 'snapshot.pt'), '--seeds', '3',
                                  '--outdir', str(tmp_path / 'out')])
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, legacy, loss, networks, preemption
+from training import checkpoint, health, loss, networks, preemption, snapshot_io
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -425,7 +425,7 @@ def test_a_blow_up_in_the_last_step_of_a_tick_keeps_that_ticks_files_out_and_res
                         tick=1)
     assert not os.path.exists(run_dir / 'network-snapshot-000000.040.pkl')
     # The named files load, hold healthy networks, and were written at tick 1.
-    snapshot = legacy.load_network_pkl(open(run_dir / good['snapshot'], 'rb'))
+    snapshot = snapshot_io.load_network_pkl(open(run_dir / good['snapshot'], 'rb'))
     assert max(_max_abs_output(snapshot[name]) for name in ('G', 'G_ema')) < health.IMG_ABSMAX_CEILING
     assert _progress_nimg(run_dir) == 3 * BATCH
     # Resuming the diverged run from its last good state works (here with the cause removed): it trains on and
@@ -621,7 +621,7 @@ def test_train_py_with_huge_learning_rates_stops_at_the_first_bad_tick_naming_fi
     assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == good['tick'] + 1
     # The named files load, and hold networks within the ceilings.
     with open(snapshot, 'rb') as f:
-        networks = legacy.load_network_pkl(f)
+        networks = snapshot_io.load_network_pkl(f)
     assert max(_max_abs_output(networks[name]) for name in ('G', 'G_ema')) < health.IMG_ABSMAX_CEILING
     record = checkpoint.load_training_state(str(state_file))
     assert record['progress']['cur_nimg'] == round(good['kimg'] * 1000)

@@ -28,7 +28,7 @@ import dataset_tool
 from dnnlib import util
 from runner import options, run_dir
 from runner.errors import RunFailed
-from training import checkpoint, dataset, legacy
+from training import checkpoint, dataset, snapshot_io
 from training.networks import Discriminator
 from training.training_loop import TrainingStopped, one_line
 
@@ -378,7 +378,7 @@ def test_a_full_disk_at_the_first_training_state_names_the_complete_snapshot(tmp
         f'counters and optimizer moments reset')
     assert isinstance(error.value.__cause__, OSError) and error.value.__cause__.errno == errno.ENOSPC
     assert not os.path.exists(run / checkpoint.STATE_FILE_NAME)
-    G = legacy.load_network(str(snapshot))  # Complete: it loads and runs.
+    G = snapshot_io.load_network(str(snapshot))  # Complete: it loads and runs.
     assert torch.isfinite(G(torch.zeros([1, G.z_dim]), torch.eye(G.c_dim)[:1])).all()
 
 # ----------------------------------------------------------------------------

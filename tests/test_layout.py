@@ -56,6 +56,17 @@ def test_layers_import_only_downwards(package):
     assert offenders == []
 
 
+# The command line is the run machinery's (runner/) and the scripts' (and bench/, tools/, tests/): the method, the
+# metrics and the generic layers never parse arguments, so none of them imports click, not even in a function.
+NO_CLICK = ['dnnlib', 'torch_utils', 'training', 'metrics']
+
+
+def test_only_the_run_machinery_and_the_scripts_import_click():
+    offenders = [os.path.relpath(path, REPO_ROOT) for package in NO_CLICK for path in _python_files(package)
+                 if 'click' in set(_imported_top_level_names(path))]
+    assert offenders == []
+
+
 def test_importing_the_packages_does_no_work(tmp_path):
     # No compilation, no CUDA initialization, no cache directories, no downloads at import time.
     code = textwrap.dedent('''

@@ -1,4 +1,5 @@
-"""training.legacy: snapshot pickles, the weights-only format, conversion between them, clear errors."""
+"""training.snapshot_io and training.weights_only: snapshot pickles, the weights-only format, conversion between
+them (also from the command line, legacy.py), clear errors."""
 
 import copy
 import inspect
@@ -15,8 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
+import legacy
 from torch_utils import misc, persistence
-from training import legacy, networks
+from training import networks, snapshot_io, weights_only
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -133,7 +135,7 @@ def snapshot():
 
 
 def test_pickle_round_trip(snapshot):
-    data = legacy.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
+    data = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
     assert list(data) == list(snapshot)
     assert data['training_set_kwargs'] == snapshot['training_set_kwargs']
     assert data['augment_pipe'] is None
@@ -152,7 +154,7 @@ def test_pickle_from_embedded_source_converts_to_our_classes(snapshot, tmp_path)
 
     persistence.import_hook(hook)
     try:
-        data = legacy.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
+        data = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
     finally:
         persistence.remove_import_hook(hook)
     G = data['G_ema']
@@ -160,17 +162,17 @@ def test_pickle_from_embedded_source_converts_to_our_classes(snapshot, tmp_path)
     assert_same_outputs(data, snapshot)
 
     path = tmp_path / 'official.pt'
-    legacy.save_weights_only(data, str(path))
+    weights_only.save_weights_only(data, str(path))
     record = torch.load(path, weights_only=True)
     assert record['networks']['G_ema']['class_name'] == 'training.networks.Generator'
     assert record['networks']['D']['class_name'] == 'training.networks.Discriminator'
-    ours = legacy.load_weights_only(str(path))
+    ours = weights_only.load_weights_only(str(path))
     assert type(ours['G_ema']) is networks.Generator and type(ours['D']) is networks.Discriminator
     assert_same_outputs(ours, snapshot)
 
 
 def test_force_fp16_rebuilds_with_training_settings_and_keeps_cpu_outputs(snapshot):
-    data = legacy.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)), force_fp16=True)
+    data = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)), force_fp16=True)
     for key in ('G', 'G_ema'):
         kwargs = data[key].init_kwargs.synthesis_kwargs
         assert kwargs.num_fp16_res == 4 and kwargs.conv_clamp == 256
@@ -187,16 +189,16 @@ def test_partial_snapshot_loads_with_the_official_entries(tmp_path):
     # As the official load_network_pkl: training_set_kwargs and augment_pipe are always there (None when the
     # file lacks them); other missing networks stay absent.
     G = make_generator()
-    data = legacy.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))))
+    data = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))))
     assert data.keys() == {'G_ema', 'training_set_kwargs', 'augment_pipe'}
     assert data['training_set_kwargs'] is None and data['augment_pipe'] is None
     assert_same_outputs(data, dict(G_ema=G))
-    fp16 = legacy.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))), force_fp16=True)
+    fp16 = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(dict(G_ema=G))), force_fp16=True)
     assert fp16.keys() == {'G_ema', 'training_set_kwargs', 'augment_pipe'}
 
     path = tmp_path / 'g.pt'
-    legacy.save_weights_only(dict(G_ema=G), str(path))
-    loaded = legacy.load_weights_only(str(path))
+    weights_only.save_weights_only(dict(G_ema=G), str(path))
+    loaded = weights_only.load_weights_only(str(path))
     assert loaded.keys() == {'training_set_kwargs', 'G_ema'} and loaded['training_set_kwargs'] is None
 
 
@@ -206,7 +208,7 @@ def test_partial_snapshot_loads_with_the_official_entries(tmp_path):
 
 def test_weights_only_round_trip(snapshot, tmp_path):
     path = tmp_path / 'snapshot.pt'
-    legacy.save_weights_only(snapshot, str(path))
+    weights_only.save_weights_only(snapshot, str(path))
     assert os.listdir(tmp_path) == ['snapshot.pt']  # No temporary file left behind.
 
     record = torch.load(path, weights_only=True)  # Must not need any code from the file.
@@ -222,7 +224,7 @@ def test_weights_only_round_trip(snapshot, tmp_path):
         for item in _walk(entry['init_kwargs']):
             assert type(item) in (dict, list, str, int, float, bool, type(None)), type(item)
 
-    for data in [legacy.load_weights_only(str(path)), legacy.load_network_pkl(open(path, 'rb'))]:
+    for data in [weights_only.load_weights_only(str(path)), snapshot_io.load_network_pkl(open(path, 'rb'))]:
         assert list(data) == ['training_set_kwargs', 'G', 'D', 'G_ema', 'augment_pipe']
         assert data['training_set_kwargs'] == dict(snapshot['training_set_kwargs'])
         assert data['augment_pipe'] is None
@@ -236,9 +238,9 @@ def test_weights_only_round_trip(snapshot, tmp_path):
 
 def test_weights_only_accepts_open_files_and_devices(snapshot, tmp_path):
     path = tmp_path / 'snapshot.pt'
-    legacy.save_weights_only(snapshot, str(path))
+    weights_only.save_weights_only(snapshot, str(path))
     buffer = io.BytesIO(path.read_bytes())
-    data = legacy.load_weights_only(buffer, device='cpu')
+    data = weights_only.load_weights_only(buffer, device='cpu')
     assert data['G'].mapping.w_avg.device.type == 'cpu'
     assert_same_outputs(data, snapshot)
 
@@ -249,9 +251,9 @@ def test_squeeze_generator_survives_both_formats(tmp_path, variant):
     expected = dict(TINY_SYNTHESIS, architecture='squeeze', squeeze_r=8, **variant)
     assert snapshot['G'].init_kwargs.synthesis_kwargs == expected
 
-    from_pickle = legacy.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
-    legacy.save_weights_only(snapshot, str(tmp_path / 'squeeze.pt'))
-    from_weights = legacy.load_weights_only(str(tmp_path / 'squeeze.pt'))
+    from_pickle = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(snapshot)))
+    weights_only.save_weights_only(snapshot, str(tmp_path / 'squeeze.pt'))
+    from_weights = weights_only.load_weights_only(str(tmp_path / 'squeeze.pt'))
     for data in [from_pickle, from_weights]:
         for key in ('G', 'G_ema'):
             assert data[key].init_kwargs.synthesis_kwargs == expected
@@ -261,64 +263,64 @@ def test_squeeze_generator_survives_both_formats(tmp_path, variant):
 
 def test_conditional_snapshot_round_trip(tmp_path):
     snapshot = make_snapshot(c_dim=4)
-    legacy.save_weights_only(snapshot, str(tmp_path / 'cond.pt'))
-    data = legacy.load_weights_only(str(tmp_path / 'cond.pt'))
+    weights_only.save_weights_only(snapshot, str(tmp_path / 'cond.pt'))
+    data = weights_only.load_weights_only(str(tmp_path / 'cond.pt'))
     assert data['G'].c_dim == 4 and data['D'].c_dim == 4
     assert_same_outputs(data, snapshot)
 
 
 def test_plain_conversion_of_init_kwargs():
-    plain = legacy.to_plain(dnnlib.EasyDict(a=(1, np.float32(0.5)), b=dnnlib.EasyDict(c=[np.int64(3)])), 'x')
+    plain = weights_only.to_plain(dnnlib.EasyDict(a=(1, np.float32(0.5)), b=dnnlib.EasyDict(c=[np.int64(3)])), 'x')
     assert plain == {'a': [1, 0.5], 'b': {'c': [3]}}
     assert type(plain) is dict and type(plain['b']) is dict and type(plain['a']) is list
     assert type(plain['a'][1]) is float and type(plain['b']['c'][0]) is int
     with pytest.raises(ValueError, match=r'x\.f is a function'):
-        legacy.to_plain(dict(f=lambda: None), 'x')
+        weights_only.to_plain(dict(f=lambda: None), 'x')
 
 
 def test_class_names_recorded_for_networks_from_snapshot_sources():
     def instance(name):
         return type(name, (torch.nn.Module,), {'__module__': '_imported_module_0123'})()
-    assert legacy.weights_class_name(instance('Generator')) == 'training.networks.Generator'
-    assert legacy.weights_class_name(instance('Discriminator')) == 'training.networks.Discriminator'
-    assert legacy.weights_class_name(instance('AugmentPipe')) == 'training.augment.AugmentPipe'
-    assert legacy.weights_class_name(make_generator()) == 'training.networks.Generator'
+    assert weights_only.weights_class_name(instance('Generator')) == 'training.networks.Generator'
+    assert weights_only.weights_class_name(instance('Discriminator')) == 'training.networks.Discriminator'
+    assert weights_only.weights_class_name(instance('AugmentPipe')) == 'training.augment.AugmentPipe'
+    assert weights_only.weights_class_name(make_generator()) == 'training.networks.Generator'
 
 
 def test_save_weights_only_refuses_what_it_cannot_rebuild(tmp_path):
     G = make_generator()
     with pytest.raises(ValueError, match='persistent'):
-        legacy.save_weights_only(dict(G=G, D=torch.nn.Linear(2, 2)), str(tmp_path / 'x.pt'))
+        weights_only.save_weights_only(dict(G=G, D=torch.nn.Linear(2, 2)), str(tmp_path / 'x.pt'))
     with pytest.raises(ValueError, match="'progress'"):
-        legacy.save_weights_only(dict(G=G, progress=dict(kimg=3)), str(tmp_path / 'x.pt'))
+        weights_only.save_weights_only(dict(G=G, progress=dict(kimg=3)), str(tmp_path / 'x.pt'))
     with pytest.raises(ValueError, match='without networks'):
-        legacy.save_weights_only(dict(training_set_kwargs=None), str(tmp_path / 'x.pt'))
+        weights_only.save_weights_only(dict(training_set_kwargs=None), str(tmp_path / 'x.pt'))
     assert os.listdir(tmp_path) == []
 
 
 def test_weights_only_rebuild_errors(tmp_path, snapshot):
-    record = legacy.snapshot_to_weights_only(dict(G_ema=snapshot['G_ema']))
+    record = weights_only.snapshot_to_weights_only(dict(G_ema=snapshot['G_ema']))
 
     missing = copy.deepcopy(record)
     missing['networks']['G_ema']['class_name'] = 'training.no_such_module.Generator'
     torch.save(missing, tmp_path / 'missing.pt')
     with pytest.raises(ImportError, match=r'"G_ema".*training\.no_such_module\.Generator'):
-        legacy.load_weights_only(str(tmp_path / 'missing.pt'))
+        weights_only.load_weights_only(str(tmp_path / 'missing.pt'))
 
     wrong = copy.deepcopy(record)
     wrong['networks']['G_ema']['state_dict'].pop('mapping.w_avg')
     torch.save(wrong, tmp_path / 'wrong.pt')
     with pytest.raises(ValueError, match='w_avg'):
-        legacy.load_weights_only(str(tmp_path / 'wrong.pt'))
+        weights_only.load_weights_only(str(tmp_path / 'wrong.pt'))
 
     newer = dict(record, version=2)
     torch.save(newer, tmp_path / 'newer.pt')
     with pytest.raises(ValueError, match='version 2'):
-        legacy.load_weights_only(str(tmp_path / 'newer.pt'))
+        weights_only.load_weights_only(str(tmp_path / 'newer.pt'))
 
     torch.save(dict(model=snapshot['G'].state_dict()), tmp_path / 'state_dict.pt')
     with pytest.raises(ValueError, match=r"not a weights-only snapshot.*\['model'\]"):
-        legacy.load_network_pkl(open(tmp_path / 'state_dict.pt', 'rb'))
+        snapshot_io.load_network_pkl(open(tmp_path / 'state_dict.pt', 'rb'))
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -343,21 +345,21 @@ def test_convert_pkl_to_pt_to_pkl(snapshot, tmp_path):
     src = tmp_path / 'snapshot.pkl'
     with open(src, 'wb') as f:
         pickle.dump(snapshot, f)
-    legacy.convert(str(src), str(tmp_path / 'snapshot.pt'))
+    snapshot_io.convert(str(src), str(tmp_path / 'snapshot.pt'))
     torch.load(tmp_path / 'snapshot.pt', weights_only=True)
-    legacy.convert(str(tmp_path / 'snapshot.pt'), str(tmp_path / 'again.pkl'))
+    snapshot_io.convert(str(tmp_path / 'snapshot.pt'), str(tmp_path / 'again.pkl'))
 
     data = (tmp_path / 'again.pkl').read_bytes()
     metas = _metas(data)
     assert metas['Generator']['module_src'] == inspect.getsource(networks)  # Our classes, our source.
     assert metas['Discriminator']['module_src'] == inspect.getsource(networks)
-    again = legacy.load_network_pkl(io.BytesIO(data))
+    again = snapshot_io.load_network_pkl(io.BytesIO(data))
     assert list(again) == list(snapshot) and again['augment_pipe'] is None
     assert again['training_set_kwargs'] == snapshot['training_set_kwargs']
     assert_same_outputs(again, snapshot)
 
     with pytest.raises(ValueError, match=r'\.pkl.*\.pt'):
-        legacy.convert(str(src), str(tmp_path / 'snapshot.zip'))
+        snapshot_io.convert(str(src), str(tmp_path / 'snapshot.zip'))
 
 
 def test_convert_command_line(snapshot, tmp_path):
@@ -366,20 +368,20 @@ def test_convert_command_line(snapshot, tmp_path):
     result = CliRunner().invoke(legacy.cli, ['convert', str(src), str(tmp_path / 'out.pt')])
     assert result.exit_code == 0, result.output
     assert 'G, D, G_ema' in result.output
-    assert_same_outputs(legacy.load_weights_only(str(tmp_path / 'out.pt')), snapshot)
+    assert_same_outputs(weights_only.load_weights_only(str(tmp_path / 'out.pt')), snapshot)
 
     result = CliRunner().invoke(legacy.cli, ['convert', str(tmp_path / 'nothing.pkl'), str(tmp_path / 'x.pt')])
     assert result.exit_code == 1 and 'No such file' in result.output and 'Traceback' not in result.output
 
 
-def test_convert_as_module(tmp_path):
+def test_convert_as_script(tmp_path):
     G = make_generator()
     (tmp_path / 'g.pkl').write_bytes(pickle.dumps(dict(G_ema=G)))
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, '-m', 'training.legacy', 'convert', 'g.pkl', 'g.pt'], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'legacy.py'), 'convert', 'g.pkl', 'g.pt'],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert_same_outputs(legacy.load_weights_only(str(tmp_path / 'g.pt')), dict(G_ema=G))
+    assert_same_outputs(weights_only.load_weights_only(str(tmp_path / 'g.pt')), dict(G_ema=G))
 
 
 # ----------------------------------------------------------------------------
@@ -388,16 +390,16 @@ def test_convert_as_module(tmp_path):
 
 def test_load_network(snapshot, tmp_path):
     (tmp_path / 'snapshot.pkl').write_bytes(pickle.dumps(snapshot))
-    G = legacy.load_network(str(tmp_path / 'snapshot.pkl'))
+    G = snapshot_io.load_network(str(tmp_path / 'snapshot.pkl'))
     assert_same_outputs(dict(G_ema=G), dict(G_ema=snapshot['G_ema']))
-    D = legacy.load_network((tmp_path / 'snapshot.pkl').as_uri(), key='D')
+    D = snapshot_io.load_network((tmp_path / 'snapshot.pkl').as_uri(), key='D')
     assert type(D) is networks.Discriminator
 
     (tmp_path / 'g.pkl').write_bytes(pickle.dumps(dict(G_ema=snapshot['G_ema'], augment_pipe=None)))
     with pytest.raises(ValueError, match='no network "G".*it has: G_ema'):
-        legacy.load_network(str(tmp_path / 'g.pkl'), key='G')
+        snapshot_io.load_network(str(tmp_path / 'g.pkl'), key='G')
     with pytest.raises(FileNotFoundError, match='missing.pkl'):
-        legacy.load_network(str(tmp_path / 'missing.pkl'))
+        snapshot_io.load_network(str(tmp_path / 'missing.pkl'))
 
 
 def _tensorflow_style_pickle():
@@ -420,11 +422,11 @@ def _tensorflow_style_pickle():
 ])
 def test_clear_errors_for_files_that_are_not_snapshots(content, message):
     with pytest.raises(ValueError, match=message):
-        legacy.load_network_pkl(io.BytesIO(content))
+        snapshot_io.load_network_pkl(io.BytesIO(content))
 
 
 def test_clear_error_for_a_zip_that_is_not_a_torch_file(tmp_path):
     with zipfile.ZipFile(tmp_path / 'a.zip', 'w') as archive:
         archive.writestr('readme.txt', 'hello')
     with pytest.raises(ValueError, match='not a weights-only snapshot'):
-        legacy.load_network_pkl(open(tmp_path / 'a.zip', 'rb'))
+        snapshot_io.load_network_pkl(open(tmp_path / 'a.zip', 'rb'))

@@ -1,4 +1,4 @@
-"""Adoption: networks of official-format snapshots rebuilt as this code base's classes (training/legacy.py).
+"""Adoption: networks of official-format snapshots rebuilt as this code base's classes (training/adoption.py).
 
 An official snapshot's networks come from the module source stored in the pickle, not from training.networks.
 The tests make such pickles from tiny snapshots of ours by loading them through an import hook that changes
@@ -22,10 +22,11 @@ from test_persistence import _import_source
 
 import calc_metrics
 import generate
+import legacy
 import projector
 import style_mixing
 from torch_utils import misc, persistence
-from training import augment, legacy, networks
+from training import adoption, augment, networks, snapshot_io
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -102,7 +103,7 @@ def test_adopted_networks_are_our_classes_and_compute_the_same(c_dim):
     assert all(is_embedded(official[key]) for key in ('G', 'D', 'G_ema'))
     assert is_embedded(official['G'].synthesis.b16.conv1) and is_embedded(official['D'].b4.mbstd)
 
-    adopted = legacy.adopt_snapshot(official)
+    adopted = adoption.adopt_snapshot(official)
     assert type(adopted['G']) is networks.Generator and type(adopted['G_ema']) is networks.Generator
     assert type(adopted['D']) is networks.Discriminator
     assert adopted['training_set_kwargs'] == snapshot['training_set_kwargs'] and adopted['augment_pipe'] is None
@@ -124,7 +125,7 @@ def test_adopted_networks_are_our_classes_and_compute_the_same(c_dim):
 def test_embedded_fp16_blocks_run_in_float16_on_the_cpu_and_adopted_ones_do_not(fp16_snapshot):
     # Why adoption matters: the official classes compute their fp16 blocks in float16 even on the CPU.
     official = embedded(fp16_snapshot)
-    adopted = legacy.adopt_snapshot(official)
+    adopted = adoption.adopt_snapshot(official)
     z = torch.randn([4, 16], generator=torch.Generator().manual_seed(1))
     c = torch.zeros([4, 0])
     with torch.no_grad():
@@ -138,7 +139,7 @@ def test_embedded_fp16_blocks_run_in_float16_on_the_cpu_and_adopted_ones_do_not(
 def test_augment_pipe_is_adopted_with_its_probability(fp16_snapshot):
     official = embedded(fp16_snapshot, patch=lambda src: src + '\n# Official copy.\n', module=augment)
     assert is_embedded(official['augment_pipe'])
-    pipe, note = legacy.adopt_network(official['augment_pipe'], name='augment_pipe')
+    pipe, note = adoption.adopt_network(official['augment_pipe'], name='augment_pipe')
     assert note is None and type(pipe) is augment.AugmentPipe
     assert pipe.p.item() == 0.375 and pipe.init_kwargs == fp16_snapshot['augment_pipe'].init_kwargs
     images = torch.randn([4, 3, 16, 16], generator=torch.Generator().manual_seed(2))
@@ -151,24 +152,24 @@ def test_augment_pipe_is_adopted_with_its_probability(fp16_snapshot):
 
 def test_networks_of_our_classes_are_left_alone():
     G = make_generator()
-    assert legacy.adopt_network(G) == (G, None)
-    assert legacy.adopt_network(None) == (None, None)
+    assert adoption.adopt_network(G) == (G, None)
+    assert adoption.adopt_network(None) == (None, None)
 
 
 def test_loading_functions_adopt_only_when_asked(fp16_snapshot, tmp_path):
     path = tmp_path / 'official.pkl'
     path.write_bytes(official_format_pickle(fp16_snapshot))
     # load_network_pkl keeps the official behaviour for third-party callers; the scripts' load_network adopts.
-    data = legacy.load_network_pkl(open(path, 'rb'))
+    data = snapshot_io.load_network_pkl(open(path, 'rb'))
     assert all(is_embedded(data[key]) for key in ('G', 'D', 'G_ema'))
-    data = legacy.load_network_pkl(open(path, 'rb'), adopt=True)
+    data = snapshot_io.load_network_pkl(open(path, 'rb'), adopt=True)
     assert type(data['G']) is networks.Generator and type(data['G_ema']) is networks.Generator
     assert type(data['D']) is networks.Discriminator and type(data['augment_pipe']) is augment.AugmentPipe
-    assert type(legacy.load_network(str(path))) is networks.Generator
-    assert type(legacy.load_network(str(path), key='D')) is networks.Discriminator
-    assert is_embedded(legacy.load_network(str(path), adopt=False))
+    assert type(snapshot_io.load_network(str(path))) is networks.Generator
+    assert type(snapshot_io.load_network(str(path), key='D')) is networks.Discriminator
+    assert is_embedded(snapshot_io.load_network(str(path), adopt=False))
 
-    fp16 = legacy.load_network(str(path), force_fp16=True)
+    fp16 = snapshot_io.load_network(str(path), force_fp16=True)
     assert type(fp16) is networks.Generator and fp16.init_kwargs.synthesis_kwargs.num_fp16_res == 4
 
 
@@ -208,20 +209,20 @@ def test_a_class_we_do_not_have_stays_embedded_with_a_note(foreign_module, capsy
     G = make_generator()
     data = pickle.loads(official_format_pickle(dict(G_ema=G, D=foreign_module.MyD())))
     foreign = data['D']
-    adopted = legacy.adopt_snapshot(data)
+    adopted = adoption.adopt_snapshot(data)
     assert type(adopted['G_ema']) is networks.Generator
     assert adopted['D'] is foreign
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"Kept the snapshot's own class for D ({legacy._class_origin(type(foreign))}): this code base "
+    assert lines == [f"Kept the snapshot's own class for D ({adoption._class_origin(type(foreign))}): this code base "
                      f"has no class named MyD (training.networks, training.augment)"]
     assert 'MyD' in lines[0]
-    assert legacy.adopt_snapshot(data, verbose=False)['D'] is foreign
+    assert adoption.adopt_snapshot(data, verbose=False)['D'] is foreign
     assert capsys.readouterr().out == ''
 
 
 def test_constructor_arguments_our_class_rejects_keep_the_embedded_class(foreign_module):
     D = foreign_module.Discriminator(depth=2)
-    net, note = legacy.adopt_network(D, name='D')
+    net, note = adoption.adopt_network(D, name='D')
     assert net is D
     assert note.startswith("Kept the snapshot's own class for D (custom_d_module.Discriminator")
     assert "training.networks.Discriminator rejects its constructor arguments (TypeError:" in note
@@ -236,7 +237,7 @@ def test_tensors_that_do_not_fit_keep_the_embedded_class():
 
     embedded_class = type(embedded(make_generator(), patch=extra_parameter))
     G = embedded_class(**make_generator().init_kwargs)  # A network made by the fork's own code.
-    net, note = legacy.adopt_network(G, name='G_ema')
+    net, note = adoption.adopt_network(G, name='G_ema')
     assert net is G
     assert 'its tensors do not fit training.networks.Generator: only the snapshot has extra' in note
 
@@ -249,9 +250,9 @@ def test_changed_code_with_the_same_names_keeps_the_embedded_class():
         return src.replace(line, line.replace('return ', 'return 2 * '))
 
     G = embedded(make_generator(), patch=doubled_rgb)
-    net, note = legacy.adopt_network(G, name='G_ema')
+    net, note = adoption.adopt_network(G, name='G_ema')
     assert net is G and 'computes other outputs (max |difference|' in note
-    forced, note = legacy.adopt_network(G, name='G_ema', verify=False)
+    forced, note = adoption.adopt_network(G, name='G_ema', verify=False)
     assert type(forced) is networks.Generator and note is None
 
     def unscaled_projection(src):
@@ -259,7 +260,7 @@ def test_changed_code_with_the_same_names_keeps_the_embedded_class():
         return src.replace('* (1 / np.sqrt(self.cmap_dim))', '* 1')
 
     D = embedded(make_discriminator(c_dim=3), patch=unscaled_projection)
-    net, note = legacy.adopt_network(D, name='D')
+    net, note = adoption.adopt_network(D, name='D')
     assert net is D and 'computes other outputs' in note
 
 
@@ -276,16 +277,16 @@ def official_pkl(tmp_path_factory):
 
 @pytest.fixture
 def loaded_types(monkeypatch):
-    """The classes of the networks the scripts get from legacy.load_network."""
+    """The classes of the networks the scripts get from snapshot_io.load_network."""
     seen = []
-    real = legacy.load_network
+    real = snapshot_io.load_network
 
     def spy(*args, **kwargs):
         net = real(*args, **kwargs)
         seen.append(type(net))
         return net
 
-    monkeypatch.setattr(legacy, 'load_network', spy)
+    monkeypatch.setattr(snapshot_io, 'load_network', spy)
     return seen
 
 
@@ -340,6 +341,6 @@ def test_script_help_documents_the_adopt_flag():
 
 
 def test_adopted_official_pickle_survives_a_round_trip(official_pkl):
-    data = legacy.load_network_pkl(open(official_pkl, 'rb'), adopt=True)
-    again = legacy.load_network_pkl(io.BytesIO(pickle.dumps(data)))
+    data = snapshot_io.load_network_pkl(open(official_pkl, 'rb'), adopt=True)
+    again = snapshot_io.load_network_pkl(io.BytesIO(pickle.dumps(data)))
     assert type(again['G_ema']) is networks.Generator  # Our source now, so it maps back to our classes.

@@ -21,8 +21,9 @@ import pytest
 import torch
 from test_legacy import REPO_ROOT, make_generator
 
+import legacy
 from torch_utils import misc
-from training import legacy, networks
+from training import adoption, networks, snapshot_dict, snapshot_io, tf_import, weights_only
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -267,7 +268,7 @@ def assert_identical(converted, original):
 @pytest.mark.parametrize('config', list(CONFIGS))
 def test_tf_pickle_converts_to_the_same_tensors_and_images(config):
     original = tiny_snapshot(**CONFIGS[config])
-    data = legacy.load_network_pkl(io.BytesIO(tf_pickle(export_snapshot(original))))
+    data = snapshot_io.load_network_pkl(io.BytesIO(tf_pickle(export_snapshot(original))))
     assert set(data) == {'training_set_kwargs', 'G', 'D', 'G_ema', 'augment_pipe'}
     assert data['training_set_kwargs'] is None and data['augment_pipe'] is None
     assert_identical(data, original)
@@ -278,7 +279,7 @@ def test_stylegan2_release_pickle_with_its_defaults():
     original = tiny_snapshot()
     tf_G, tf_D, tf_Gs = export_snapshot(original, release='stylegan2')
     del tf_D.state['static_kwargs']['mbstd_group_size']
-    data = legacy.load_network_pkl(io.BytesIO(tf_pickle((tf_G, tf_D, tf_Gs))))
+    data = snapshot_io.load_network_pkl(io.BytesIO(tf_pickle((tf_G, tf_D, tf_Gs))))
     assert data['D'].b4.mbstd.group_size == 4
     assert_identical(data, original)
 
@@ -287,7 +288,7 @@ def test_layout_rules_on_single_tensors():
     # The rules on their own, apart from the exporter: TensorFlow [kh, kw, in, out] kernels, the upsampling
     # kernel flipped, the TensorFlow numbering of noise maps, the +1 of style biases.
     G = make_generator()
-    sources = legacy.generator_tf_sources(G)
+    sources = tf_import.generator_tf_sources(G)
     w = np.arange(3 * 3 * 2 * 5, dtype=np.float32).reshape(3, 3, 2, 5)  # [kh, kw, in, out]
     tf_name, convert_layout = sources['synthesis.b8.conv0.weight']
     assert tf_name == 'synthesis/8x8/Conv0_up/weight'
@@ -302,15 +303,15 @@ def test_layout_rules_on_single_tensors():
 
 def test_single_network_pickle_and_force_fp16():
     original = tiny_snapshot()
-    data = legacy.load_network_pkl(io.BytesIO(tf_pickle(export_generator(original['G_ema'], name='Gs'))))
+    data = snapshot_io.load_network_pkl(io.BytesIO(tf_pickle(export_generator(original['G_ema'], name='Gs'))))
     assert set(data) == {'training_set_kwargs', 'G_ema', 'augment_pipe'}
     assert torch.equal(data['G_ema'].mapping.w_avg, original['G_ema'].mapping.w_avg)
-    fp16 = legacy.load_network_pkl(io.BytesIO(tf_pickle(export_snapshot(original))), force_fp16=True)
+    fp16 = snapshot_io.load_network_pkl(io.BytesIO(tf_pickle(export_snapshot(original))), force_fp16=True)
     assert fp16['G'].init_kwargs.synthesis_kwargs.num_fp16_res == 4 and fp16['D'].init_kwargs.num_fp16_res == 4
 
 
 def _convert(tf_obj):
-    return legacy.load_network_pkl(io.BytesIO(tf_pickle(tf_obj)))
+    return snapshot_io.load_network_pkl(io.BytesIO(tf_pickle(tf_obj)))
 
 
 def _modified(edit, release='ada'):
@@ -354,7 +355,7 @@ def test_unsupported_tf_pickles_fail_with_a_clear_message(edit, message):
 def test_conditional_networks_of_the_stylegan2_release_are_refused():
     snapshot = tiny_snapshot(c_dim=3)
     with pytest.raises(ValueError, match='label_size=3.*LabelConcat'):
-        legacy.convert_tf_generator(legacy._SnapshotUnpickler(io.BytesIO(
+        tf_import.convert_tf_generator(snapshot_io._SnapshotUnpickler(io.BytesIO(
             tf_pickle(export_generator(snapshot['G'], release='stylegan2')))).load())
 
 
@@ -372,7 +373,7 @@ def test_other_tensorflow_objects_are_refused_by_name():
     finally:
         del sys.modules['tensorflow']
     with pytest.raises(ValueError, match='refers to "tensorflow.Session", which cannot be read without TensorFlow'):
-        legacy.load_network_pkl(io.BytesIO(data))
+        snapshot_io.load_network_pkl(io.BytesIO(data))
 
 
 # ----------------------------------------------------------------------------
@@ -388,15 +389,19 @@ def tf_pkl(tmp_path_factory):
 
 
 def test_import_legacy_works_like_the_official_module(tf_pkl):
-    import legacy as top_level
-
     path, original = tf_pkl
     with open(path, 'rb') as f:
-        data = top_level.load_network_pkl(f)
+        data = legacy.load_network_pkl(f)
     assert_identical(data, original)
-    assert top_level._TFNetworkStub is legacy.TFNetworkStub and top_level.convert_tf_generator is legacy.convert_tf_generator
-    assert top_level.adopt_network is legacy.adopt_network and top_level.NETWORK_KEYS == legacy.NETWORK_KEYS
-    assert type(top_level.load_network(path)) is networks.Generator
+    assert legacy._TFNetworkStub is tf_import.TFNetworkStub and legacy.convert_tf_generator is tf_import.convert_tf_generator
+    assert legacy.adopt_network is adoption.adopt_network and legacy.NETWORK_KEYS == snapshot_dict.NETWORK_KEYS
+    assert type(legacy.load_network(path)) is networks.Generator
+    # Every name it exports is the training package's object, except the command line, which lives only here.
+    homes = [snapshot_io, adoption, tf_import, weights_only, snapshot_dict]
+    commands = {'cli', 'convert_command', 'convert_network_pickle', 'main'}
+    for name in legacy.__all__:
+        found = [module.__name__ for module in homes if getattr(module, name, None) is getattr(legacy, name)]
+        assert (found == []) == (name in commands), (name, found)
 
 
 def run_script(args, cwd):
@@ -409,7 +414,7 @@ def test_legacy_command_line_converts_a_tf_pickle(tf_pkl, tmp_path):
     result = run_script([os.path.join(REPO_ROOT, 'legacy.py'), f'--source={path}', '--dest=out.pkl'], tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'Done.' in result.stdout
-    data = legacy.load_network_pkl(open(tmp_path / 'out.pkl', 'rb'))
+    data = snapshot_io.load_network_pkl(open(tmp_path / 'out.pkl', 'rb'))
     assert_identical(data, original)
 
 
@@ -431,5 +436,5 @@ def test_legacy_command_line_errors_are_one_line(tmp_path):
 
 def test_convert_tf_pickle_to_weights_only(tf_pkl, tmp_path):
     path, original = tf_pkl
-    legacy.convert(path, str(tmp_path / 'tf.pt'))
-    assert_identical(legacy.load_weights_only(str(tmp_path / 'tf.pt')), original)
+    snapshot_io.convert(path, str(tmp_path / 'tf.pt'))
+    assert_identical(weights_only.load_weights_only(str(tmp_path / 'tf.pt')), original)

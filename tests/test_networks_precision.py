@@ -24,10 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_legacy_adopt import embedded
+from test_training_loop import make_image_folder, tiny_options
 
 from torch_utils import training_stats
-from training import legacy, networks
+from training import adoption, networks, weights_only
 from training.loss import StyleGAN2Loss
+from training.training_loop import training_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -414,7 +416,7 @@ def test_bf16_snapshot_round_trips(tmp_path):
     G, D = tiny_G('bf16').eval(), tiny_D('bf16').eval()
     z = torch.randn([2, 8], generator=torch.Generator().manual_seed(10))
     for loaded in (pickle.loads(pickle.dumps(dict(G=G, D=D))),
-                   legacy.adopt_snapshot(dict(G=embedded(G), D=embedded(D)), verbose=False)):
+                   adoption.adopt_snapshot(dict(G=embedded(G), D=embedded(D)), verbose=False)):
         G2, D2 = loaded['G'], loaded['D']
         assert type(G2) is networks.Generator and type(D2) is networks.Discriminator
         assert G2.init_kwargs['synthesis_kwargs']['precision'] == 'bf16' and D2.init_kwargs['precision'] == 'bf16'
@@ -424,8 +426,8 @@ def test_bf16_snapshot_round_trips(tmp_path):
             assert torch.equal(D(img, None), D2(img, None))
     # The weights-only path rebuilds from init kwargs as well.
     path = str(tmp_path / 'bf16.pt')
-    legacy.save_weights_only(dict(G=G, D=D, G_ema=G, augment_pipe=None, training_set_kwargs=None), path)
-    G3 = legacy.load_weights_only(path)['G']
+    weights_only.save_weights_only(dict(G=G, D=D, G_ema=G, augment_pipe=None, training_set_kwargs=None), path)
+    G3 = weights_only.load_weights_only(path)['G']
     assert G3.init_kwargs['synthesis_kwargs']['precision'] == 'bf16' and G3.synthesis.b16.precision == 'bf16'
     with networks.low_precision_on_cpu():
         assert torch.equal(G(z, None, noise_mode='const'), G3(z, None, noise_mode='const'))
@@ -435,9 +437,6 @@ def test_bf16_snapshot_round_trips(tmp_path):
 def test_the_training_loop_runs_with_reduced_precision_blocks(tmp_path, precision):
     # The whole loop (four phases with lazy regularization, ADA, EMA, the gradient nan_to_num, snapshots) with
     # the two highest resolutions of G and D in reduced precision.
-    from test_training_loop import make_image_folder, tiny_options
-
-    from training.training_loop import training_loop
     data = make_image_folder(tmp_path / 'data')
     opts = tiny_options(tmp_path / 'run', data, steps=4, steps_per_tick=2)
     extra = dict(precision='bf16') if precision == 'bf16' else {}

@@ -10,7 +10,7 @@ from dist_utils import spawn
 from test_training_loop import BATCH, make_image_folder, tiny_options
 
 from torch_utils import misc, training_stats
-from training import checkpoint, legacy, networks
+from training import checkpoint, networks, snapshot_io
 from training.decoder import FeatureDecoder, decoder_kwargs
 from training.loss import StyleGAN2Loss
 from training.networks import Discriminator, Generator, SynthesisNetwork
@@ -261,7 +261,7 @@ def test_exact_resume_with_a_regularizer(tmp_path, data_dir, reg):
     expected, got = _tensors(straight), _tensors(resumed)
     assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
     # The snapshot holds D with its decoder, and its G runs as usual.
-    data = legacy.load_network_pkl(open(tmp_path / 'split' / 'network-snapshot-000000.032.pkl', 'rb'))
+    data = snapshot_io.load_network_pkl(open(tmp_path / 'split' / 'network-snapshot-000000.032.pkl', 'rb'))
     assert data['D'].decoder is not None
     img = data['G_ema'](torch.randn([1, 8]), torch.eye(3)[:1], noise_mode='const')
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()

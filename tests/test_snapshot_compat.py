@@ -36,7 +36,7 @@ import generate
 import style_mixing
 import train
 from metrics import metric_utils
-from training import augment, decoder, legacy, loss, networks, regularizers
+from training import augment, decoder, loss, networks, regularizers, snapshot_io
 from training.regularizers.term import Regularizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -361,7 +361,7 @@ def test_snapshots_run_where_only_the_official_names_exist(snapshots, tmp_path, 
     theirs = torch.load(out, weights_only=True)
     for name, path in snapshots.items():
         with open(path, 'rb') as f:
-            ours = network_outputs(legacy.load_network_pkl(f))
+            ours = network_outputs(snapshot_io.load_network_pkl(f))
         got = theirs[path]
         assert got.keys() == ours.keys(), name
         for key in ours:

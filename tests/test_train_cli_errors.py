@@ -17,8 +17,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_legacy_adopt import official_format_pickle
 
-from training import legacy
+from training import snapshot_io
 from training.networks import Discriminator, Generator
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ def make_snapshot(path, resolution=16, channels=3):
                   mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=256, channel_max=16))
     D = Discriminator(c_dim=0, img_resolution=resolution, img_channels=channels, channel_base=256, channel_max=16,
                       architecture='orig')
-    legacy.save_network_pkl(dict(training_set_kwargs=None, G=G.eval(), D=D.eval(), G_ema=G.eval(),
+    snapshot_io.save_network_pkl(dict(training_set_kwargs=None, G=G.eval(), D=D.eval(), G_ema=G.eval(),
                                  augment_pipe=None), str(path))
     return str(path)
 
@@ -200,9 +201,8 @@ def test_resume_of_a_run_whose_data_moved_or_broke(files, tmp_path):
 
 def test_fine_tune_an_official_format_snapshot_into_squeeze_from_the_command_line(files, tmp_path):
     # A stock snapshot whose networks come from embedded source, as an official pickle's do.
-    from test_legacy_adopt import official_format_pickle
     with open(make_snapshot(tmp_path / 'ours.pkl'), 'rb') as f:
-        snapshot = legacy.load_network_pkl(f)
+        snapshot = snapshot_io.load_network_pkl(f)
     official = tmp_path / 'official.pkl'
     official.write_bytes(official_format_pickle(snapshot))
     result = run_train([f'--outdir={tmp_path / "runs"}', f'--data={files["data"]}', *TINY, '--arch=squeeze',
@@ -218,6 +218,6 @@ def test_fine_tune_an_official_format_snapshot_into_squeeze_from_the_command_lin
     assert 'copied whole: mapping' in log and '\nD: 24 tensors (16,065 values) copied\n' in log
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['resume_pkl'] == str(official)
-    G = legacy.load_network(str(run_dir / 'network-snapshot-000000.016.pkl'))
+    G = snapshot_io.load_network(str(run_dir / 'network-snapshot-000000.016.pkl'))
     assert G.synthesis.architecture == 'squeeze'
     assert torch.isfinite(G(torch.randn([1, G.z_dim]), torch.zeros([1, 0]))).all()

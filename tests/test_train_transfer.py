@@ -10,7 +10,7 @@ from test_legacy_adopt import official_format_pickle
 from test_training_loop import BATCH, _train, make_image_folder, tiny_options
 
 from torch_utils import misc, training_stats
-from training import legacy, transfer
+from training import snapshot_io, transfer
 from training.loss import StyleGAN2Loss
 from training.networks import Discriminator, Generator
 from training.training_loop import TrainingStopped, one_line, snapshot_tag, training_loop
@@ -119,7 +119,7 @@ def data_dir(tmp_path_factory):
 def test_resume_from_an_official_format_skip_snapshot_into_a_squeeze_run(tmp_path, data_dir, capsys):
     _train(tmp_path / 'skip', data_dir, steps=1)
     with open(tmp_path / 'skip' / 'network-snapshot-000000.008.pkl', 'rb') as f:
-        snapshot = legacy.load_network_pkl(f)
+        snapshot = snapshot_io.load_network_pkl(f)
     official = tmp_path / 'official-skip.pkl'
     official.write_bytes(official_format_pickle(snapshot))  # Classes from embedded source.
     capsys.readouterr()
@@ -163,7 +163,7 @@ def test_an_error_mid_run_is_one_line_naming_what_is_intact(tmp_path, data_dir):
     assert message.startswith('Training stopped at 0.0 kimg: Cannot read image "img007.png"')
     assert 'network-snapshot-000000.008.pkl and training-state.pt are intact' in message
     assert isinstance(error.value.__cause__, ValueError)
-    assert legacy.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.008.pkl')).z_dim == 8
+    assert snapshot_io.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.008.pkl')).z_dim == 8
 
 
 def test_one_line_takes_the_original_error_of_a_data_loader_worker():
@@ -224,7 +224,7 @@ def test_start_shows_module_summaries_and_stats_have_the_official_timing_keys(tm
     assert out.count('<top-level>') == 2  # One table for G, one for D.
     assert 'synthesis.b8.squeeze' in out or 'b8.squeeze' in out
     try:
-        import torch.utils.tensorboard  # noqa: F401
+        import torch.utils.tensorboard  # noqa: F401  (an optional dependency: tfevents only where it is installed)
         assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'run'))
     except ImportError:
         assert 'Skipping tfevents export: ' in out

@@ -11,8 +11,10 @@ import pytest
 import torch
 from dist_utils import spawn
 
+from metrics import metric_main
 from torch_utils import misc, training_stats
-from training import checkpoint, legacy
+from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
+from training import checkpoint, snapshot_io
 from training.loss import StyleGAN2Loss
 from training.training_loop import AdaController, TrainingDiverged, TrainingStopped, training_loop
 
@@ -102,7 +104,7 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
         assert {'Loss/G/loss', 'Loss/D/loss', 'Progress/kimg', 'Progress/augment', 'Timing/sec_per_kimg'} <= set(line)
         assert all(set(value) == {'num', 'mean', 'std'} for value in line.values())
 
-    G = legacy.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.024.pkl'))
+    G = snapshot_io.load_network(str(tmp_path / 'run' / 'network-snapshot-000000.024.pkl'))
     assert G.synthesis.architecture == architecture
     img = G(torch.randn([2, G.z_dim]), torch.eye(3)[:2], noise_mode='const')
     assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()
@@ -120,7 +122,6 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
 
 
 def test_global_switches_are_restored(tmp_path, data_dir):
-    from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
     before = (conv2d_gradfix.enabled, grid_sample_gradfix.enabled)
     _train(tmp_path / 'run', data_dir, steps=1)
     assert (conv2d_gradfix.enabled, grid_sample_gradfix.enabled) == before
@@ -199,7 +200,7 @@ def test_crash_while_writing_a_snapshot_keeps_the_previous_one(tmp_path, data_di
     assert isinstance(error.value.__cause__, OSError)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert legacy.load_network(str(path)).z_dim == 8
+    assert snapshot_io.load_network(str(path)).z_dim == 8
     assert [name for name in os.listdir(tmp_path / 'run') if '.tmp-' in name] == []
 
 
@@ -220,7 +221,7 @@ def test_nonfinite_losses_stop_training_with_the_last_snapshot_intact(tmp_path, 
     with pytest.raises(TrainingDiverged, match=r'Training diverged at .* kimg: every Loss/G/loss value'):
         _train(tmp_path / 'run', data_dir, steps=6, loss_kwargs=loss_kwargs)
     snapshot = tmp_path / 'run' / 'network-snapshot-000000.008.pkl'
-    G = legacy.load_network(str(snapshot))  # Written after the first (healthy) tick, not overwritten since.
+    G = snapshot_io.load_network(str(snapshot))  # Written after the first (healthy) tick, not overwritten since.
     assert all(torch.isfinite(p).all() for p in G.parameters())
     record = checkpoint.load_training_state(str(tmp_path / 'run' / 'training-state.pt'))
     assert record['progress']['cur_nimg'] == BATCH
@@ -233,8 +234,6 @@ def test_metrics_request_without_an_evaluator_gives_a_clear_message(tmp_path, da
 
 def test_metrics_are_evaluated_at_every_snapshot(tmp_path, data_dir):
     # The real evaluator of the metrics package, with a detector-free metric registered for the test.
-    from metrics import metric_main
-
     def mean_pixel_test_metric(opts):
         G = opts.G.to(opts.device)
         z = torch.randn([4, G.z_dim], generator=torch.Generator().manual_seed(0))

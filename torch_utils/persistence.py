@@ -12,7 +12,7 @@ official StyleGAN2-ADA snapshots use (version 6):
 A class opts in with the `@persistent_class` decorator, which also records the constructor arguments
 (`obj.init_args`, `obj.init_kwargs`) so that a network can be rebuilt from them.
 
-Loading a pickle runs the code inside it: only load snapshots you trust (see training/legacy.py for a
+Loading a pickle runs the code inside it: only load snapshots you trust (see training/weights_only.py for a
 weights-only alternative).
 """
 

@@ -29,7 +29,7 @@ import torch
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, dataset, health, legacy, preemption, transfer
+from training import checkpoint, dataset, health, preemption, snapshot_io, transfer, weights_only
 from training.augment import AdaController
 from training.loss import phase_plan
 
@@ -279,7 +279,7 @@ def _resume_from_pkl(state: TrainingState, resume_pkl: str) -> None:
     a transfer report says which."""
     state.log(f'Resuming from "{resume_pkl}"')
     with dnnlib.util.open_url(resume_pkl) as f:
-        resume_data = legacy.load_network_pkl(f)
+        resume_data = snapshot_io.load_network_pkl(f)
     reports = {}
     for name in ('G', 'D', 'G_ema'):
         if isinstance(resume_data.get(name), torch.nn.Module):
@@ -418,7 +418,7 @@ class _TickStats:
 
 
 def _state_record(state: TrainingState) -> dict:
-    return dict(options=legacy.to_plain(dict(state.opts), 'options'), **_checkpoint_io(state).state_dict())
+    return dict(options=weights_only.to_plain(dict(state.opts), 'options'), **_checkpoint_io(state).state_dict())
 
 
 def _restore_state(state: TrainingState, record: dict) -> None:
@@ -437,7 +437,7 @@ def _setup_logs(state: TrainingState) -> None:
         _drop_records_after(state.cur_nimg, opts.run_dir)
     state.stats_jsonl = open(os.path.join(opts.run_dir, 'stats.jsonl'), 'at')
     try:
-        import torch.utils.tensorboard as tensorboard
+        import torch.utils.tensorboard as tensorboard  # Optional dependency (requirements-extras.txt).
         state.stats_tfevents = tensorboard.SummaryWriter(opts.run_dir)
     except ImportError as e:
         print(f'Skipping tfevents export: {e}')  # TensorBoard is optional: stats.jsonl has everything.
@@ -743,7 +743,7 @@ def _write_network_snapshot(state: TrainingState, tag: str):
     if state.is_main:
         snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
-        legacy.save_network_pkl(snapshot, path)
+        snapshot_io.save_network_pkl(snapshot, path)
         state.last_snapshot = path
     state.last_snapshot_nimg = state.cur_nimg
     return path, snapshot
