@@ -12,7 +12,7 @@ from test_training_loop import BATCH, make_image_folder, tiny_options
 from torch_utils import misc, training_stats
 from training import checkpoint, legacy, networks
 from training.decoder import FeatureDecoder, decoder_kwargs
-from training.loss import StyleGAN2Loss
+from training.loss import DPass, StyleGAN2Loss
 from training.networks import Discriminator, Generator, SynthesisNetwork
 from training.regularizers import GGDRTerm, GLeaDTerm, cosine_distance
 from training.training_loop import training_loop
@@ -133,8 +133,10 @@ def test_a_discriminator_without_decoder_keeps_the_official_state_dict():
 def test_cosine_term_closed_forms():
     feature = torch.randn([3, 5, 4, 4])
     term = GGDRTerm(G_synthesis=None, device='cpu', res=4, weight=10)
-    assert torch.allclose(term.fake_loss(dict(feature=feature), feature, None), torch.zeros(3), atol=1e-6)
-    assert torch.allclose(term.fake_loss(dict(feature=-feature), feature, None), torch.full([3], 20.0))
+    record = lambda decoded: DPass(real=False, main=True, phase='Dmain', gain=1, logits=None,  # noqa: E731
+                                   images=None, clean=None, decoded=dict(feature=decoded), g_feature=feature)
+    assert torch.allclose(term.fake_loss(record(feature)), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(term.fake_loss(record(-feature)), torch.full([3], 20.0))
     # Scale does not matter, direction does: a positive multiple is identical, an orthogonal feature gives 1.
     assert torch.allclose(cosine_distance(feature * 3, feature), torch.zeros(3), atol=1e-6)
     a = torch.zeros([1, 2, 1, 1])
