@@ -265,7 +265,8 @@ class StyleGAN2Loss(Loss):
         return (logits, decoded, feature) if decode else logits
 
     def _see(self, img, c, feature, decode):
-        """(the augmented images, D's logits, decoder outputs or None, the feature augmented like the images)."""
+        """(the augmented images, D's logits, decoder outputs or None, the feature augmented like the images).
+        The passes with D terms call it directly, for the record's images; the others go through run_D."""
         if self.augment_pipe is not None and feature is not None:
             img, (feature,) = self.augment_pipe(img, features=[feature])
         elif self.augment_pipe is not None:
