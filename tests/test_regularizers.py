@@ -1,6 +1,7 @@
-"""GGDR and GLeaD (SPEC §5) and the seams they use: G features and G's tail (SynthesisNetwork), D features and
-its decoder option (Discriminator, training/decoder.py), the D loss terms (training/regularizers.py), and
-tiny training runs with each regularizer: two gloo processes, exact resume, snapshots."""
+"""GGDR, GLeaD (SPEC §5) and LeCam and the seams they use: G features and G's tail (SynthesisNetwork), D features
+and its decoder option (Discriminator, training/decoder.py), the D loss terms (training/regularizers/), and
+tiny training runs with each regularizer: two gloo processes, exact resume (LeCam's averages included),
+snapshots."""
 
 import os
 
@@ -12,9 +13,10 @@ from test_training_loop import BATCH, make_image_folder, tiny_options
 from torch_utils import misc, training_stats
 from training import checkpoint, networks, snapshot_io
 from training.decoder import FeatureDecoder, decoder_kwargs
-from training.loss import StyleGAN2Loss
+from training.loss import DPass, StyleGAN2Loss
 from training.networks import Discriminator, Generator, SynthesisNetwork
 from training.regularizers import GGDRTerm, GLeaDTerm, cosine_distance
+from training.regularizers.lecam import LeCamTerm
 from training.training_loop import training_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -133,8 +135,10 @@ def test_a_discriminator_without_decoder_keeps_the_official_state_dict():
 def test_cosine_term_closed_forms():
     feature = torch.randn([3, 5, 4, 4])
     term = GGDRTerm(G_synthesis=None, device='cpu', res=4, weight=10)
-    assert torch.allclose(term.fake_loss(dict(feature=feature), feature, None), torch.zeros(3), atol=1e-6)
-    assert torch.allclose(term.fake_loss(dict(feature=-feature), feature, None), torch.full([3], 20.0))
+    record = lambda decoded: DPass(real=False, main=True, phase='Dmain', gain=1, logits=None,  # noqa: E731
+                                   images=None, clean=None, decoded=dict(feature=decoded), g_feature=feature)
+    assert torch.allclose(term.fake_loss(record(feature)), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(term.fake_loss(record(-feature)), torch.full([3], 20.0))
     # Scale does not matter, direction does: a positive multiple is identical, an orthogonal feature gives 1.
     assert torch.allclose(cosine_distance(feature * 3, feature), torch.zeros(3), atol=1e-6)
     a = torch.zeros([1, 2, 1, 1])
@@ -215,6 +219,42 @@ def test_glead_tail_needs_a_block_above_res_g():
     with pytest.raises(ValueError, match='LPIPS needs weights'):
         GLeaDTerm(G_synthesis=S, device='cpu', res_g=8, distance='lpips')
 
+def _pass(real, logits, main=True):
+    logits = torch.tensor(logits).reshape(-1, 1)
+    return DPass(real=real, main=main, phase='Dmain' if main else 'Dreg', gain=1, logits=logits, images=None,
+                 clean=None)
+
+
+def test_lecam_closed_forms_and_zero_debiased_averages():
+    term = LeCamTerm(G_synthesis=None, device='cpu', weight=2.0, decay=0.5)
+    # The loss sees fakes first: no real seen yet, so no term on fakes; the fake average is the first mean (2).
+    assert term.fake_loss(_pass(False, [1.0, 3.0])) is None
+    # Reals above the fakes' average: 2 * relu([2, 4] - 2)^2.
+    assert torch.equal(term.real_loss(_pass(True, [2.0, 4.0])), torch.tensor([0.0, 8.0]))
+    # The lazy R1 step neither adds a term nor moves the averages.
+    assert term.real_loss(_pass(True, [100.0, 100.0], main=False)) is None
+    # Fakes below the reals' average (3): 2 * relu(3 - [0, 5])^2; the fake average now (0.5 * 1 + 0.5 * 2.5) / 0.75.
+    assert torch.equal(term.fake_loss(_pass(False, [0.0, 5.0])), torch.tensor([18.0, 0.0]))
+    assert term._average('fake').item() == pytest.approx(1.75 / 0.75) and term._average('real').item() == 3.0
+    # Its state round-trips into a fresh term, which then computes the same.
+    fresh = LeCamTerm(G_synthesis=None, device='cpu', weight=2.0, decay=0.5)
+    fresh.load_state_dict(term.state_dict())
+    assert torch.equal(fresh.real_loss(_pass(True, [4.0, 1.0])), term.real_loss(_pass(True, [4.0, 1.0])))
+    assert fresh.state_dict() == term.state_dict()
+
+
+def test_the_loss_state_holds_the_terms_and_an_old_state_still_loads():
+    loss, G, D = _loss_and_networks('ggdr')
+    loss.d_terms.insert(0, LeCamTerm(G_synthesis=G.synthesis, device='cpu', weight=1.0))
+    _grads_after('Dmain', loss, G, D)
+    state = loss.state_dict()
+    assert list(state['d_terms']) == ['0.lecam', '1.ggdr'] and state['d_terms']['1.ggdr'] == {}
+    assert state['d_terms']['0.lecam']['updates_real'] == 1
+    loss.load_state_dict(dict(pl_mean=torch.ones([])))  # A state written before terms had state: kept as is.
+    assert loss.d_terms[0].updates_real == 1 and loss.pl_mean.item() == 1
+    with pytest.raises(ValueError, match='D terms this run does not have: 0.glead'):
+        loss.load_state_dict(dict(pl_mean=torch.ones([]), d_terms={'0.glead': {}}))
+
 # ----------------------------------------------------------------------------
 # Tiny training runs with each regularizer.
 
@@ -225,14 +265,18 @@ def data_dir(tmp_path_factory):
 
 
 def reg_options(run_dir, data, reg, architecture='skip', **overrides):
+    """tiny_options with the regularizers of `reg`, a comma list as --reg takes; LeCam at a weight that acts."""
     opts = tiny_options(run_dir, data, architecture=architecture, **overrides)
-    if reg == 'ggdr':
-        opts['D_kwargs']['decoder_kwargs'] = decoder_kwargs(8)
-        opts['loss_kwargs']['d_terms'] = [dict(class_name='training.regularizers.GGDRTerm', res=8)]
-    elif reg == 'glead':
-        opts['D_kwargs']['decoder_kwargs'] = decoder_kwargs(8, dict(img_channels=3, feat_channels=16, w_dim=8))
-        opts['loss_kwargs']['d_terms'] = [dict(class_name='training.regularizers.GLeaDTerm', res_g=8,
-                                               distance='mse')]
+    terms = opts['loss_kwargs']['d_terms'] = []
+    for name in reg.split(','):
+        if name == 'ggdr':
+            opts['D_kwargs']['decoder_kwargs'] = decoder_kwargs(8)
+            terms.append(dict(class_name='training.regularizers.GGDRTerm', res=8))
+        elif name == 'glead':
+            opts['D_kwargs']['decoder_kwargs'] = decoder_kwargs(8, dict(img_channels=3, feat_channels=16, w_dim=8))
+            terms.append(dict(class_name='training.regularizers.GLeaDTerm', res_g=8, distance='mse'))
+        elif name == 'lecam':
+            terms.append(dict(class_name='training.regularizers.lecam.LeCamTerm', weight=0.1))
     return opts
 
 
@@ -246,16 +290,20 @@ def _tensors(state):
     tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
     tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})
     tensors['pl_mean'] = state.loss.pl_mean.clone()
+    for key, term_state in state.loss.state_dict()['d_terms'].items():
+        tensors.update({f'{key}.{k}': torch.as_tensor(v) for k, v in term_state.items()})
     return tensors
 
 
-@pytest.mark.parametrize('reg', ['ggdr', 'glead'])
+@pytest.mark.parametrize('reg', ['lecam,ggdr', 'glead'])
 def test_exact_resume_with_a_regularizer(tmp_path, data_dir, reg):
     straight = _train(tmp_path / 'straight', data_dir, reg, architecture='squeeze', steps=4, ada_target=-0.9)
     _train(tmp_path / 'split', data_dir, reg, architecture='squeeze', steps=2, ada_target=-0.9)
     state_file = checkpoint.find_state_file(str(tmp_path / 'split'))
     record = checkpoint.load_training_state(state_file)
     assert any(k.startswith('decoder.') for k in record['networks']['D'])  # The decoder is in the state.
+    if reg.startswith('lecam'):  # So are LeCam's averages, which the resumed run continues (compared below).
+        assert record['loss']['d_terms']['0.lecam']['updates_real'] == 2 * 2  # Two Dmain steps of two rounds.
     resumed = _train(tmp_path / 'split', data_dir, reg, architecture='squeeze', steps=4, ada_target=-0.9,
                      resume_state=state_file)
     expected, got = _tensors(straight), _tensors(resumed)
@@ -268,22 +316,40 @@ def test_exact_resume_with_a_regularizer(tmp_path, data_dir, reg):
 
 
 def _two_rank_worker(rank, world_size, run_root, data):
-    # Both regularizers in one process group: each run is a separate training_loop in its own directory.
+    # Both regularizers in one process group, each run a separate training_loop in its own directory; then LeCam
+    # with GGDR interrupted after two steps and resumed from rank 0's state, against the uninterrupted run.
+    # Without the path-length term: its running mean is each rank's own, and the state holds rank 0's.
     training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
-    for reg in ('ggdr', 'glead'):
+    runs = dict()
+    for reg, run, steps, resume in (('lecam,ggdr', 'lecam', 3, False), ('glead', 'glead', 3, False),
+                                    ('lecam,ggdr', 'split', 2, False), ('lecam,ggdr', 'split', 3, True)):
         training_stats.reset_values()  # Keeps init_multiprocessing: the ranks judge health on shared statistics.
-        opts = reg_options(os.path.join(run_root, reg), data, reg, steps=3, num_gpus=world_size, rank=rank,
-                           batch_gpu=2)
-        state = training_loop(device=torch.device('cpu'), **opts)
+        torch.distributed.barrier()  # Rank 0 has written the state a resume reads.
+        run_dir = os.path.join(run_root, run)
+        opts = reg_options(run_dir, data, reg, steps=steps, num_gpus=world_size, rank=rank, batch_gpu=2,
+                           resume_state=checkpoint.find_state_file(run_dir) if resume else None)
+        if reg.startswith('lecam'):
+            opts['loss_kwargs']['pl_weight'] = 0
+        state = runs[run] = training_loop(device=torch.device('cpu'), **opts)
         for module in (state.G, state.D, state.G_ema, state.augment_pipe):
             misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
-        assert state.cur_nimg == 3 * BATCH
+        assert state.cur_nimg == steps * BATCH
         assert state.D.decoder is not None
+    # LeCam's averages are the same on both ranks: each pass's mean logit is averaged over them.
+    lecam = runs['lecam'].loss.d_terms[0]
+    assert lecam.updates_real == lecam.updates_fake == 3 * 2  # Three Dmain steps of two rounds.
+    averages = [torch.zeros(2) for _ in range(world_size)]
+    torch.distributed.all_gather(averages, torch.stack([lecam.biased_real, lecam.biased_fake]))
+    assert torch.equal(averages[0], averages[1]) and averages[0].abs().min() > 0
+    # The resumed run is the uninterrupted one, bit for bit, averages included (w_avg is each rank's own).
+    expected, got = _tensors(runs['lecam']), _tensors(runs['split'])
+    assert [name for name in expected if not torch.equal(expected[name], got[name])
+            and not name.endswith('.w_avg')] == []
 
 
 def test_two_gloo_processes_with_each_regularizer(tmp_path, data_dir):
-    for reg in ('ggdr', 'glead'):
-        os.makedirs(tmp_path / reg)
-    spawn(_two_rank_worker, 2, str(tmp_path), data_dir, timeout=300)
-    for reg in ('ggdr', 'glead'):
-        assert os.path.isfile(tmp_path / reg / 'network-snapshot-000000.024.pkl')
+    for run in ('lecam', 'glead', 'split'):
+        os.makedirs(tmp_path / run)
+    spawn(_two_rank_worker, 2, str(tmp_path), data_dir, timeout=600)
+    for run in ('lecam', 'glead'):
+        assert os.path.isfile(tmp_path / run / 'network-snapshot-000000.024.pkl')

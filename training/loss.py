@@ -169,30 +169,19 @@ class Loss:
         del state  # A loss without running values has nothing to restore.
 
 
-class DiscriminatorTerm:
-    """An extra term of D's loss, added by StyleGAN2Loss in D's phases (GGDR and GLeaD, training/regularizers.py).
-
-    A term declares what it reads, so that every pass computes each input once:
-      on_fakes        adds `fake_loss` to D's loss on fakes (Dmain phases only; G is frozen there);
-      on_reals        adds `real_loss` to D's loss on reals, in every phase that evaluates reals (Dmain and
-                      the lazy R1 step, with that step's gain);
-      g_feature_res   the resolution of G's feature that `fake_loss` needs, None = none.
-    In the passes it takes part in, D also runs its decoder, and the augmentation of the images is applied to
-    G's feature too. Both methods return one value per sample, [N], already weighted.
-    """
-
-    on_fakes        = False
-    on_reals        = False
-    g_feature_res   = None
-
-    def fake_loss(self, decoded, g_feature, gen_img):
-        """decoded: D's decoder outputs on the augmented fakes; g_feature: G's feature with the same
-        augmentation (or None); gen_img: the fakes before augmentation, detached."""
-        raise NotImplementedError()
-
-    def real_loss(self, decoded, real_img):
-        """decoded: D's decoder outputs on the augmented reals; real_img: the reals before augmentation."""
-        raise NotImplementedError()
+@dataclasses.dataclass
+class DPass:
+    """One pass of D in D's phases, as the terms of D's loss (training.regularizers.Regularizer) read it: one
+    record per pass of fakes and one per pass of reals, made once and given to every term taking part."""
+    real:       bool                        # True: a pass of reals; False: of fakes.
+    main:       bool                        # The pass adds D's main loss (Dmain/Dboth); False in the lazy R1 step.
+    phase:      str                         # The loop's phase name ('Dmain', 'Dreg' or 'Dboth').
+    gain:       float                       # The phase's gain (the pass's loss mean is multiplied by it).
+    logits:     torch.Tensor                # D's logits [N, 1], in the graph (a term's gradient reaches D).
+    images:     torch.Tensor                # The images D saw, after augmentation, in the graph.
+    clean:      torch.Tensor                # The same images before augmentation, detached.
+    decoded:    Optional[Dict[str, torch.Tensor]] = None  # D's decoder outputs, when a term reads the decoder.
+    g_feature:  Optional[torch.Tensor] = None   # G's feature at g_feature_res, augmented like the images.
 
 
 class StyleGAN2Loss(Loss):
@@ -207,8 +196,8 @@ class StyleGAN2Loss(Loss):
         pl_batch_shrink     = 2,        # The path-length pass uses batch_size // pl_batch_shrink samples.
         pl_decay            = 0.01,     # Decay of the running mean of path lengths.
         pl_weight           = 2,        # Path-length weight, 0 = off.
-        d_terms             = (),       # Extra terms of D's loss: class_name + arguments of DiscriminatorTerms
-                                        # (built with G_synthesis and device), e.g. the GGDR cosine term.
+        d_terms             = (),       # Extra terms of D's loss: class_name + arguments of Regularizers
+                                        # (training/regularizers; built with G_synthesis and device).
     ):
         super().__init__()
         self.device = torch.device(device)
@@ -225,11 +214,30 @@ class StyleGAN2Loss(Loss):
         self.d_terms = [dnnlib.util.construct_class_by_name(**term, G_synthesis=G_synthesis, device=self.device)
                         for term in d_terms]
 
+    def _term_keys(self) -> List[str]:
+        # Position + name: stable for a run's options (the list is the --reg list, in order), and readable.
+        return [f'{i}.{getattr(term, "name", "") or type(term).__name__}' for i, term in enumerate(self.d_terms)]
+
     def state_dict(self) -> dict:
-        return dict(pl_mean=self.pl_mean.detach().cpu())
+        state = dict(pl_mean=self.pl_mean.detach().cpu())
+        if self.d_terms:  # A run without terms writes the state it always wrote.
+            keys = self._term_keys()
+            state['d_terms'] = {key: term.state_dict() for key, term in zip(keys, self.d_terms, strict=True)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores pl_mean and each term's running values. A term the state has no entry for (a state written
+        before terms had state) keeps its fresh values; an entry no term of this run has is an error."""
         self.pl_mean.copy_(state['pl_mean'])
+        saved = state.get('d_terms') or {}
+        keys = self._term_keys()
+        unknown = sorted(set(saved) - set(keys))
+        if unknown:
+            raise ValueError(f'The training state holds D terms this run does not have: {", ".join(unknown)} '
+                             f'(this run has: {", ".join(keys) or "none"})')
+        for key, term in zip(keys, self.d_terms, strict=True):
+            if key in saved:
+                term.load_state_dict(saved[key])
 
     # Running the networks.
 
@@ -253,14 +261,20 @@ class StyleGAN2Loss(Loss):
         """D's logits of augmented images; with `decode`, (logits, decoder outputs, the feature augmented like
         the images or None)."""
         del sync
+        _img, logits, decoded, feature = self._see(img, c, feature, decode)
+        return (logits, decoded, feature) if decode else logits
+
+    def _see(self, img, c, feature, decode):
+        """(the augmented images, D's logits, decoder outputs or None, the feature augmented like the images).
+        The passes with D terms call it directly, for the record's images; the others go through run_D."""
         if self.augment_pipe is not None and feature is not None:
             img, (feature,) = self.augment_pipe(img, features=[feature])
         elif self.augment_pipe is not None:
             img = self.augment_pipe(img)
         if not decode:
-            return self.D(img, c)
+            return img, self.D(img, c), None, feature
         logits, decoded = self.D(img, c, decode=True)
-        return logits, decoded, feature
+        return img, logits, decoded, feature
 
     # The phases.
 
@@ -277,9 +291,10 @@ class StyleGAN2Loss(Loss):
             self._accumulate_Gmain(gen_z, gen_c, sync=(sync and not do_Gpl), gain=gain)
         if do_Gpl:
             self._accumulate_Gpl(gen_z, gen_c, sync=sync, gain=gain)
-        loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, gain=gain) if do_Dmain else 0
+        loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, phase=phase, gain=gain) if do_Dmain else 0
         if do_Dmain or do_Dr1:
-            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, sync=sync, gain=gain)
+            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase=phase, sync=sync,
+                                   gain=gain)
 
     def _accumulate_Gmain(self, gen_z, gen_c, sync, gain):
         with torch.autograd.profiler.record_function('Gmain_forward'):
@@ -307,7 +322,7 @@ class StyleGAN2Loss(Loss):
             # for the last toRGB bias, which path lengths do not depend on) and Adam moves every moment alike.
             (gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain).backward()
 
-    def _accumulate_Dgen(self, gen_z, gen_c, gain):
+    def _accumulate_Dgen(self, gen_z, gen_c, phase, gain):
         terms = [term for term in self.d_terms if term.on_fakes]
         with torch.autograd.profiler.record_function('Dgen_forward'):
             if not terms:
@@ -315,14 +330,14 @@ class StyleGAN2Loss(Loss):
                 gen_logits = self.run_D(gen_img, gen_c, sync=False)
                 loss_terms = 0
             else:
-                gen_logits, loss_terms = self._run_fake_terms(terms, gen_z, gen_c)
+                gen_logits, loss_terms = self._run_fake_terms(terms, gen_z, gen_c, phase, gain)
             _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Dgen = discriminator_loss_fake(gen_logits)
         with torch.autograd.profiler.record_function('Dgen_backward'):
             (loss_Dgen + loss_terms).mean().mul(gain).backward()
         return loss_Dgen.detach()
 
-    def _run_fake_terms(self, terms, gen_z, gen_c):
+    def _run_fake_terms(self, terms, gen_z, gen_c, phase, gain):
         """D's logits of fakes and the sum of the terms on them, from one G pass and one D pass."""
         resolutions = {term.g_feature_res for term in terms} - {None}
         if len(resolutions) > 1:
@@ -330,19 +345,24 @@ class StyleGAN2Loss(Loss):
         feature_res = resolutions.pop() if resolutions else None
         generated = self.run_G(gen_z, gen_c, sync=False, feature_res=feature_res)
         gen_img, feature = generated[0], (generated[2] if feature_res is not None else None)
-        gen_logits, decoded, feature = self.run_D(gen_img, gen_c, sync=False, feature=feature, decode=True)
-        loss_terms = sum(term.fake_loss(decoded, feature, gen_img.detach()) for term in terms)
-        return gen_logits, loss_terms
+        decode = any(term.reads_decoder for term in terms)
+        seen, gen_logits, decoded, feature = self._see(gen_img, gen_c, feature, decode)
+        record = DPass(real=False, main=True, phase=phase, gain=gain, logits=gen_logits, images=seen,
+                       clean=gen_img.detach(), decoded=decoded, g_feature=feature)
+        return gen_logits, _sum_terms(term.fake_loss(record) for term in terms)
 
-    def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, sync, gain):
+    def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase, sync, gain):
         name = 'Dreal_Dr1' if do_Dmain and do_Dr1 else 'Dreal' if do_Dmain else 'Dr1'
         with torch.autograd.profiler.record_function(name + '_forward'):
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
             terms = [term for term in self.d_terms if term.on_reals]
             loss_terms = 0
             if terms:
-                real_logits, decoded, _ = self.run_D(real_img_tmp, real_c, sync=sync, decode=True)
-                loss_terms = sum(term.real_loss(decoded, real_img.detach()) for term in terms)
+                decode = any(term.reads_decoder for term in terms)
+                seen, real_logits, decoded, _ = self._see(real_img_tmp, real_c, None, decode)
+                record = DPass(real=True, main=do_Dmain, phase=phase, gain=gain, logits=real_logits,
+                               images=seen, clean=real_img.detach(), decoded=decoded)
+                loss_terms = _sum_terms(term.real_loss(record) for term in terms)
             else:
                 real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
             _report_scores(STAT_SCORES_REAL, STAT_SIGNS_REAL, real_logits)
@@ -358,3 +378,9 @@ class StyleGAN2Loss(Loss):
                 training_stats.report(STAT_D_REG, loss_Dr1)
         with torch.autograd.profiler.record_function(name + '_backward'):
             (real_logits * 0 + loss_Dreal + loss_Dr1 + loss_terms).mean().mul(gain).backward()
+
+
+def _sum_terms(losses):
+    """The sum of the terms' per-sample losses, skipping a term's None (no term in this pass); 0 for none.
+    Summed from 0 in the terms' order, as the loss always did, so that the float rounding stays the same."""
+    return sum(loss for loss in losses if loss is not None)

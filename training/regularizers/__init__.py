@@ -19,6 +19,7 @@ from training.regularizers.glead import GLEAD_FAKE_BRANCHES, GLeaDTerm, resolve_
 REGULARIZERS = {
     'ggdr':     'training.regularizers.GGDRTerm',
     'glead':    'training.regularizers.GLeaDTerm',
+    'lecam':    'training.regularizers.lecam.LeCamTerm',
 }
 
 

@@ -42,6 +42,7 @@ class GGDRTerm(Regularizer):
         Option('ggdr_weight', float, 10.0, 'Weight of the cosine term', min=0, tree='weight', desc='w{value:g}'),
     )
     on_fakes = True
+    reads_decoder = True
 
     def __init__(self,
         G_synthesis,                # G's synthesis network (given by the loss; GGDR reads only its features).
@@ -63,8 +64,7 @@ class GGDRTerm(Regularizer):
     def decoder(cls, values, net):
         return decoder.decoder_kwargs(values['ggdr_res'])
 
-    def fake_loss(self, decoded, g_feature, gen_img):
-        del gen_img
-        loss = cosine_distance(decoded['feature'], g_feature.detach()) * self.weight
+    def fake_loss(self, record):
+        loss = cosine_distance(record.decoded['feature'], record.g_feature.detach()) * self.weight
         training_stats.report(STAT_GGDR, loss)
         return loss

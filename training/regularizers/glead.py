@@ -59,6 +59,7 @@ class GLeaDTerm(Regularizer):
     )
     on_fakes = True
     on_reals = True
+    reads_decoder = True
 
     def __init__(self,
         G_synthesis,                # G's synthesis network, whose blocks above res_g reconstruct the image.
@@ -111,19 +112,20 @@ class GLeaDTerm(Regularizer):
         ws = decoded['w'].repeat(1, self.G_synthesis.tail_num_ws(self.res_g), 1)
         return self.G_synthesis.forward_from(self.res_g, feature, image, ws)
 
-    def real_loss(self, decoded, real_img):
-        recon = self.reconstruct(decoded)
-        misc.assert_shape(recon, list(real_img.shape))
-        loss = self.distance(recon, real_img) * self.real_weight
+    def real_loss(self, record):
+        """In every pass of reals, the lazy R1 step too (with its gain): record.main is not read."""
+        recon = self.reconstruct(record.decoded)
+        misc.assert_shape(recon, list(record.clean.shape))
+        loss = self.distance(recon, record.clean) * self.real_weight
         training_stats.report(STAT_GLEAD_REAL, loss)
         return loss
 
-    def fake_loss(self, decoded, g_feature, gen_img):
+    def fake_loss(self, record):
         if self.fake == 'gfeat':
-            feature, _image = self._heads_at_res_g(decoded)
-            loss = cosine_distance(feature, g_feature.detach())
+            feature, _image = self._heads_at_res_g(record.decoded)
+            loss = cosine_distance(feature, record.g_feature.detach())
         else:
-            loss = self.distance(self.reconstruct(decoded), gen_img.detach())
+            loss = self.distance(self.reconstruct(record.decoded), record.clean)
         loss = loss * self.fake_weight
         training_stats.report(STAT_GLEAD_FAKE, loss)
         return loss

@@ -1,5 +1,6 @@
-"""What a regularizer of D declares for the command line, besides the loss term it is (training.loss.
-DiscriminatorTerm): its `--reg` name, its options, and how they become its part of the options tree.
+"""A regularizer of D: the loss term it is (what it reads of each D pass, the per-sample loss it adds, the
+running state it keeps) and what it declares for the command line (its `--reg` name, its options, and how they
+become its part of the options tree).
 
 train.py makes `--reg` from the registry (training/regularizers/__init__.py) and one flag per declared option;
 the option builder (runner/options.py) refuses an option given without its regularizer, then calls `plan` of
@@ -11,7 +12,6 @@ decoder of D it needs (None = none) and its run-name piece.
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from training.flags import Option
-from training.loss import DiscriminatorTerm
 
 
 class TermPlan(NamedTuple):
@@ -34,12 +34,44 @@ class NetworkFacts(NamedTuple):
         return min(self.channel_base // res, self.channel_max)
 
 
-class Regularizer(DiscriminatorTerm):
-    """A registered regularizer: a D loss term that declares its command line."""
+class Regularizer:
+    """A registered regularizer: an extra term of D's loss, added by training.loss.StyleGAN2Loss in D's phases,
+    that declares its command line.
+
+    The loss builds it from its options-tree entry (the keywords of `options`' tree paths) plus G_synthesis and
+    device. It declares what it reads, so that every pass computes each input once:
+      on_fakes        adds `fake_loss` to D's loss on fakes (Dmain phases only; G is frozen there);
+      on_reals        adds `real_loss` to D's loss on reals, in every phase that evaluates reals (Dmain and the
+                      lazy R1 step, with that step's gain; `record.main` tells them apart);
+      reads_decoder   D runs its decoder in the passes the term takes part in (`record.decoded`);
+      g_feature_res   the resolution of G's feature that `fake_loss` needs (`record.g_feature`, augmented like
+                      the images), None = none.
+    Both methods take the pass's record (training.loss.DPass) and return one value per sample, [N], already
+    weighted, or None for no term in this pass. A term with running values (an EMA of logits, a counter) keeps
+    them in `state_dict`, which the training state saves and an exact resume restores.
+    """
 
     name:       str = ''                    # Its --reg value.
     help:       str = ''                    # One line for the --reg help.
     options:    Tuple[Option, ...] = ()     # Its flags; the `tree` of each is a keyword of the class.
+
+    on_fakes        = False
+    on_reals        = False
+    reads_decoder   = False
+    g_feature_res   = None
+
+    def fake_loss(self, record) -> Optional[Any]:
+        raise NotImplementedError()
+
+    def real_loss(self, record) -> Optional[Any]:
+        raise NotImplementedError()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The term's running values (tensors and plain values); none by default."""
+        return dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state  # A term without running values has nothing to restore.
 
     @classmethod
     def resolve(cls, values: Mapping[str, Any], net: NetworkFacts) -> Dict[str, Any]:
