@@ -20,7 +20,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, legacy, loss, networks, preemption
+from training import checkpoint, health, legacy, loss, networks, preemption, run_files
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -357,7 +357,7 @@ def _progress_nimg(run_dir):
 
 
 def _last_good(run_dir):
-    with open(run_dir / health.LAST_GOOD_FILE_NAME) as f:
+    with open(run_dir / run_files.LAST_GOOD_FILE_NAME) as f:
         return json.load(f)
 
 
@@ -472,7 +472,7 @@ def test_a_stop_between_ticks_does_not_save_blown_up_weights_as_last_good(tmp_pa
     # The same stop without the blow-up saves its snapshot and state, and the pointer names them.
     run_dir, request = tmp_path / 'healthy', preemption.StopRequest()
     state = _train(run_dir, data_dir, steps=10, stop_request=request, progress_fn=progress)
-    assert state.stopped_by == 'SIGTERM' and state.cur_nimg == 2 * BATCH
+    assert state.stop.signal == 'SIGTERM' and state.progress.cur_nimg == 2 * BATCH
     assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.016.pkl',
                                        training_state='training-state.pt', kimg=0.016, tick=1)
 
@@ -501,7 +501,7 @@ def test_divergence_before_the_first_snapshot_says_so(tmp_path, data_dir):
                             'written before it; start again with lower learning rates (--glr, --dlr), a larger '
                             '--gamma, or --fp32')
     assert not os.path.exists(tmp_path / 'run' / checkpoint.STATE_FILE_NAME)
-    assert not os.path.exists(tmp_path / 'run' / health.LAST_GOOD_FILE_NAME)
+    assert not os.path.exists(tmp_path / 'run' / run_files.LAST_GOOD_FILE_NAME)
 
 
 def test_a_resumed_run_names_the_last_good_files_of_the_run_it_continues(tmp_path, data_dir):

@@ -243,9 +243,9 @@ def _train(run_dir, data, reg, **kwargs):
 
 
 def _tensors(state):
-    tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
-    tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})
-    tensors['pl_mean'] = state.loss.pl_mean.clone()
+    tensors = {f'G_ema.{k}': v.clone() for k, v in state.nets.G_ema.state_dict().items()}
+    tensors.update({f'D.{k}': v.clone() for k, v in state.nets.D.state_dict().items()})
+    tensors['pl_mean'] = state.optim.loss.pl_mean.clone()
     return tensors
 
 
@@ -275,10 +275,10 @@ def _two_rank_worker(rank, world_size, run_root, data):
         opts = reg_options(os.path.join(run_root, reg), data, reg, steps=3, num_gpus=world_size, rank=rank,
                            batch_gpu=2)
         state = training_loop(device=torch.device('cpu'), **opts)
-        for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+        for module in (state.nets.G, state.nets.D, state.nets.G_ema, state.nets.augment_pipe):
             misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
-        assert state.cur_nimg == 3 * BATCH
-        assert state.D.decoder is not None
+        assert state.progress.cur_nimg == 3 * BATCH
+        assert state.nets.D.decoder is not None
 
 
 def test_two_gloo_processes_with_each_regularizer(tmp_path, data_dir):
