@@ -360,7 +360,7 @@ def _phase_gradients(precision, num_fp16_res, architecture):
             D.requires_grad_(module is D)
             module.zero_grad(set_to_none=True)
             torch.manual_seed(9)
-            loss.accumulate_gradients(phase, sync=True, gain=gain, **batch)
+            loss.accumulate_gradients(phase, gain=gain, **batch)
             missing = [name for name, p in module.named_parameters() if p.grad is None]
             assert missing == [], (phase, missing)
             result[phase] = torch.cat([p.grad.flatten() for p in module.parameters()])

@@ -170,7 +170,7 @@ def _grads_after(phase, loss, G, D):
         p.grad = None
     training_stats.reset()
     loss.accumulate_gradients(phase, real_img=torch.randn([4, 3, 32, 32]), real_c=torch.zeros([4, 0]),
-                              gen_z=torch.randn([4, 8]), gen_c=torch.zeros([4, 0]), sync=True, gain=1)
+                              gen_z=torch.randn([4, 8]), gen_c=torch.zeros([4, 0]), gain=1)
     module.requires_grad_(False)
     grads = lambda m: [p.grad for p in m.parameters()]  # noqa: E731
     return grads(G), grads(D), grads(D.decoder)

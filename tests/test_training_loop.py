@@ -208,8 +208,8 @@ class NaNAfterFirstTickLoss(StyleGAN2Loss):
 
     calls = 0
 
-    def run_D(self, img, c, sync):
-        logits = super().run_D(img, c, sync)
+    def run_D(self, img, c):
+        logits = super().run_D(img, c)
         NaNAfterFirstTickLoss.calls += 1
         return logits * float('nan') if NaNAfterFirstTickLoss.calls > 4 else logits
 

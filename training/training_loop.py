@@ -468,13 +468,14 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
     phase.opt.zero_grad(set_to_none=True)
     phase.module.requires_grad_(True)
     rounds = zip(real_img, real_c, gen_z, gen_c, strict=False)
+    # A phase run every `interval` steps is weighted by `interval`, so that it has its full effect on average.
     # Each round's loss is a mean over its images; dividing by the number of rounds makes the accumulated
     # gradient the mean over the whole batch, so --batch-gpu changes memory use and not the step (the official
     # loop sums the round means, which only Adam's scale invariance hides).
     gain = phase.interval / num_rounds
-    for round_idx, (r_img, r_c, g_z, g_c) in enumerate(rounds):
+    for r_img, r_c, g_z, g_c in rounds:
         state.optim.loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, gen_z=g_z, gen_c=g_c,
-                                        sync=(round_idx == num_rounds - 1), gain=gain)
+                                              gain=gain)
     phase.module.requires_grad_(False)
     with torch.autograd.profiler.record_function(phase.name + '_opt'):
         params = [param for param in phase.module.parameters() if param.grad is not None]
