@@ -151,6 +151,7 @@ class RunFiles:
     # Snapshots and the training state.
 
     def write_image_grid(self, name: str, images, drange, grid_size) -> None:
+        """Called on rank 0 only, which alone holds the grid's latents."""
         save_image_grid(images, self.path(name), drange=drange, grid_size=grid_size)
 
     def write_network_snapshot(self, snapshot: Optional[dict], tag: str, cur_nimg: int) -> str:
