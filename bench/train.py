@@ -121,7 +121,7 @@ def step_flops(state) -> float:
     CUDA kernels (the FIR filters of upfirdn2d) is not an aten matmul/conv and is not counted."""
     from training import training_loop as loop
     flops = 0.0
-    for index, phase in enumerate(state.phases):
+    for index, phase in enumerate(state.optim.phases):
         real_img, real_c, gen_z, gen_c = loop._fetch_batch(state)
         with _flop_count_mode() as counter:
             loop._run_phase(state, phase, real_img, real_c, gen_z[index], gen_c[index])
@@ -182,7 +182,7 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     peak_flops = peak_matmul_flops(torch.device(device), peak_dtype, size=size, iters=5)
     used = precision if device.startswith('cuda') else 'fp32'  # The CPU computes every block in fp32.
     return dict(config=config, arch=arch, r=r, reg=reg, device=device, precision=used, batch=state.opts.batch_size,
-                steps=steps, G_params=sum(p.numel() for p in state.G.parameters()), sec_per_kimg=sec_per_kimg,
+                steps=steps, G_params=sum(p.numel() for p in state.nets.G.parameters()), sec_per_kimg=sec_per_kimg,
                 peak_mem_gb=peak, step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12,
                 peak_tflops=peak_flops / 1e12, mfu=achieved / peak_flops)
 

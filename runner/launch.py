@@ -71,11 +71,11 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
         if stop_request is not None:
             extra['stop_request'] = stop_request
         state = training_loop(rank=rank, device=device, **args, **extra)
-        signame = getattr(state, 'stopped_by', None)
-        if rank != 0 or signame is None:
+        stop = getattr(state, 'stop', None)  # A stand-in loop (the tests') may return nothing.
+        if rank != 0 or stop is None or stop.signal is None:
             return None
-        message = preemption.stop_message(signame, state.cur_nimg / 1000, args['run_dir'],
-                                          cause=getattr(state.stop_request, 'cause', None))
+        message = preemption.stop_message(stop.signal, state.progress.cur_nimg / 1000, args['run_dir'],
+                                          cause=getattr(stop.request, 'cause', None))
         print(message)  # Into log.txt as well.
         return message
     except Exception as e:

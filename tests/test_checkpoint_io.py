@@ -1,12 +1,13 @@
 """training.checkpoint.CheckpointIO: a training state assembled from named components, the version-1 layout
-the loop writes with it, and the counters split from the runtime state (training_loop.Progress)."""
+the loop writes with it from its state grouped by component, and the counters split from the runtime state
+(training_loop.Progress)."""
 
 import pytest
 import torch
 
-from training import checkpoint
+from training import checkpoint, training_loop
 from training.loss import Loss, StyleGAN2Loss
-from training.training_loop import Progress, TrainingState
+from training.training_loop import Networks, Optimization, PhaseRuntime, Progress, TrainingState
 
 
 class Counter:
@@ -69,12 +70,24 @@ def test_progress_saved_by_a_stop_resumes_in_the_same_tick():
     assert resumed == Progress(cur_nimg=96, cur_tick=3, batch_idx=12, tick_start_nimg=64)
 
 
-def test_training_state_reads_and_writes_its_progress():
-    state = TrainingState(opts=None, device=torch.device('cpu'), rank=0, training_set=None, data_iterator=None,
-                          G=None, D=None, G_ema=None, augment_pipe=None, loss=None, phases=[], ada=None)
-    state.cur_nimg += 8
-    state.batch_idx = 2
-    assert state.progress == Progress(cur_nimg=8, batch_idx=2)
+def test_the_state_grouped_by_component_is_saved_in_the_version_1_layout():
+    # TrainingState groups the parts of a run (nets, optim, health, ...); the training state file keeps the
+    # layout that states written before the grouping have (tests/golden/training-state-v1-squeeze.pt).
+    G, D, G_ema = (torch.nn.Linear(2, 2) for _ in range(3))
+    opt = {name: torch.optim.Adam(net.parameters()) for name, net in (('G', G), ('D', D))}
+    phases = [PhaseRuntime('Gmain', 'G', G, opt['G'], 1), PhaseRuntime('Greg', 'G', G, opt['G'], 4),
+              PhaseRuntime('Dboth', 'D', D, opt['D'], 1)]
+    state = TrainingState(opts=None, device=torch.device('cpu'), rank=0, data=None,
+                          nets=Networks(G, D, G_ema, augment_pipe=None), optim=Optimization(Loss(), phases, ada=None))
+    state.progress.cur_nimg += 8
+    record = training_loop._checkpoint_io(state).state_dict()
+    assert list(record) == ['progress', 'networks', 'optimizers', 'loss', 'ada', 'health', 'tick_stats', 'rng']
+    assert record['progress'] == dict(cur_nimg=8, cur_tick=0, batch_idx=0, tick_start_nimg=0, between_ticks=False)
+    assert list(record['networks']) == ['G', 'D', 'G_ema', 'augment_pipe'] and record['networks']['augment_pipe'] is None
+    assert record['networks']['G_ema'].keys() == G_ema.state_dict().keys()
+    assert list(record['optimizers']) == ['G', 'D']  # One per network, whatever the number of its phases.
+    assert record['ada'] is None and record['tick_stats'] is None  # Fixed p; written at a tick, not by a stop.
+    assert record['health'] == state.health.monitor.state_dict()
 
 
 def test_losses_carry_their_own_state():

@@ -2,6 +2,7 @@
 training.health.DivergenceMonitor as closed cases, then tiny training runs with a forced loss explosion,
 non-finite gradients, non-finite weights and an injected ENOSPC."""
 
+import collections
 import copy
 import errno
 import json
@@ -20,7 +21,7 @@ from test_training_loop import BATCH, _train, make_image_folder
 
 from dnnlib import util
 from torch_utils import training_stats
-from training import checkpoint, health, loss, networks, preemption, snapshot_io
+from training import checkpoint, health, loss, networks, preemption, run_files, snapshot_io
 from training.loss import StyleGAN2Loss
 from training.training_loop import TrainingDiverged, TrainingStopped
 
@@ -283,17 +284,21 @@ ROUNDS = BATCH // 4
 
 
 class _StepCountingLoss(StyleGAN2Loss):
-    gmain_rounds = 0
+    rounds = collections.Counter()  # Calls of each phase so far.
 
     def accumulate_gradients(self, phase, **kwargs):
-        if phase == 'Gmain':
-            _StepCountingLoss.gmain_rounds += 1
+        _StepCountingLoss.rounds[phase] += 1
         super().accumulate_gradients(phase=phase, **kwargs)
 
     @staticmethod
     def step() -> int:
         """The index of the training step in progress (0 = the first step of this process)."""
-        return (_StepCountingLoss.gmain_rounds - 1) // ROUNDS
+        return (_StepCountingLoss.rounds['Gmain'] - 1) // ROUNDS
+
+    @staticmethod
+    def last_round(phase: str) -> bool:
+        """Whether the call of `phase` in progress is the last round of its run (every run has ROUNDS)."""
+        return _StepCountingLoss.rounds[phase] % ROUNDS == 0
 
 
 class ExplodingLoss(_StepCountingLoss):
@@ -301,8 +306,8 @@ class ExplodingLoss(_StepCountingLoss):
 
     first_step = 5
 
-    def run_D(self, img, c, sync):
-        logits = super().run_D(img, c, sync)
+    def run_D(self, img, c):
+        logits = super().run_D(img, c)
         return logits * 1e6 if self.step() >= ExplodingLoss.first_step else logits
 
 
@@ -324,8 +329,8 @@ class NaNGradientLoss(_StepCountingLoss):
 
     first_step = 1
 
-    def run_D(self, img, c, sync):
-        logits = super().run_D(img, c, sync)
+    def run_D(self, img, c):
+        logits = super().run_D(img, c)
         return _NaNGradient.apply(logits) if self.step() >= NaNGradientLoss.first_step else logits
 
 
@@ -334,16 +339,16 @@ class NaNWeightLoss(_StepCountingLoss):
 
     first_step = 1
 
-    def run_D(self, img, c, sync):
+    def run_D(self, img, c):
         if self.step() == NaNWeightLoss.first_step:
             with torch.no_grad():
                 self.D.b16.conv0.weight[0, 0, 0, 0] = float('nan')
-        return super().run_D(img, c, sync)
+        return super().run_D(img, c)
 
 
 def _diverge(run_dir, data_dir, loss_class, first_step, **kwargs):
     loss_class.first_step = first_step
-    _StepCountingLoss.gmain_rounds = 0
+    _StepCountingLoss.rounds.clear()
     loss_kwargs = dict(class_name=f'test_health.{loss_class.__name__}', r1_gamma=1.0)
     with pytest.raises(TrainingDiverged) as error:
         _train(run_dir, data_dir, loss_kwargs=loss_kwargs, **kwargs)
@@ -357,7 +362,7 @@ def _progress_nimg(run_dir):
 
 
 def _last_good(run_dir):
-    with open(run_dir / health.LAST_GOOD_FILE_NAME) as f:
+    with open(run_dir / run_files.LAST_GOOD_FILE_NAME) as f:
         return json.load(f)
 
 
@@ -404,7 +409,7 @@ class LastStepBlowUpLoss(_StepCountingLoss):
 
     def accumulate_gradients(self, phase, **kwargs):
         super().accumulate_gradients(phase=phase, **kwargs)
-        if phase == 'Dreg' and kwargs['sync'] and self.step() == LastStepBlowUpLoss.first_step:
+        if phase == 'Dreg' and self.last_round(phase) and self.step() == LastStepBlowUpLoss.first_step:
             with torch.no_grad():
                 for name, param in self.G_synthesis.named_parameters():
                     if 'torgb' in name:
@@ -444,7 +449,7 @@ class AfterDmainBlowUpLoss(_StepCountingLoss):
 
     def accumulate_gradients(self, phase, **kwargs):
         super().accumulate_gradients(phase=phase, **kwargs)
-        if phase == 'Dmain' and kwargs['sync'] and self.step() == AfterDmainBlowUpLoss.first_step:
+        if phase == 'Dmain' and self.last_round(phase) and self.step() == AfterDmainBlowUpLoss.first_step:
             with torch.no_grad():
                 for name, param in self.G_synthesis.named_parameters():
                     if 'torgb' in name:
@@ -472,7 +477,7 @@ def test_a_stop_between_ticks_does_not_save_blown_up_weights_as_last_good(tmp_pa
     # The same stop without the blow-up saves its snapshot and state, and the pointer names them.
     run_dir, request = tmp_path / 'healthy', preemption.StopRequest()
     state = _train(run_dir, data_dir, steps=10, stop_request=request, progress_fn=progress)
-    assert state.stopped_by == 'SIGTERM' and state.cur_nimg == 2 * BATCH
+    assert state.stop.signal == 'SIGTERM' and state.progress.cur_nimg == 2 * BATCH
     assert _last_good(run_dir) == dict(snapshot='network-snapshot-000000.016.pkl',
                                        training_state='training-state.pt', kimg=0.016, tick=1)
 
@@ -501,7 +506,7 @@ def test_divergence_before_the_first_snapshot_says_so(tmp_path, data_dir):
                             'written before it; start again with lower learning rates (--glr, --dlr), a larger '
                             '--gamma, or --fp32')
     assert not os.path.exists(tmp_path / 'run' / checkpoint.STATE_FILE_NAME)
-    assert not os.path.exists(tmp_path / 'run' / health.LAST_GOOD_FILE_NAME)
+    assert not os.path.exists(tmp_path / 'run' / run_files.LAST_GOOD_FILE_NAME)
 
 
 def test_a_resumed_run_names_the_last_good_files_of_the_run_it_continues(tmp_path, data_dir):

@@ -197,7 +197,7 @@ def test_setup_installs_torch_only_where_none_is_installed(tmp_path, torch_insta
 
 # Optional packages: name -> (file that uses it, what shows the use).
 EXTRAS = {
-    'tensorboard': ('training/training_loop.py', 'torch.utils.tensorboard'),
+    'tensorboard': ('training/run_files.py', 'torch.utils.tensorboard'),
     'imageio': ('projector.py', 'import imageio'),
     'imageio-ffmpeg': ('projector.py', 'imageio-ffmpeg'),
     'lmdb': ('dataset_tool.py', 'import lmdb'),

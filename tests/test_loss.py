@@ -95,7 +95,7 @@ def test_style_mixing_mask():
 def test_phase_plan_lazy_regularization():
     opt = dict(lr=0.0025, betas=(0.0, 0.99), eps=1e-8)
     G_phases = loss_module.phase_plan('G', 4, opt)
-    assert [(p.name, p.interval, p.gain) for p in G_phases] == [('Gmain', 1, 1), ('Greg', 4, 4)]
+    assert [(p.name, p.interval) for p in G_phases] == [('Gmain', 1), ('Greg', 4)]
     assert G_phases[0].opt_kwargs.lr == pytest.approx(0.0025 * 4 / 5)
     assert G_phases[0].opt_kwargs.betas == pytest.approx((0.0, 0.99 ** 0.8))
     assert all(isinstance(b, float) for b in G_phases[0].opt_kwargs.betas)
@@ -105,9 +105,6 @@ def test_phase_plan_lazy_regularization():
     assert opt['lr'] == 0.0025  # The caller's settings are not modified.
     both = loss_module.phase_plan('D', None, opt)
     assert [(p.name, p.interval, p.opt_kwargs.lr) for p in both] == [('Dboth', 1, 0.0025)]
-    # Over k steps the lazy term runs once with gain k: on average it counts as much as every step with gain 1.
-    k = 16
-    assert sum(D_phases[1].gain for step in range(k * 10) if step % D_phases[1].interval == 0) == k * 10
     with pytest.raises(ValueError):
         loss_module.phase_plan('X', 4, opt)
     with pytest.raises(ValueError):
@@ -142,7 +139,7 @@ def _run_phase(phase, gain=1, seed=1, **kwargs):
     G.requires_grad_(module is G)
     D.requires_grad_(module is D)
     torch.manual_seed(seed)
-    loss.accumulate_gradients(phase, sync=True, gain=gain, **batch)
+    loss.accumulate_gradients(phase, gain=gain, **batch)
     return G, D, loss
 
 
@@ -196,7 +193,7 @@ def test_dreg_equals_gamma_half_r1_gradient():
     gamma = 3.0
     G, D, loss, batch = _tiny_setup(r1_gamma=gamma)
     G.requires_grad_(False)
-    loss.accumulate_gradients('Dreg', sync=True, gain=2, **batch)
+    loss.accumulate_gradients('Dreg', gain=2, **batch)
     expected_grads = _grads(D)
     D.zero_grad(set_to_none=True)
     x = batch['real_img'].detach().requires_grad_(True)
@@ -210,14 +207,14 @@ def test_style_mixing_uses_two_latents():
     G, _D, loss, batch = _tiny_setup(style_mixing_prob=1.0)
     G.eval()
     torch.manual_seed(5)
-    _img, ws = loss.run_G(batch['gen_z'], batch['gen_c'], sync=True)
+    _img, ws = loss.run_G(batch['gen_z'], batch['gen_c'])
     plain = G.mapping(batch['gen_z'], batch['gen_c'])
     same_rows = (ws == plain).all(dim=2).all(dim=0)
     cutoff = int(same_rows.sum())
     assert 1 <= cutoff < G.num_ws
     assert same_rows.tolist() == [i < cutoff for i in range(G.num_ws)]
     loss.style_mixing_prob = 0
-    _img, ws = loss.run_G(batch['gen_z'], batch['gen_c'], sync=True)
+    _img, ws = loss.run_G(batch['gen_z'], batch['gen_c'])
     assert torch.equal(ws, plain)
 
 
@@ -228,7 +225,7 @@ def test_training_stats_are_reported():
     for phase in ('Gmain', 'Greg', 'Dmain', 'Dreg'):
         G.requires_grad_(phase.startswith('G'))
         D.requires_grad_(phase.startswith('D'))
-        loss.accumulate_gradients(phase, sync=True, gain=1, **batch)
+        loss.accumulate_gradients(phase, gain=1, **batch)
     collector.update()
     assert set(collector.names()) == {'Loss/scores/fake', 'Loss/signs/fake', 'Loss/scores/real', 'Loss/signs/real',
                                       'Loss/G/loss', 'Loss/G/reg', 'Loss/pl_penalty', 'Loss/D/loss', 'Loss/D/reg',
@@ -249,7 +246,7 @@ def test_conditional_loss_and_augment_pipe_hook():
     G, D, loss, batch = _tiny_setup(c_dim=4)
     loss.augment_pipe = CountingPipe()
     G.requires_grad_(False)
-    loss.accumulate_gradients('Dboth', sync=True, gain=1, **batch)
+    loss.accumulate_gradients('Dboth', gain=1, **batch)
     assert calls == [4, 4]  # Fakes, then reals: every image D sees goes through the pipe.
     assert all(p.grad is not None for p in D.parameters())
 
@@ -257,4 +254,4 @@ def test_conditional_loss_and_augment_pipe_hook():
 def test_unknown_phase():
     _G, _D, loss, batch = _tiny_setup()
     with pytest.raises(ValueError, match='Unknown phase'):
-        loss.accumulate_gradients('Gfoo', sync=True, gain=1, **batch)
+        loss.accumulate_gradients('Gfoo', gain=1, **batch)

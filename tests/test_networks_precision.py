@@ -362,7 +362,7 @@ def _phase_gradients(precision, num_fp16_res, architecture):
             D.requires_grad_(module is D)
             module.zero_grad(set_to_none=True)
             torch.manual_seed(9)
-            loss.accumulate_gradients(phase, sync=True, gain=gain, **batch)
+            loss.accumulate_gradients(phase, gain=gain, **batch)
             missing = [name for name, p in module.named_parameters() if p.grad is None]
             assert missing == [], (phase, missing)
             result[phase] = torch.cat([p.grad.flatten() for p in module.parameters()])
@@ -446,10 +446,10 @@ def test_the_training_loop_runs_with_reduced_precision_blocks(tmp_path, precisio
     training_stats.reset()
     with networks.low_precision_on_cpu():
         state = training_loop(**opts)
-    assert state.cur_nimg == 4 * 8
-    for net in (state.G, state.D, state.G_ema):
+    assert state.progress.cur_nimg == 4 * 8
+    for net in (state.nets.G, state.nets.D, state.nets.G_ema):
         assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert state.G.synthesis.b16.use_fp16 and not state.G.synthesis.b4.use_fp16
+    assert state.nets.G.synthesis.b16.use_fp16 and not state.nets.G.synthesis.b4.use_fp16
     with open(tmp_path / 'run' / 'stats.jsonl') as f:
         last = json.loads(f.readlines()[-1])
     assert np.isfinite(last['Loss/G/loss']['mean']) and np.isfinite(last['Loss/D/loss']['mean'])

@@ -56,7 +56,7 @@ def test_a_stop_request_ends_the_run_after_the_step_with_its_state_saved(tmp_pat
                    image_snapshot_ticks=100, stop_request=request, progress_fn=progress,
                    stop_snapshot=stop_snapshot)
     # Ticks after steps 1 and 3; the request came with the second, so the run stopped after step 4.
-    assert state.stopped_by == 'SIGTERM' and state.cur_nimg == 4 * BATCH
+    assert state.stop.signal == 'SIGTERM' and state.progress.cur_nimg == 4 * BATCH
     assert _state_nimg(tmp_path / 'run') == 4 * BATCH
     snapshots = sorted(name for name in os.listdir(tmp_path / 'run') if name.startswith('network-snapshot-'))
     assert snapshots == (['network-snapshot-000000.008.pkl', 'network-snapshot-000000.032.pkl'] if stop_snapshot
@@ -129,7 +129,7 @@ def test_a_stop_in_the_middle_of_a_tick_leaves_the_run_as_it_would_have_been(tmp
         if os.path.isfile(tmp_path / 'run' / 'stats.jsonl') and len(_stats_kimg(tmp_path / 'run')) == 1:
             request.signame = 'SIGUSR1'
     state = _train(tmp_path / 'run', data_dir, stop_request=request, progress_fn=progress, **options)
-    assert state.stopped_by == 'SIGUSR1' and state.cur_nimg == 2 * BATCH  # Half way through the tick of 2-3.
+    assert state.stop.signal == 'SIGUSR1' and state.progress.cur_nimg == 2 * BATCH  # Half way through the tick of 2-3.
     assert _stats_kimg(tmp_path / 'run') == [8]  # A stop is not a tick.
     saved = checkpoint.load_training_state(str(tmp_path / 'run' / checkpoint.STATE_FILE_NAME))
     assert saved['progress'] == dict(cur_nimg=16, cur_tick=1, batch_idx=2, tick_start_nimg=8, between_ticks=True)
@@ -137,7 +137,7 @@ def test_a_stop_in_the_middle_of_a_tick_leaves_the_run_as_it_would_have_been(tmp
 
     resumed = _train(tmp_path / 'run', data_dir, resume_state=str(tmp_path / 'run' / checkpoint.STATE_FILE_NAME),
                      **options)
-    assert resumed.cur_nimg == 8 * BATCH and resumed.stopped_by is None
+    assert resumed.progress.cur_nimg == 8 * BATCH and resumed.stop.signal is None
     assert_same_as_uninterrupted(tmp_path / 'run', tmp_path / 'reference', 'network-snapshot-000000.016.pkl')
 
 

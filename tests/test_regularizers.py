@@ -174,7 +174,7 @@ def _grads_after(phase, loss, G, D):
         p.grad = None
     training_stats.reset()
     loss.accumulate_gradients(phase, real_img=torch.randn([4, 3, 32, 32]), real_c=torch.zeros([4, 0]),
-                              gen_z=torch.randn([4, 8]), gen_c=torch.zeros([4, 0]), sync=True, gain=1)
+                              gen_z=torch.randn([4, 8]), gen_c=torch.zeros([4, 0]), gain=1)
     module.requires_grad_(False)
     grads = lambda m: [p.grad for p in m.parameters()]  # noqa: E731
     return grads(G), grads(D), grads(D.decoder)
@@ -287,10 +287,10 @@ def _train(run_dir, data, reg, **kwargs):
 
 
 def _tensors(state):
-    tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
-    tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})
-    tensors['pl_mean'] = state.loss.pl_mean.clone()
-    for key, term_state in state.loss.state_dict()['d_terms'].items():
+    tensors = {f'G_ema.{k}': v.clone() for k, v in state.nets.G_ema.state_dict().items()}
+    tensors.update({f'D.{k}': v.clone() for k, v in state.nets.D.state_dict().items()})
+    tensors['pl_mean'] = state.optim.loss.pl_mean.clone()
+    for key, term_state in state.optim.loss.state_dict()['d_terms'].items():
         tensors.update({f'{key}.{k}': torch.as_tensor(v) for k, v in term_state.items()})
     return tensors
 
@@ -331,12 +331,12 @@ def _two_rank_worker(rank, world_size, run_root, data):
         if reg.startswith('lecam'):
             opts['loss_kwargs']['pl_weight'] = 0
         state = runs[run] = training_loop(device=torch.device('cpu'), **opts)
-        for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+        for module in (state.nets.G, state.nets.D, state.nets.G_ema, state.nets.augment_pipe):
             misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
-        assert state.cur_nimg == steps * BATCH
-        assert state.D.decoder is not None
+        assert state.progress.cur_nimg == steps * BATCH
+        assert state.nets.D.decoder is not None
     # LeCam's averages are the same on both ranks: each pass's mean logit is averaged over them.
-    lecam = runs['lecam'].loss.d_terms[0]
+    lecam = runs['lecam'].optim.loss.d_terms[0]
     assert lecam.updates_real == lecam.updates_fake == 3 * 2  # Three Dmain steps of two rounds.
     averages = [torch.zeros(2) for _ in range(world_size)]
     torch.distributed.all_gather(averages, torch.stack([lecam.biased_real, lecam.biased_fake]))

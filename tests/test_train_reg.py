@@ -287,6 +287,6 @@ def test_a_registered_regularizer_brings_its_flag_and_trains(fake, tmp_path, mon
     state = training_loop(**opts)
     collector.update()
     assert collector.num('Loss/D/toy') == BATCH
-    assert state.loss.state_dict()['d_terms'] == {'0.toy': dict(passes=2)}  # One Dmain step of two rounds.
+    assert state.optim.loss.state_dict()['d_terms'] == {'0.toy': dict(passes=2)}  # One Dmain step of two rounds.
     saved = checkpoint.load_training_state(checkpoint.find_state_file(str(tmp_path / 'run')))
     assert saved['loss']['d_terms'] == {'0.toy': dict(passes=2)}

@@ -13,7 +13,8 @@ from torch_utils import misc, training_stats
 from training import snapshot_io, transfer
 from training.loss import StyleGAN2Loss
 from training.networks import Discriminator, Generator
-from training.training_loop import TrainingStopped, one_line, snapshot_tag, training_loop
+from training.run_files import snapshot_tag
+from training.training_loop import TrainingStopped, one_line, training_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -131,10 +132,10 @@ def test_resume_from_an_official_format_skip_snapshot_into_a_squeeze_run(tmp_pat
     assert f'Resuming from "{official}"' in out
     assert 'synthesis.b8: conv0, resample_filter copied; torgb partly copied; squeeze, excite, blend new' in out
     assert 'G_ema: as G' in out and 'D: ' in out
-    assert state.cur_nimg == 2 * BATCH and state.G.synthesis.architecture == 'squeeze'
+    assert state.progress.cur_nimg == 2 * BATCH and state.nets.G.synthesis.architecture == 'squeeze'
     # With G's learning rate 0 and a still EMA, the copied tensors still hold the snapshot's values.
     for name in ('G', 'G_ema'):
-        new, old = getattr(state, name).synthesis, snapshot[name].synthesis
+        new, old = getattr(state.nets, name).synthesis, snapshot[name].synthesis
         assert torch.equal(new.b8.conv0.weight, old.b8.conv0.weight)
         assert torch.equal(new.b16.torgb.bias, old.b16.torgb.bias)
         assert new.b8.squeeze.weight.shape[0] < old.b8.conv1.weight.shape[0]
@@ -209,11 +210,11 @@ def test_batch_gpu_splits_the_batch_without_changing_the_result(tmp_path, data_d
         training_stats.reset()
         states.append(training_loop(**_quiet_options(tmp_path / str(batch_gpu), data_dir, batch_gpu, optimizer)))
     one_round, four_rounds = states
-    assert one_round.cur_nimg == four_rounds.cur_nimg == 3 * BATCH
+    assert one_round.progress.cur_nimg == four_rounds.progress.cur_nimg == 3 * BATCH
     atol = 2e-5 if optimizer.endswith('SGD') else 3 * 0.01
     for name in ('G', 'D', 'G_ema'):
-        a = dict(getattr(one_round, name).named_parameters())
-        b = dict(getattr(four_rounds, name).named_parameters())
+        a = dict(getattr(one_round.nets, name).named_parameters())
+        b = dict(getattr(four_rounds.nets, name).named_parameters())
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=atol), f'{name}.{key}'
 

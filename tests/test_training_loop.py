@@ -94,7 +94,7 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
     assert files == ['fakes000000.008.png', 'fakes000000.024.png', 'fakes_init.png', 'last-good.json',
                      'network-snapshot-000000.008.pkl', 'network-snapshot-000000.024.pkl', 'reals.png', 'stats.jsonl',
                      'training-state.pt']
-    assert state.cur_nimg == 3 * BATCH and state.cur_tick == 2  # Ticks after steps 1 and 3.
+    assert state.progress.cur_nimg == 3 * BATCH and state.progress.cur_tick == 2  # Ticks after steps 1 and 3.
 
     with open(tmp_path / 'run' / 'stats.jsonl') as f:
         lines = [json.loads(line) for line in f]
@@ -128,10 +128,10 @@ def test_global_switches_are_restored(tmp_path, data_dir):
 
 
 def _final_tensors(state):
-    tensors = {f'G_ema.{k}': v.clone() for k, v in state.G_ema.state_dict().items()}
-    tensors.update({f'D.{k}': v.clone() for k, v in state.D.state_dict().items()})
-    tensors['augment_p'] = state.augment_pipe.p.clone()
-    tensors['pl_mean'] = state.loss.pl_mean.clone()
+    tensors = {f'G_ema.{k}': v.clone() for k, v in state.nets.G_ema.state_dict().items()}
+    tensors.update({f'D.{k}': v.clone() for k, v in state.nets.D.state_dict().items()})
+    tensors['augment_p'] = state.nets.augment_pipe.p.clone()
+    tensors['pl_mean'] = state.optim.loss.pl_mean.clone()
     return tensors
 
 
@@ -142,15 +142,15 @@ def test_exact_resume(tmp_path, data_dir):
     first = _train(tmp_path / 'split', data_dir, architecture='squeeze', steps=3, ada_target=-0.9)
     state_file = checkpoint.find_state_file(str(tmp_path / 'split'))
     assert state_file is not None
-    assert first.augment_pipe.p.item() > 0  # ADA has moved p: its pending statistics must survive the stop.
+    assert first.nets.augment_pipe.p.item() > 0  # ADA has moved p: its pending statistics must survive the stop.
     resumed = _train(tmp_path / 'split', data_dir, architecture='squeeze', steps=6, ada_target=-0.9,
                      resume_state=state_file)
-    assert resumed.cur_nimg == straight.cur_nimg == 6 * BATCH
+    assert resumed.progress.cur_nimg == straight.progress.cur_nimg == 6 * BATCH
     expected, got = _final_tensors(straight), _final_tensors(resumed)
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert different == []
     # The divergence monitor's loss history came back too (it decides the next ticks).
-    assert resumed.health_monitor.state_dict() == straight.health_monitor.state_dict()
+    assert resumed.health.monitor.state_dict() == straight.health.monitor.state_dict()
     # And the split really changed something between the halves (the check is not vacuous).
     assert not torch.equal(_final_tensors(first)['G_ema.synthesis.b16.torgb.weight'],
                            expected['G_ema.synthesis.b16.torgb.weight'])
@@ -180,10 +180,10 @@ def test_resume_from_pkl_copies_weights_and_restarts_counters(tmp_path, data_dir
     pkl = str(tmp_path / 'a' / 'network-snapshot-000000.008.pkl')
     second = _train(tmp_path / 'b', data_dir, steps=1, resume_pkl=pkl, G_opt_kwargs=dict(
         class_name='torch.optim.Adam', lr=0.0, betas=(0.0, 0.99), eps=1e-8), ema_kimg=1e9, ema_rampup=None)
-    assert second.cur_nimg == BATCH  # A new run: counters start at zero.
+    assert second.progress.cur_nimg == BATCH  # A new run: counters start at zero.
     # With lr 0 and no EMA movement, G and G_ema keep exactly the resumed weights.
-    assert torch.equal(second.G.synthesis.b16.conv1.weight, first.G.synthesis.b16.conv1.weight)
-    assert torch.equal(second.G_ema.synthesis.b16.conv1.weight, first.G_ema.synthesis.b16.conv1.weight)
+    assert torch.equal(second.nets.G.synthesis.b16.conv1.weight, first.nets.G.synthesis.b16.conv1.weight)
+    assert torch.equal(second.nets.G_ema.synthesis.b16.conv1.weight, first.nets.G_ema.synthesis.b16.conv1.weight)
 
 
 def test_crash_while_writing_a_snapshot_keeps_the_previous_one(tmp_path, data_dir, monkeypatch):
@@ -209,8 +209,8 @@ class NaNAfterFirstTickLoss(StyleGAN2Loss):
 
     calls = 0
 
-    def run_D(self, img, c, sync):
-        logits = super().run_D(img, c, sync)
+    def run_D(self, img, c):
+        logits = super().run_D(img, c)
         NaNAfterFirstTickLoss.calls += 1
         return logits * float('nan') if NaNAfterFirstTickLoss.calls > 4 else logits
 
@@ -259,9 +259,9 @@ def _two_rank_worker(rank, world_size, run_dir, data):
     training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
     opts = tiny_options(run_dir, data, steps=3, num_gpus=world_size, rank=rank, batch_gpu=2)
     state = training_loop(device=torch.device('cpu'), **opts)
-    for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+    for module in (state.nets.G, state.nets.D, state.nets.G_ema, state.nets.augment_pipe):
         misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')
-    assert state.cur_nimg == 3 * BATCH
+    assert state.progress.cur_nimg == 3 * BATCH
 
 
 def test_two_gloo_processes_stay_consistent(tmp_path, data_dir):
@@ -280,11 +280,11 @@ def test_a_state_written_by_the_code_before_checkpoint_components_resumes_bitwis
     golden = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'training-state-v1-squeeze.pt')
     first_two = _train(tmp_path / 'first-two', data_dir, architecture='squeeze', steps=2, ada_target=-0.9)
     golden_G_ema = torch.load(golden, weights_only=True)['networks']['G_ema']
-    same_rounding = all(torch.equal(value, golden_G_ema[name]) for name, value in first_two.G_ema.state_dict().items())
+    same_rounding = all(torch.equal(value, golden_G_ema[name]) for name, value in first_two.nets.G_ema.state_dict().items())
     straight = _train(tmp_path / 'straight', data_dir, architecture='squeeze', steps=4, ada_target=-0.9)
     resumed = _train(tmp_path / 'resumed', data_dir, architecture='squeeze', steps=4, ada_target=-0.9,
                      resume_state=golden)
-    assert resumed.cur_nimg == straight.cur_nimg == 4 * BATCH
+    assert resumed.progress.cur_nimg == straight.progress.cur_nimg == 4 * BATCH
     expected, got = _final_tensors(straight), _final_tensors(resumed)
     if same_rounding:
         assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
@@ -298,6 +298,6 @@ def test_a_state_written_by_the_code_before_checkpoint_components_resumes_bitwis
     _train(tmp_path / 'chain', data_dir, architecture='squeeze', steps=3, ada_target=-0.9, resume_state=golden)
     chained = _train(tmp_path / 'chain2', data_dir, architecture='squeeze', steps=4, ada_target=-0.9,
                      resume_state=checkpoint.find_state_file(str(tmp_path / 'chain')))
-    assert chained.cur_nimg == 4 * BATCH
+    assert chained.progress.cur_nimg == 4 * BATCH
     chained_tensors = _final_tensors(chained)
     assert [name for name in got if not torch.equal(got[name], chained_tensors[name])] == []

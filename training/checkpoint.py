@@ -186,7 +186,7 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((p['version'], tuple(p['state']), p['gauss']))
 
 
-# network-snapshot-<kimg:06d>[.<images:03d>].pkl (training_loop.snapshot_tag): when a snapshot was written.
+# network-snapshot-<kimg:06d>[.<images:03d>].pkl (run_files.snapshot_tag): when a snapshot was written.
 SNAPSHOT_NAME_RE = re.compile(r'network-snapshot-(\d+)(?:\.(\d{3}))?\.pkl')
 
 

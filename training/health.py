@@ -43,16 +43,13 @@ first tick. In the first tick, `--glr=1 --dlr=1` reaches |D logits| 2252 (reals)
 """
 
 import dataclasses
-import json
 import math
-import os
 import re
 import statistics
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-import dnnlib
 from torch_utils import training_stats
 from training.loss import (
     STAT_D_LOSS,
@@ -307,41 +304,3 @@ def judge_probe(values: Mapping[str, torch.Tensor], ceilings: Optional[Mapping[s
                            std=finite.std(unbiased=False).item() if finite.numel() else math.nan)
     monitor = DivergenceMonitor(every_tick_names=tuple(values), ceilings=ceilings)
     return monitor._nonfinite_values(stats) or monitor._ceilings(stats)
-
-# ----------------------------------------------------------------------------
-# The last good files of a run.
-
-# A small JSON file in the run directory that names the newest snapshot and training state written at the end of
-# a tick that was judged healthy, see `write_last_good`.
-LAST_GOOD_FILE_NAME = 'last-good.json'
-
-
-def write_last_good(run_dir: str, snapshot: Optional[str], training_state: str, kimg: float, tick: int) -> None:
-    """Record (atomically) that `snapshot` and `training_state` (file names in `run_dir`, or None for no
-    snapshot) were written at the end of tick `tick` at `kimg`, after that tick was judged healthy.
-
-    The loop judges a tick before it writes anything of it, so every file it writes is good; this file says
-    which ones are the newest, so that the stop message of a later divergence names them and not whatever else
-    lies in the directory (older runs, copies, snapshots of code without these checks). Snapshots are never
-    deleted or overwritten (each has its own name), and the training state is replaced only by the state of a
-    later healthy tick, which then moves this pointer too."""
-    record = dict(snapshot=None if snapshot is None else os.path.basename(snapshot),
-                  training_state=os.path.basename(training_state), kimg=float(kimg), tick=int(tick))
-    text = json.dumps(record, indent=2) + '\n'
-    dnnlib.util.write_atomically(os.path.join(run_dir, LAST_GOOD_FILE_NAME), lambda f: f.write(text.encode('utf-8')))
-
-
-def read_last_good(run_dir: str) -> Optional[dict]:
-    """The record of `write_last_good` with full paths, the entries whose files are missing set to None; None
-    if there is no readable record."""
-    try:
-        with open(os.path.join(run_dir, LAST_GOOD_FILE_NAME), encoding='utf-8') as f:
-            record = json.load(f)
-        result = dict(kimg=float(record['kimg']), tick=int(record['tick']))
-        for key in ('snapshot', 'training_state'):
-            name = record.get(key)
-            path = os.path.join(run_dir, os.path.basename(str(name))) if name else None
-            result[key] = path if path is not None and os.path.isfile(path) else None
-        return result
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # No pointer (a run of older code) or a damaged one: the caller says what it knows.

@@ -119,11 +119,6 @@ class Phase:
     interval:   int             # Run on steps where step % interval == 0.
     opt_kwargs: Dict            # Optimizer settings of this phase's network (same dict for main and reg).
 
-    @property
-    def gain(self) -> int:
-        # A term evaluated every `interval` steps is weighted by `interval`, so it has its full effect on average.
-        return self.interval
-
 
 def phase_plan(name: str, reg_interval: Optional[int], opt_kwargs: Dict) -> List[Phase]:
     """The phases of network `name` ('G' or 'D') and its optimizer settings.
@@ -152,14 +147,14 @@ class Loss:
     """Interface of the training loop's loss: accumulate gradients for one phase and one minibatch round.
 
     `trained_networks` names the networks the loop makes phases and optimizers for (`<name>main`/`<name>reg`,
-    one optimizer per network from `<name>_opt_kwargs`). `sync` is True in a phase's last round; the loop
-    averages gradients over the ranks itself after the last round, so a loss need not act on it. The loss's
+    one optimizer per network from `<name>_opt_kwargs`). The loop averages the gradients over the ranks itself
+    after a phase's last round, so there is no `sync` argument (the official one told DDP when). The loss's
     own running values go into the training state through `state_dict` / `load_state_dict`.
     """
 
     trained_networks = ('G', 'D')
 
-    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, sync, gain):
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain):
         raise NotImplementedError()
 
     def state_dict(self) -> dict:
@@ -241,11 +236,10 @@ class StyleGAN2Loss(Loss):
 
     # Running the networks.
 
-    def run_G(self, z, c, sync, feature_res=None):
+    def run_G(self, z, c, feature_res=None):
         """Generate images; with probability style_mixing_prob the rows after a random cutoff come from a
         second latent (mixing regularization). Returns (img, ws), or (img, ws, feature) with G's feature at
-        `feature_res`. `sync` is the loop protocol's (see Loss) and does not change the computation."""
-        del sync
+        `feature_res`."""
         ws = self.G_mapping(z, c)
         if self.style_mixing_prob > 0:
             with torch.autograd.profiler.record_function('style_mixing'):
@@ -257,10 +251,9 @@ class StyleGAN2Loss(Loss):
         img, features = self.G_synthesis(ws, return_features=[feature_res])
         return img, ws, features[feature_res]
 
-    def run_D(self, img, c, sync, feature=None, decode=False):
+    def run_D(self, img, c, feature=None, decode=False):
         """D's logits of augmented images; with `decode`, (logits, decoder outputs, the feature augmented like
         the images or None)."""
-        del sync
         _img, logits, decoded, feature = self._see(img, c, feature, decode)
         return (logits, decoded, feature) if decode else logits
 
@@ -278,7 +271,7 @@ class StyleGAN2Loss(Loss):
 
     # The phases.
 
-    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, sync, gain):
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain):
         if phase not in PHASES:
             raise ValueError(f'Unknown phase {phase!r}; valid phases: {", ".join(PHASES)}')
         do_Gmain = phase in ('Gmain', 'Gboth')
@@ -287,30 +280,28 @@ class StyleGAN2Loss(Loss):
         do_Dr1 = phase in ('Dreg', 'Dboth') and self.r1_gamma != 0
 
         if do_Gmain:
-            # When the path-length pass follows in the same call, it does the gradient sync.
-            self._accumulate_Gmain(gen_z, gen_c, sync=(sync and not do_Gpl), gain=gain)
+            self._accumulate_Gmain(gen_z, gen_c, gain=gain)
         if do_Gpl:
-            self._accumulate_Gpl(gen_z, gen_c, sync=sync, gain=gain)
+            self._accumulate_Gpl(gen_z, gen_c, gain=gain)
         loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, phase=phase, gain=gain) if do_Dmain else 0
         if do_Dmain or do_Dr1:
-            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase=phase, sync=sync,
-                                   gain=gain)
+            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase=phase, gain=gain)
 
-    def _accumulate_Gmain(self, gen_z, gen_c, sync, gain):
+    def _accumulate_Gmain(self, gen_z, gen_c, gain):
         with torch.autograd.profiler.record_function('Gmain_forward'):
-            gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=sync)
+            gen_img, _gen_ws = self.run_G(gen_z, gen_c)
             training_stats.report(STAT_G_IMG_ABSMAX, image_absmax(gen_img))
-            gen_logits = self.run_D(gen_img, gen_c, sync=False)
+            gen_logits = self.run_D(gen_img, gen_c)
             _report_scores(STAT_SCORES_FAKE, STAT_SIGNS_FAKE, gen_logits)
             loss_Gmain = generator_loss(gen_logits)
             training_stats.report(STAT_G_LOSS, loss_Gmain)
         with torch.autograd.profiler.record_function('Gmain_backward'):
             loss_Gmain.mean().mul(gain).backward()
 
-    def _accumulate_Gpl(self, gen_z, gen_c, sync, gain):
+    def _accumulate_Gpl(self, gen_z, gen_c, gain):
         with torch.autograd.profiler.record_function('Gpl_forward'):
             batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
-            gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size], sync=sync)
+            gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size])
             lengths = path_lengths(gen_img, gen_ws)
             pl_penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.pl_decay)
             self.pl_mean.copy_(new_mean)
@@ -326,8 +317,8 @@ class StyleGAN2Loss(Loss):
         terms = [term for term in self.d_terms if term.on_fakes]
         with torch.autograd.profiler.record_function('Dgen_forward'):
             if not terms:
-                gen_img, _gen_ws = self.run_G(gen_z, gen_c, sync=False)
-                gen_logits = self.run_D(gen_img, gen_c, sync=False)
+                gen_img, _gen_ws = self.run_G(gen_z, gen_c)
+                gen_logits = self.run_D(gen_img, gen_c)
                 loss_terms = 0
             else:
                 gen_logits, loss_terms = self._run_fake_terms(terms, gen_z, gen_c, phase, gain)
@@ -343,7 +334,7 @@ class StyleGAN2Loss(Loss):
         if len(resolutions) > 1:
             raise ValueError(f'The D terms ask for G features at several resolutions ({sorted(resolutions)})')
         feature_res = resolutions.pop() if resolutions else None
-        generated = self.run_G(gen_z, gen_c, sync=False, feature_res=feature_res)
+        generated = self.run_G(gen_z, gen_c, feature_res=feature_res)
         gen_img, feature = generated[0], (generated[2] if feature_res is not None else None)
         decode = any(term.reads_decoder for term in terms)
         seen, gen_logits, decoded, feature = self._see(gen_img, gen_c, feature, decode)
@@ -351,7 +342,7 @@ class StyleGAN2Loss(Loss):
                        clean=gen_img.detach(), decoded=decoded, g_feature=feature)
         return gen_logits, _sum_terms(term.fake_loss(record) for term in terms)
 
-    def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase, sync, gain):
+    def _accumulate_Dreal(self, real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase, gain):
         name = 'Dreal_Dr1' if do_Dmain and do_Dr1 else 'Dreal' if do_Dmain else 'Dr1'
         with torch.autograd.profiler.record_function(name + '_forward'):
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
@@ -364,7 +355,7 @@ class StyleGAN2Loss(Loss):
                                images=seen, clean=real_img.detach(), decoded=decoded)
                 loss_terms = _sum_terms(term.real_loss(record) for term in terms)
             else:
-                real_logits = self.run_D(real_img_tmp, real_c, sync=sync)
+                real_logits = self.run_D(real_img_tmp, real_c)
             _report_scores(STAT_SCORES_REAL, STAT_SIGNS_REAL, real_logits)
             loss_Dreal = 0
             if do_Dmain:

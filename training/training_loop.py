@@ -3,7 +3,8 @@
 Structure: `_setup` builds a `TrainingState` (data, networks, optimizers, phases, augmentation, logs, and
 whatever a resumed run brings back); `_train_step` runs one minibatch through the phases Gmain, Greg, Dmain,
 Dreg (lazy regularization), updates G_ema and the ADA probability; `_maintenance` runs once per tick (status
-line, image grids, snapshots, training state, statistics, divergence check).
+line, divergence check, image grids, snapshots, training state, statistics). What goes into the run directory,
+and how, is training/run_files.py's.
 
 Exact resume: every step reseeds the global generators from (random_seed, rank, step), the data stream is a
 pure function of the number of images seen (misc.InfiniteSampler), and the training state stores everything
@@ -14,22 +15,19 @@ counters). A run resumed from a state therefore continues bitwise like the unint
 import contextlib
 import copy
 import dataclasses
-import errno
-import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import PIL.Image
 import psutil
 import torch
 
 import dnnlib
 from torch_utils import misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint, dataset, health, preemption, snapshot_io, transfer, weights_only
+from training import checkpoint, dataset, health, preemption, run_files, snapshot_io, transfer, weights_only
 from training.augment import AdaController
 from training.loss import phase_plan
 
@@ -46,50 +44,6 @@ class TrainingStopped(RuntimeError):
 class TrainingDiverged(TrainingStopped):
     """Training diverged: non-finite weights, or a rule of training.health.DivergenceMonitor (non-finite values
     or gradients, a ceiling, a loss explosion) fired at a tick."""
-
-# ----------------------------------------------------------------------------
-# Image grids.
-
-
-def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_size=(32, 32)):
-    """(grid_size, images uint8 [N,C,H,W], labels) for reals.png / fakes*.png, as many as fit a 4K canvas.
-
-    Unconditional data: a random selection. Labelled data: one row per label (as far as rows go), so the
-    grid shows what the generator makes of each class.
-    """
-    rnd = np.random.RandomState(random_seed)
-    gw = int(np.clip(7680 // training_set.image_shape[2], 7, max_size[0]))
-    gh = int(np.clip(4320 // training_set.image_shape[1], 4, max_size[1]))
-    if not training_set.has_labels:
-        all_indices = list(range(len(training_set)))
-        rnd.shuffle(all_indices)
-        grid_indices = [all_indices[i % len(all_indices)] for i in range(gw * gh)]
-    else:
-        by_label = dict()
-        for idx in range(len(training_set)):
-            key = tuple(training_set.get_details(idx).raw_label.flat[::-1])
-            by_label.setdefault(key, []).append(idx)
-        keys = sorted(by_label)
-        for key in keys:
-            rnd.shuffle(by_label[key])
-        grid_indices = []
-        for y in range(gh):
-            indices = by_label[keys[y % len(keys)]]
-            grid_indices += [indices[x % len(indices)] for x in range(gw)]
-    images, labels = zip(*[training_set[i] for i in grid_indices], strict=True)
-    return (gw, gh), np.stack(images), np.stack(labels)
-
-
-def save_image_grid(img, fname: str, drange, grid_size) -> None:
-    """Tile [N, C, H, W] images (N = gw * gh) into one PNG, mapping `drange` to 0..255."""
-    lo, hi = drange
-    img = np.asarray(img, dtype=np.float32)
-    img = np.rint((img - lo) * (255 / (hi - lo))).clip(0, 255).astype(np.uint8)
-    gw, gh = grid_size
-    _N, C, H, W = img.shape
-    img = img.reshape(gh, gw, C, H, W).transpose(0, 3, 1, 4, 2).reshape(gh * H, gw * W, C)
-    image = PIL.Image.fromarray(img[:, :, 0], 'L') if C == 1 else PIL.Image.fromarray(img, 'RGB')
-    dnnlib.util.write_atomically(fname, lambda f: image.save(f, format='PNG'))
 
 # ----------------------------------------------------------------------------
 # The state of a run.
@@ -160,52 +114,84 @@ class Progress:
         self.between_ticks = False
 
 
-def _progress_field(name: str) -> property:
-    """state.cur_nimg etc. read and write state.progress, so the loop and its tests keep their short names."""
-    return property(lambda self: getattr(self.progress, name),
-                    lambda self, value: setattr(self.progress, name, value))
+@dataclasses.dataclass
+class Data:
+    """The training data of this process."""
+    training_set:   Any
+    iterator:       Iterator        # Minibatches of this rank, endless (misc.InfiniteSampler).
+
+
+@dataclasses.dataclass
+class Networks:
+    """The networks of a run: what a snapshot holds and the training state's `networks` group."""
+    G:              torch.nn.Module
+    D:              torch.nn.Module
+    G_ema:          torch.nn.Module
+    augment_pipe:   Optional[torch.nn.Module]
+
+    def by_name(self) -> Dict[str, Optional[torch.nn.Module]]:
+        # Not dataclasses.asdict, which would deep-copy the modules.
+        return dict(G=self.G, D=self.D, G_ema=self.G_ema, augment_pipe=self.augment_pipe)
+
+
+@dataclasses.dataclass
+class Optimization:
+    """What a training step runs on the networks."""
+    loss:           Any                         # training.loss.Loss: gradients of each phase.
+    phases:         List[PhaseRuntime]          # Gmain, Greg, Dmain, Dreg (or G/Dboth), with their optimizers.
+    ada:            Optional[AdaController]     # Adjusts the augmentation probability; None = fixed p.
+
+
+@dataclasses.dataclass
+class Health:
+    """The divergence check of every tick (training/health.py)."""
+    stats:          Any = dataclasses.field(default_factory=lambda: training_stats.Collector(
+                        regex=health.STATS_REGEX, keep_previous=False))     # What the monitor reads.
+    monitor:        Any = dataclasses.field(default_factory=health.DivergenceMonitor)   # In the training state.
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock times of this process (time.time()), for the status line and the Timing/ statistics."""
+    start:          float = 0.0     # When training began.
+    tick_start:     float = 0.0     # When the current tick began.
+    maintenance:    float = 0.0     # Seconds the last tick's maintenance took.
+
+
+@dataclasses.dataclass
+class ImageGrid:
+    """The fixed latents of the fakes*.png grids (rank 0), which the end-of-tick health probe also uses."""
+    size:           Tuple[int, int]     # (columns, rows).
+    z:              torch.Tensor
+    c:              torch.Tensor
+
+
+@dataclasses.dataclass
+class Stop:
+    """A stop asked for by a signal (training/preemption.py)."""
+    request:        Any = None              # preemption.StopRequest: signals received, shared launcher flag.
+    signal:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
+    tick_stats:     Optional[dict] = None   # At a stop: the statistics of the tick in progress (_TickStats).
 
 
 @dataclasses.dataclass
 class TrainingState:
-    """What one process of a run holds: its options, the runtime objects, and the persisted progress."""
-    opts:               dnnlib.EasyDict     # The training_loop kwargs.
-    device:             torch.device
-    rank:               int
-    training_set:       Any
-    data_iterator:      Any
-    G:                  torch.nn.Module
-    D:                  torch.nn.Module
-    G_ema:              torch.nn.Module
-    augment_pipe:       Optional[torch.nn.Module]
-    loss:               Any
-    phases:             List[PhaseRuntime]
-    ada:                Optional[AdaController]
-    progress:           Progress = dataclasses.field(default_factory=Progress)
-    grid_size:          Any = None
-    grid_z:             Any = None
-    grid_c:             Any = None
-    start_time:         float = 0.0
-    tick_start_time:    float = 0.0
-    maintenance_time:   float = 0.0
-    stats_collector:    Any = None
-    health_stats:       Any = dataclasses.field(default_factory=lambda: training_stats.Collector(
-                            regex=health.STATS_REGEX, keep_previous=False))  # What health_monitor reads.
-    health_monitor:     Any = dataclasses.field(default_factory=health.DivergenceMonitor)  # In the training state.
-    stats_jsonl:        Any = None
-    stats_tfevents:     Any = None
-    last_snapshot:      Optional[str] = None
-    metric_fn:          Optional[Callable] = None
-    stop_request:       Any = None              # preemption.StopRequest: signals received, shared launcher flag.
-    stopped_by:         Optional[str] = None    # Name of the signal that stopped the run ('SIGTERM'), if one did.
-    last_state_nimg:    int = 0                 # cur_nimg of the last training state written (--state-kimg).
-    stop_stats:         Optional[dict] = None   # At a stop: the statistics of the tick in progress (_TickStats).
-    last_snapshot_nimg: Optional[int] = None    # cur_nimg of this process's last network snapshot, on every rank.
-
-    cur_nimg = _progress_field('cur_nimg')
-    cur_tick = _progress_field('cur_tick')
-    batch_idx = _progress_field('batch_idx')
-    tick_start_nimg = _progress_field('tick_start_nimg')
+    """What one process of a run holds, by component: its options, the runtime objects, the persisted
+    progress, and the record of the files it wrote."""
+    opts:           dnnlib.EasyDict     # The training_loop kwargs.
+    device:         torch.device
+    rank:           int
+    data:           Data
+    nets:           Networks
+    optim:          Optional[Optimization] = None   # Built after the weights are final (resumed, broadcast).
+    progress:       Progress = dataclasses.field(default_factory=Progress)
+    stats:          Any = dataclasses.field(default_factory=lambda: training_stats.Collector(regex='.*'))  # The log's.
+    health:         Health = dataclasses.field(default_factory=Health)
+    timing:         Timing = dataclasses.field(default_factory=Timing)
+    grid:           Optional[ImageGrid] = None      # Rank 0 only.
+    files:          Optional[run_files.RunFiles] = None
+    stop:           Stop = dataclasses.field(default_factory=Stop)
+    metric_fn:      Optional[Callable] = None
 
     @property
     def is_main(self) -> bool:
@@ -283,7 +269,7 @@ def _resume_from_pkl(state: TrainingState, resume_pkl: str) -> None:
     reports = {}
     for name in ('G', 'D', 'G_ema'):
         if isinstance(resume_data.get(name), torch.nn.Module):
-            reports[name] = transfer.transfer_params_and_buffers(resume_data[name], getattr(state, name))
+            reports[name] = transfer.transfer_params_and_buffers(resume_data[name], getattr(state.nets, name))
     for name, report in reports.items():
         if name == 'G_ema' and reports.get('G') == report:
             state.log('G_ema: as G')
@@ -297,7 +283,7 @@ def _broadcast_weights(state: TrainingState) -> None:
     simply has no gradient on any rank, with no unused-parameter search and no zero-weighted dummy terms."""
     if state.opts.num_gpus == 1:
         return
-    for module in (state.G, state.D, state.G_ema, state.augment_pipe):
+    for module in state.nets.by_name().values():
         if module is not None:
             for tensor in misc.params_and_buffers(module):
                 torch.distributed.broadcast(tensor, src=0)
@@ -325,7 +311,7 @@ def _print_module_summaries(state: TrainingState) -> None:
     """The official per-layer tables of G and D (parameters, buffers, output shapes), one forward pass each.
     They show what a configuration builds, e.g. the squeeze generator's extra layers and its num_ws. Run in
     eval mode, so the summary pass does not move G's w_avg."""
-    G, D, device = state.G, state.D, state.device
+    G, D, device = state.nets.G, state.nets.D, state.device
     n = max(1, min(state.opts.batch_gpu, 4))
     z = torch.zeros([n, G.z_dim], device=device)
     c = torch.zeros([n, G.c_dim], device=device)
@@ -347,9 +333,9 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     misc.set_random_seed(_step_seed(opts.random_seed, rank, 0, purpose=1))
     training_set, data_iterator = _load_data(opts, rank, start_nimg=progress['cur_nimg'], device=device)
     G, D, G_ema, augment_pipe = _build_networks(opts, training_set, device)
-    state = TrainingState(opts=opts, device=device, rank=rank, training_set=training_set,
-                          data_iterator=data_iterator, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe,
-                          loss=None, phases=[], ada=None)
+    state = TrainingState(opts=opts, device=device, rank=rank, data=Data(training_set, data_iterator),
+                          nets=Networks(G, D, G_ema, augment_pipe),
+                          files=run_files.RunFiles(opts.run_dir, is_main=rank == 0))
     if rank == 0:
         _print_setup(state)
         _print_module_summaries(state)
@@ -357,14 +343,15 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
         _resume_from_pkl(state, opts.resume_pkl)
 
     _broadcast_weights(state)
-    state.loss = dnnlib.util.construct_class_by_name(device=device, G_mapping=G.mapping, G_synthesis=G.synthesis,
-                                                     D=D, augment_pipe=augment_pipe, **opts.loss_kwargs)
-    state.phases = _build_phases(opts, {name: getattr(state, name) for name in state.loss.trained_networks})
+    loss = dnnlib.util.construct_class_by_name(device=device, G_mapping=G.mapping, G_synthesis=G.synthesis, D=D,
+                                               augment_pipe=augment_pipe, **opts.loss_kwargs)
+    phases = _build_phases(opts, {name: getattr(state.nets, name) for name in loss.trained_networks})
+    ada = None
     if opts.ada_target is not None and augment_pipe is not None:
-        state.ada = dnnlib.util.construct_class_by_name(class_name=ADA_CONTROLLER_CLASS, augment_pipe=augment_pipe,
-                                                        target=opts.ada_target, interval=opts.ada_interval,
-                                                        kimg=opts.ada_kimg, batch_size=opts.batch_size)
-    state.stats_collector = training_stats.Collector(regex='.*')  # Before the restore, which may fill it.
+        ada = dnnlib.util.construct_class_by_name(class_name=ADA_CONTROLLER_CLASS, augment_pipe=augment_pipe,
+                                                  target=opts.ada_target, interval=opts.ada_interval,
+                                                  kimg=opts.ada_kimg, batch_size=opts.batch_size)
+    state.optim = Optimization(loss, phases, ada)
     if resume_record is not None:
         _restore_state(state, resume_record)
     _setup_logs(state)
@@ -372,13 +359,13 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
 
 
 def _print_setup(state: TrainingState) -> None:
-    ts = state.training_set
+    ts, G, D = state.data.training_set, state.nets.G, state.nets.D
     print(f'Training data: {ts.name}, {len(ts)} images, shape {list(ts.image_shape)}, label dim {ts.label_dim}')
-    print(f'Generator: {sum(p.numel() for p in state.G.parameters()):,} parameters, '
-          f'num_ws {state.G.num_ws}, architecture {getattr(state.G.synthesis, "architecture", "?")}')
-    decoder = getattr(state.D, 'decoder', None)  # GGDR/GLeaD: not run by the module summary's D pass.
+    print(f'Generator: {sum(p.numel() for p in G.parameters()):,} parameters, '
+          f'num_ws {G.num_ws}, architecture {getattr(G.synthesis, "architecture", "?")}')
+    decoder = getattr(D, 'decoder', None)  # GGDR/GLeaD: not run by the module summary's D pass.
     decoder_note = f' (decoder: {sum(p.numel() for p in decoder.parameters()):,})' if decoder is not None else ''
-    print(f'Discriminator: {sum(p.numel() for p in state.D.parameters()):,} parameters{decoder_note}')
+    print(f'Discriminator: {sum(p.numel() for p in D.parameters()):,} parameters{decoder_note}')
     print(f'Device: {state.device}, processes: {state.opts.num_gpus}', flush=True)
 
 # ----------------------------------------------------------------------------
@@ -390,11 +377,11 @@ def _checkpoint_io(state: TrainingState) -> checkpoint.CheckpointIO:
     optimizer is stored under the network's name; the loss brings its own state (the path-length mean)."""
     return checkpoint.CheckpointIO(
         progress    = state.progress,
-        networks    = dict(G=state.G, D=state.D, G_ema=state.G_ema, augment_pipe=state.augment_pipe),
-        optimizers  = {phase.network: phase.opt for phase in state.phases},  # Main and reg phases share one.
-        loss        = state.loss,
-        ada         = state.ada,
-        health      = state.health_monitor,     # States from before it existed start a new warmup.
+        networks    = state.nets.by_name(),
+        optimizers  = {phase.network: phase.opt for phase in state.optim.phases},  # Main and reg share one.
+        loss        = state.optim.loss,
+        ada         = state.optim.ada,
+        health      = state.health.monitor,     # States from before it existed start a new warmup.
         tick_stats  = _TickStats(state),        # None except in a state written by a stop.
         rng         = checkpoint.RngState(),    # Last: restoring the others draws no random numbers after it.
     )
@@ -410,11 +397,11 @@ class _TickStats:
         self.state = state
 
     def state_dict(self) -> Optional[dict]:
-        return self.state.stop_stats
+        return self.state.stop.tick_stats
 
     def load_state_dict(self, saved: dict) -> None:
-        self.state.stats_collector.load_state_dict(saved['log'])
-        self.state.health_stats.load_state_dict(saved['health'])
+        self.state.stats.load_state_dict(saved['log'])
+        self.state.health.stats.load_state_dict(saved['health'])
 
 
 def _state_record(state: TrainingState) -> dict:
@@ -423,74 +410,34 @@ def _state_record(state: TrainingState) -> dict:
 
 def _restore_state(state: TrainingState, record: dict) -> None:
     _checkpoint_io(state).load_state_dict(record)
-    state.log(f'Resumed the training state at {state.cur_nimg / 1000:.1f} kimg (tick {record["progress"]["cur_tick"]})')
+    state.log(f'Resumed the training state at {state.progress.cur_nimg / 1000:.1f} kimg '
+              f'(tick {record["progress"]["cur_tick"]})')
 
 # ----------------------------------------------------------------------------
 # Logs and grids.
 
 
 def _setup_logs(state: TrainingState) -> None:
+    """Rank 0: stats.jsonl, the latents of the image grids and, in a new run, reals.png and fakes_init.png."""
     opts = state.opts
     if not state.is_main:
         return
-    if opts.resume_state is not None:
-        _drop_records_after(state.cur_nimg, opts.run_dir)
-    state.stats_jsonl = open(os.path.join(opts.run_dir, 'stats.jsonl'), 'at')
-    try:
-        import torch.utils.tensorboard as tensorboard  # Optional dependency (requirements-extras.txt).
-        state.stats_tfevents = tensorboard.SummaryWriter(opts.run_dir)
-    except ImportError as e:
-        print(f'Skipping tfevents export: {e}')  # TensorBoard is optional: stats.jsonl has everything.
-        state.stats_tfevents = None
-    grid_size, images, labels = setup_snapshot_image_grid(state.training_set, opts.random_seed,
-                                                          max_size=tuple(opts.image_grid_max))
-    state.grid_size = grid_size
-    state.grid_z = torch.randn([labels.shape[0], state.G.z_dim], device=state.device,
-                               generator=torch.Generator(state.device).manual_seed(opts.random_seed))
-    state.grid_c = torch.from_numpy(labels).to(state.device)
+    state.files.open_stats(resumed_nimg=state.progress.cur_nimg if opts.resume_state is not None else None)
+    grid_size, images, labels = run_files.setup_snapshot_image_grid(state.data.training_set, opts.random_seed,
+                                                                    max_size=tuple(opts.image_grid_max))
+    grid_z = torch.randn([labels.shape[0], state.nets.G.z_dim], device=state.device,
+                         generator=torch.Generator(state.device).manual_seed(opts.random_seed))
+    state.grid = ImageGrid(size=grid_size, z=grid_z, c=torch.from_numpy(labels).to(state.device))
     if opts.resume_state is None:
-        save_image_grid(images, os.path.join(opts.run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size)
-        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, 'fakes_init.png'), drange=[-1, 1],
-                        grid_size=grid_size)
-
-
-
-def _record_nimg(record: dict) -> Optional[float]:
-    """When a stats.jsonl / metric-*.jsonl record was written, in images shown; None if it does not say."""
-    if isinstance(record.get('Progress/kimg'), dict):
-        return record['Progress/kimg'].get('mean', 0) * 1000
-    match = checkpoint.SNAPSHOT_NAME_RE.fullmatch(os.path.basename(str(record.get('snapshot_pkl', ''))))
-    if match is not None:
-        return int(match.group(1)) * 1000 + int(match.group(2) or 0)
-    return None
-
-
-def _drop_records_after(cur_nimg: int, run_dir: str) -> None:
-    """Resuming a training state repeats the ticks after it (a run killed at kimg 900 with the last state at
-    800 runs 800-900 again), so their records would appear twice: drop those of the abandoned stretch."""
-    for name in sorted(os.listdir(run_dir)):
-        if not (name == 'stats.jsonl' or (name.startswith('metric-') and name.endswith('.jsonl'))):
-            continue
-        path = os.path.join(run_dir, name)
-        with open(path) as f:
-            lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                nimg = _record_nimg(json.loads(line))
-            except ValueError:
-                continue  # A line cut short by a kill.
-            if nimg is None or nimg <= cur_nimg + 0.5:
-                kept.append(line if line.endswith('\n') else line + '\n')
-        if kept != lines:
-            dnnlib.util.write_atomically(path, lambda f, kept=kept: f.write(''.join(kept).encode('utf-8')))
+        state.files.write_image_grid('reals.png', images, drange=[0, 255], grid_size=grid_size)
+        state.files.write_image_grid('fakes_init.png', _grid_fakes(state), drange=[-1, 1], grid_size=grid_size)
 
 
 @torch.no_grad()
 def _grid_fakes(state: TrainingState) -> np.ndarray:
     batch = max(state.opts.batch_gpu, 1)
-    images = [state.G_ema(z=z, c=c, noise_mode='const').cpu()
-              for z, c in zip(state.grid_z.split(batch), state.grid_c.split(batch), strict=True)]
+    images = [state.nets.G_ema(z=z, c=c, noise_mode='const').cpu()
+              for z, c in zip(state.grid.z.split(batch), state.grid.c.split(batch), strict=True)]
     return torch.cat(images).numpy()
 
 # ----------------------------------------------------------------------------
@@ -499,13 +446,13 @@ def _grid_fakes(state: TrainingState) -> np.ndarray:
 
 def _fetch_batch(state: TrainingState):
     opts = state.opts
-    real_img, real_c = next(state.data_iterator)
+    real_img, real_c = next(state.data.iterator)
     real_img = (real_img.to(state.device).to(torch.float32) / 127.5 - 1).split(opts.batch_gpu)
     real_c = real_c.to(state.device).split(opts.batch_gpu)
-    num_phases = len(state.phases)
-    gen_z = torch.randn([num_phases * opts.batch_size, state.G.z_dim], device=state.device)
+    num_phases = len(state.optim.phases)
+    gen_z = torch.randn([num_phases * opts.batch_size, state.nets.G.z_dim], device=state.device)
     gen_z = [z.split(opts.batch_gpu) for z in gen_z.split(opts.batch_size)]
-    ts = state.training_set
+    ts = state.data.training_set
     gen_c = [ts.get_label(np.random.randint(len(ts))) for _ in range(num_phases * opts.batch_size)]
     gen_c = torch.from_numpy(np.stack(gen_c)).to(state.device)
     gen_c = [c.split(opts.batch_gpu) for c in gen_c.split(opts.batch_size)]
@@ -521,13 +468,14 @@ def _run_phase(state: TrainingState, phase: PhaseRuntime, real_img, real_c, gen_
     phase.opt.zero_grad(set_to_none=True)
     phase.module.requires_grad_(True)
     rounds = zip(real_img, real_c, gen_z, gen_c, strict=False)
+    # A phase run every `interval` steps is weighted by `interval`, so that it has its full effect on average.
     # Each round's loss is a mean over its images; dividing by the number of rounds makes the accumulated
     # gradient the mean over the whole batch, so --batch-gpu changes memory use and not the step (the official
     # loop sums the round means, which only Adam's scale invariance hides).
     gain = phase.interval / num_rounds
-    for round_idx, (r_img, r_c, g_z, g_c) in enumerate(rounds):
-        state.loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, gen_z=g_z, gen_c=g_c,
-                                        sync=(round_idx == num_rounds - 1), gain=gain)
+    for r_img, r_c, g_z, g_c in rounds:
+        state.optim.loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, gen_z=g_z, gen_c=g_c,
+                                              gain=gain)
     phase.module.requires_grad_(False)
     with torch.autograd.profiler.record_function(phase.name + '_opt'):
         params = [param for param in phase.module.parameters() if param.grad is not None]
@@ -562,56 +510,59 @@ def _reduce_gradients(params: List[torch.nn.Parameter], num_gpus: int) -> None:
 
 @torch.no_grad()
 def _update_ema(state: TrainingState) -> None:
-    opts = state.opts
+    opts, G, G_ema = state.opts, state.nets.G, state.nets.G_ema
     ema_nimg = opts.ema_kimg * 1000
     if opts.ema_rampup is not None:
-        ema_nimg = min(ema_nimg, state.cur_nimg * opts.ema_rampup)
+        ema_nimg = min(ema_nimg, state.progress.cur_nimg * opts.ema_rampup)
     ema_beta = 0.5 ** (opts.batch_size / max(ema_nimg, 1e-8))
-    for p_ema, p in zip(state.G_ema.parameters(), state.G.parameters(), strict=True):
+    for p_ema, p in zip(G_ema.parameters(), G.parameters(), strict=True):
         p_ema.copy_(p.lerp(p_ema, ema_beta))
-    for b_ema, b in zip(state.G_ema.buffers(), state.G.buffers(), strict=True):
+    for b_ema, b in zip(G_ema.buffers(), G.buffers(), strict=True):
         b_ema.copy_(b)
 
 
 def _train_step(state: TrainingState) -> None:
-    misc.set_random_seed(_step_seed(state.opts.random_seed, state.rank, state.batch_idx))
+    progress = state.progress
+    misc.set_random_seed(_step_seed(state.opts.random_seed, state.rank, progress.batch_idx))
     with torch.autograd.profiler.record_function('data_fetch'):
         real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(state)
-    for phase, gen_z, gen_c in zip(state.phases, all_gen_z, all_gen_c, strict=True):
-        if state.batch_idx % phase.interval == 0:
+    for phase, gen_z, gen_c in zip(state.optim.phases, all_gen_z, all_gen_c, strict=True):
+        if progress.batch_idx % phase.interval == 0:
             _run_phase(state, phase, real_img, real_c, gen_z, gen_c)
     _update_ema(state)
-    state.cur_nimg += state.opts.batch_size
-    state.batch_idx += 1
-    if state.ada is not None:
-        state.ada.step(state.batch_idx)
+    progress.cur_nimg += state.opts.batch_size
+    progress.batch_idx += 1
+    if state.optim.ada is not None:
+        state.optim.ada.step(progress.batch_idx)
 
 # ----------------------------------------------------------------------------
 # Maintenance, once per tick.
 
 
 def _report_progress(state: TrainingState, tick_end_time: float) -> str:
-    tick_time = tick_end_time - state.tick_start_time
-    tick_kimg = (state.cur_nimg - state.tick_start_nimg) / 1000
+    progress, timing, augment_pipe = state.progress, state.timing, state.nets.augment_pipe
+    total_sec = tick_end_time - timing.start
+    tick_time = tick_end_time - timing.tick_start
+    tick_kimg = (progress.cur_nimg - progress.tick_start_nimg) / 1000
     cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2 ** 30
     gpu_mem = torch.cuda.max_memory_allocated(state.device) / 2 ** 30 if state.device.type == 'cuda' else 0.0
-    augment_p = float(state.augment_pipe.p.cpu()) if state.augment_pipe is not None else 0.0
+    augment_p = float(augment_pipe.p.cpu()) if augment_pipe is not None else 0.0
     fields = [
-        ('tick', training_stats.report0('Progress/tick', state.cur_tick), '{:<5d}'),
-        ('kimg', training_stats.report0('Progress/kimg', state.cur_nimg / 1000), '{:<8.1f}'),
-        ('time', dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - state.start_time)), '{:<12s}'),
+        ('tick', training_stats.report0('Progress/tick', progress.cur_tick), '{:<5d}'),
+        ('kimg', training_stats.report0('Progress/kimg', progress.cur_nimg / 1000), '{:<8.1f}'),
+        ('time', dnnlib.util.format_time(training_stats.report0('Timing/total_sec', total_sec)), '{:<12s}'),
         ('sec/tick', training_stats.report0('Timing/sec_per_tick', tick_time), '{:<7.1f}'),
         ('sec/kimg', training_stats.report0('Timing/sec_per_kimg', tick_time / max(tick_kimg, 1e-8)), '{:<7.2f}'),
-        ('maintenance', training_stats.report0('Timing/maintenance_sec', state.maintenance_time), '{:<6.1f}'),
+        ('maintenance', training_stats.report0('Timing/maintenance_sec', timing.maintenance), '{:<6.1f}'),
         ('cpumem', training_stats.report0('Resources/cpu_mem_gb', cpu_mem), '{:<6.2f}'),
         ('gpumem', training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem), '{:<6.2f}'),
         ('augment', training_stats.report0('Progress/augment', augment_p), '{:.3f}'),
     ]
     gpu_reserved = torch.cuda.max_memory_reserved(state.device) / 2 ** 30 if state.device.type == 'cuda' else 0.0
     training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved)
-    training_stats.report0('Timing/total_hours', (tick_end_time - state.start_time) / 3600)
-    training_stats.report0('Timing/total_days', (tick_end_time - state.start_time) / (24 * 3600))
-    for phase in state.phases:
+    training_stats.report0('Timing/total_hours', total_sec / 3600)
+    training_stats.report0('Timing/total_days', total_sec / (24 * 3600))
+    for phase in state.optim.phases:
         elapsed = phase.timer.elapsed_ms() if phase.timer is not None else None
         if elapsed is not None:
             training_stats.report0(f'Timing/{phase.name}', elapsed)
@@ -628,17 +579,18 @@ def _check_health(state: TrainingState) -> None:
     its snapshot and training state are written is what makes every written file a good one: the single
     training-state.pt is never replaced by the state of a bad tick. The monitor's history goes into the
     training state, so a resumed run decides the same."""
+    nets = state.nets
     if state.is_main:
-        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid_z))
-        health.report_end_of_tick(state.G, state.G_ema, state.D, state.grid_z[:count], state.grid_c[:count])
+        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid.z))
+        health.report_end_of_tick(nets.G, nets.G_ema, nets.D, state.grid.z[:count], state.grid.c[:count])
     else:
-        health.report_end_of_tick(state.G, state.G_ema, state.D, None, None)
-    state.health_stats.update()  # A collective: every rank takes part before any of them can stop.
+        health.report_end_of_tick(nets.G, nets.G_ema, nets.D, None, None)
+    state.health.stats.update()  # A collective: every rank takes part before any of them can stop.
     for net_name in ('G', 'D'):
-        bad = _first_nonfinite_tensor(getattr(state, net_name))
+        bad = _first_nonfinite_tensor(getattr(nets, net_name))
         if bad is not None:
             raise TrainingDiverged(_divergence_message(state, f'{net_name} has non-finite weights ({bad})'))
-    divergence = state.health_monitor.check(state.health_stats.as_dict())
+    divergence = state.health.monitor.check(state.health.stats.as_dict())
     if divergence is not None:
         raise TrainingDiverged(_divergence_message(state, divergence.message, divergence.name))
 
@@ -659,64 +611,17 @@ def _divergence_message(state: TrainingState, what: str, stat_name: Optional[str
         advice = 'a smaller --gamma (the R1 weight)'
     else:
         advice = 'lower learning rates (--glr, --dlr), a larger --gamma, or --fp32'
-    return (f'Training diverged at {state.cur_nimg / 1000:.1f} kimg: {what} (tick {state.cur_tick}). Nothing was '
-            f'written for this tick; {_last_good_files(state, advice)}')
-
-
-def _last_good_files(state: TrainingState, advice: str) -> str:
-    """What a user can go back to, as the end of one line: the snapshot and training state of the last healthy
-    tick (health.LAST_GOOD_FILE_NAME names them; files of this run directory that are newer, or not named
-    there, are not vouched for), and how to continue."""
-    run_dir = state.opts.run_dir
-    good = health.read_last_good(run_dir) if state.is_main else None
-    if good is not None and (good['snapshot'] is not None or good['training_state'] is not None):
-        when = f'{good["kimg"]:.1f} kimg, tick {good["tick"]}'
-        if good['snapshot'] is not None and good['training_state'] is not None:
-            files = f'the last good snapshot {good["snapshot"]} and training state {good["training_state"]} ({when})'
-        elif good['snapshot'] is not None:
-            files = f'the last good snapshot {good["snapshot"]} ({when})'
-        else:
-            files = f'the last good training state {good["training_state"]} ({when})'
-        how = []
-        if good['training_state'] is not None:
-            how.append(f'--resume={run_dir} continues from that state with the same options')
-        if good['snapshot'] is not None:
-            how.append(f'--resume={good["snapshot"]} starts a new run from its weights, e.g. with {advice}')
-        return f'{files} are kept; {"; ".join(how)}'
-    if state.opts.resume_state:
-        return (f'the training state it resumed from ({state.opts.resume_state}) is intact; '
-                f'--resume={state.opts.resume_state} continues from it; or try {advice}')
-    return f'no snapshot or training state had been written before it; start again with {advice}'
-
-
-def _newest_snapshot(state: TrainingState) -> Optional[str]:
-    """The snapshot this process wrote last or, before its first one (a resumed run), the newest
-    network-snapshot-*.pkl of the run directory by the training time in its name; None if there is none."""
-    if state.last_snapshot is not None:
-        return state.last_snapshot
-    return checkpoint.newest_snapshot(state.opts.run_dir)
-
-
-def snapshot_tag(cur_nimg: int, kimg_per_tick: float, total_kimg: float) -> str:
-    """The part of `fakes<tag>.png` / `network-snapshot-<tag>.pkl` that says when it was written.
-
-    The official `<kimg:06d>` when ticks and the training length are whole kimg: then two maintenance steps
-    never fall into the same kimg. Otherwise (`--tick=0.5`, `--kimg=4.5`) the images shown are kept to the
-    image, `000004.512`, so that no snapshot overwrites another and the names still sort in training order.
-    """
-    if float(kimg_per_tick).is_integer() and float(total_kimg).is_integer():
-        return f'{cur_nimg // 1000:06d}'
-    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
+    return (f'Training diverged at {state.progress.cur_nimg / 1000:.1f} kimg: {what} (tick {state.progress.cur_tick}). '
+            f'Nothing was written for this tick; {state.files.last_good_files(advice, state.opts.resume_state)}')
 
 
 def _save_snapshots(state: TrainingState, done: bool) -> None:
-    opts = state.opts
-    tag = snapshot_tag(state.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
-    if state.is_main and opts.image_snapshot_ticks and (done or state.cur_tick % opts.image_snapshot_ticks == 0):
-        save_image_grid(_grid_fakes(state), os.path.join(opts.run_dir, f'fakes{tag}.png'), drange=[-1, 1],
-                        grid_size=state.grid_size)
-    stopping = state.stopped_by is not None  # A stop at the end of a tick: _stop writes the state after it.
-    snapshot_due = bool(opts.network_snapshot_ticks) and (done or state.cur_tick % opts.network_snapshot_ticks == 0)
+    opts, cur_tick = state.opts, state.progress.cur_tick
+    tag = run_files.snapshot_tag(state.progress.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
+    if state.is_main and opts.image_snapshot_ticks and (done or cur_tick % opts.image_snapshot_ticks == 0):
+        state.files.write_image_grid(f'fakes{tag}.png', _grid_fakes(state), drange=[-1, 1], grid_size=state.grid.size)
+    stopping = state.stop.signal is not None  # A stop at the end of a tick: _stop writes the state after it.
+    snapshot_due = bool(opts.network_snapshot_ticks) and (done or cur_tick % opts.network_snapshot_ticks == 0)
     if not snapshot_due:
         if _state_due(state):
             _write_training_state(state)
@@ -725,7 +630,7 @@ def _save_snapshots(state: TrainingState, done: bool) -> None:
     _write_training_state(state)
     if opts.metrics and state.metric_fn is not None and not stopping:  # A stop must not wait for metrics.
         # Rank 0 evaluates the copy it just saved; the others make their own.
-        G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.G_ema)
+        G_ema = snapshot['G_ema'] if state.is_main else _snapshot_copy(state.nets.G_ema)
         _evaluate_metrics(state, G_ema, path)
 
 
@@ -733,20 +638,16 @@ def _write_network_snapshot(state: TrainingState, tag: str):
     """network-snapshot-<tag>.pkl (rank 0 writes; every rank checks that the ranks agree): (path, what rank 0
     wrote, None on the others)."""
     opts = state.opts
-    modules = {name: getattr(state, name) for name in ('G', 'D', 'G_ema', 'augment_pipe')}
+    modules = state.nets.by_name()
     if opts.num_gpus > 1:
         for module in modules.values():
             if module is not None:
                 misc.check_ddp_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
-    path = os.path.join(opts.run_dir, f'network-snapshot-{tag}.pkl')
     snapshot = None
     if state.is_main:
         snapshot = dict(training_set_kwargs=dict(opts.training_set_kwargs))
         snapshot.update({name: _snapshot_copy(module) for name, module in modules.items()})
-        snapshot_io.save_network_pkl(snapshot, path)
-        state.last_snapshot = path
-    state.last_snapshot_nimg = state.cur_nimg
-    return path, snapshot
+    return state.files.write_network_snapshot(snapshot, tag, state.progress.cur_nimg), snapshot
 
 
 def _stop(state: TrainingState) -> None:
@@ -754,37 +655,37 @@ def _stop(state: TrainingState) -> None:
     --stop-snapshot, a network snapshot. A stop is not a tick: no status line, record or image grid, and the
     state keeps the tick in progress (Progress.between_ticks) with its statistics so far (_TickStats), so that
     the resumed run ends that tick at the same image count as the uninterrupted run, with the same record."""
-    opts = state.opts
-    if state.ada is not None:
-        state.ada.flush()  # The pending D signs into the state (counts and sums of +-1: exact in any order).
-    if state.cur_nimg != state.tick_start_nimg:
+    opts, progress = state.opts, state.progress
+    if state.optim.ada is not None:
+        state.optim.ada.flush()  # The pending D signs into the state (counts and sums of +-1: exact in any order).
+    if progress.cur_nimg != progress.tick_start_nimg:
         _check_weights_at_stop(state)  # A stop at a tick's end comes after that tick's _check_health.
     # Collectives, so on every rank; only rank 0 writes them.
-    state.stop_stats = dict(log=state.stats_collector.state_dict(), health=state.health_stats.state_dict())
+    state.stop.tick_stats = dict(log=state.stats.state_dict(), health=state.health.stats.state_dict())
     with _stop_when_disk_full(state):
-        tag = snapshot_tag(state.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
-        if opts.stop_snapshot and state.last_snapshot_nimg != state.cur_nimg:  # Not if this step's tick wrote one.
+        tag = run_files.snapshot_tag(progress.cur_nimg, opts.kimg_per_tick, opts.total_kimg)
+        if opts.stop_snapshot and state.files.last_snapshot_nimg != progress.cur_nimg:  # Not if the tick wrote one.
             _write_network_snapshot(state, tag)
-        state.progress.between_ticks = True
+        progress.between_ticks = True
         try:
             _write_training_state(state)
         finally:
-            state.progress.between_ticks = False
+            progress.between_ticks = False
 
 
 def _check_weights_at_stop(state: TrainingState) -> None:
     """Before a stop between ticks writes its snapshot and state (which last-good.json will name): the weights
     are finite and the end-of-tick probe is within the ceilings (health.judge_probe); the tick's statistics
     are judged when the resumed run ends the tick. Rank 0 probes, every rank learns the verdict."""
-    problem = None
+    nets, problem = state.nets, None
     for net_name in ('G', 'D'):
-        bad = _first_nonfinite_tensor(getattr(state, net_name))
+        bad = _first_nonfinite_tensor(getattr(nets, net_name))
         if bad is not None:
             problem = (f'{net_name} has non-finite weights ({bad})', None)
             break
     if problem is None and state.is_main:
-        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid_z))
-        values = health.weight_probe(state.G, state.G_ema, state.D, state.grid_z[:count], state.grid_c[:count])
+        count = min(health.END_OF_TICK_IMAGES, max(state.opts.batch_gpu, 1), len(state.grid.z))
+        values = health.weight_probe(nets.G, nets.G_ema, nets.D, state.grid.z[:count], state.grid.c[:count])
         divergence = health.judge_probe(values)
         if divergence is not None:
             problem = (f'at the stop, {divergence.message}', divergence.name)
@@ -799,29 +700,12 @@ def _state_due(state: TrainingState) -> bool:
     """Whether `--state-kimg` asks for a training state at this tick (independent of the snapshot interval,
     so that a long --snap does not mean a long window of lost work)."""
     interval = state.opts.state_kimg
-    return interval is not None and state.cur_nimg >= state.last_state_nimg + interval * 1000
+    return interval is not None and state.progress.cur_nimg >= state.files.last_state_nimg + interval * 1000
 
 
 def _write_training_state(state: TrainingState) -> None:
-    """Rank 0 writes training-state.pt (atomically: a crash keeps the previous one)."""
-    if state.is_main:
-        checkpoint.save_training_state(os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME),
-                                       _state_record(state))
-        _point_to_last_good(state)
-    state.last_state_nimg = state.cur_nimg
-
-
-def _point_to_last_good(state: TrainingState) -> None:
-    """Name the snapshot and state just written as the last good ones (_check_health passed this tick before
-    they were written). Before this process's first snapshot (a resumed run, or a state written by
-    --state-kimg), the snapshot of the previous pointer stays the last good one."""
-    run_dir = state.opts.run_dir
-    snapshot = state.last_snapshot
-    if snapshot is None:
-        previous = health.read_last_good(run_dir)
-        snapshot = previous['snapshot'] if previous is not None else None
-    health.write_last_good(run_dir, snapshot, checkpoint.STATE_FILE_NAME, kimg=state.cur_nimg / 1000,
-                           tick=state.cur_tick)
+    """training-state.pt, named in last-good.json: _check_health passed this tick before anything was written."""
+    state.files.write_training_state(lambda: _state_record(state), state.progress.cur_nimg, state.progress.cur_tick)
 
 
 def _snapshot_copy(module):
@@ -844,78 +728,44 @@ def _evaluate_metrics(state: TrainingState, G_ema, snapshot_pkl: str) -> None:
 
 
 def _write_stats(state: TrainingState) -> None:
-    state.stats_collector.update()
-    if not state.is_main:
-        return
-    stats = state.stats_collector.as_dict()
-    timestamp = time.time()
-    state.stats_jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
-    state.stats_jsonl.flush()
-    if state.stats_tfevents is not None:
-        global_step = int(state.cur_nimg / 1e3)
-        walltime = timestamp - state.start_time
-        for name, value in stats.items():
-            state.stats_tfevents.add_scalar(name, value.mean, global_step=global_step, walltime=walltime)
-        state.stats_tfevents.flush()
-
-
-# A full disk, or a full quota (which network file systems report instead).
-_NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, 'EDQUOT', None)) if code is not None)
+    state.stats.update()  # A collective.
+    if state.is_main:
+        state.files.write_stats(state.stats.as_dict(), state.progress.cur_nimg, start_time=state.timing.start)
 
 
 @contextlib.contextmanager
 def _stop_when_disk_full(state: TrainingState) -> Iterator[None]:
     """Turn a full disk while writing a tick's files (image grid, snapshot, training state) into one line that
-    names the file and says what is intact: the writes are atomic, so the files of earlier ticks are. What
-    existed is looked up before the writes, so a snapshot written just before the training state failed does not
-    count as previous. Only rank 0 writes."""
+    names the file and says what is intact (run_files.RunFiles.full_disk_message). Only rank 0 writes."""
     if not state.is_main:
         yield
         return
-    had_snapshot = _newest_snapshot(state) is not None
-    had_state = os.path.isfile(os.path.join(state.opts.run_dir, checkpoint.STATE_FILE_NAME))
+    saved_before = state.files.saved_files()
     try:
         yield
     except OSError as e:
-        if e.errno not in _NO_SPACE_ERRNOS:
+        if not run_files.is_disk_full(e):
             raise
-        kept = {(True, True): 'the previous snapshot and training state are intact',
-                (True, False): 'the previous snapshot is intact',
-                (False, True): 'the previous training state is intact',
-                (False, False): 'nothing had been saved before'}[(had_snapshot, had_state)]
-        if not had_state and _newest_snapshot(state) is not None:
-            kept = _continue_from_snapshot(state, _newest_snapshot(state))
-        what = os.path.basename(e.filename) if e.filename else 'the snapshot files'
-        raise TrainingStopped(f'{e.strerror or os.strerror(e.errno)} while writing {what}; {kept}') from e
-
-
-def _continue_from_snapshot(state: TrainingState, snapshot: str) -> str:
-    """What is left, and how to go on, when the disk filled up before the run's first training state: the
-    snapshot (complete, since snapshots are written atomically) is all there is, and `--resume` with it starts
-    a new run from its weights (the counters and the optimizer moments start over)."""
-    options = os.path.join(state.opts.run_dir, 'training_options.json')  # train.py writes it (run_dir.py).
-    recorded = f' ({options})' if os.path.isfile(options) else ''
-    return (f'no training state had been saved yet, but the snapshot {snapshot} is complete: free some space and '
-            f'continue from its weights with python train.py --resume={snapshot} and the other options of this '
-            f'run{recorded}; that starts a new run directory, with the counters and optimizer moments reset')
+        raise TrainingStopped(state.files.full_disk_message(e, saved_before)) from e
 
 
 def _maintenance(state: TrainingState, done: bool) -> None:
+    progress, timing = state.progress, state.timing
     tick_end_time = time.time()
     status = _report_progress(state, tick_end_time)
     state.log(status)
     _check_health(state)
-    if state.ada is not None:
+    if state.optim.ada is not None:
         # Move the pending D signs into the ADA controller, so that the training state written below holds
         # them. A collective; every tick, so the flush points of a straight and a resumed run are the same.
-        state.ada.flush()
+        state.optim.ada.flush()
     with _stop_when_disk_full(state):
         _save_snapshots(state, done)
     _write_stats(state)
-    state.cur_tick += 1
-    state.tick_start_nimg = state.cur_nimg
-    state.tick_start_time = time.time()
-    state.maintenance_time = state.tick_start_time - tick_end_time
+    progress.cur_tick += 1
+    progress.tick_start_nimg = progress.cur_nimg
+    timing.tick_start = time.time()
+    timing.maintenance = timing.tick_start - tick_end_time
 
 # ----------------------------------------------------------------------------
 
@@ -985,8 +835,8 @@ def training_loop(
         try:
             state = _setup(opts, rank, device)
             state.metric_fn = metric_fn
-            state.stop_request = request
-            state.last_state_nimg = state.cur_nimg
+            state.stop.request = request
+            state.files.last_state_nimg = state.progress.cur_nimg
             _run(state, abort_fn, progress_fn)
         except TrainingStopped:
             raise
@@ -1009,9 +859,9 @@ def one_line(error: BaseException) -> str:
 
 def _stopped_message(opts, state: Optional[TrainingState], error: BaseException) -> str:
     """One line: what stopped the run, when, and what is still intact."""
-    where = 'during setup' if state is None else f'at {state.cur_nimg / 1000:.1f} kimg'
-    if state is not None and state.last_snapshot is not None:
-        kept = (f'the last snapshot {os.path.basename(state.last_snapshot)} and {checkpoint.STATE_FILE_NAME} '
+    where = 'during setup' if state is None else f'at {state.progress.cur_nimg / 1000:.1f} kimg'
+    if state is not None and state.files.last_snapshot is not None:
+        kept = (f'the last snapshot {os.path.basename(state.files.last_snapshot)} and {checkpoint.STATE_FILE_NAME} '
                 f'are intact')
     elif opts.resume_state:
         kept = f'the training state it resumed from ({opts.resume_state}) is intact'
@@ -1035,34 +885,32 @@ def _check_metrics(opts, metric_fn) -> None:
 
 
 def _run(state: TrainingState, abort_fn: Optional[Callable], progress_fn: Optional[Callable]) -> None:
-    opts = state.opts
+    opts, progress, stop = state.opts, state.progress, state.stop
     state.log(f'Training for {opts.total_kimg} kimg...')
-    state.start_time = state.tick_start_time = time.time()
+    state.timing.start = state.timing.tick_start = time.time()
     if progress_fn is not None:
-        progress_fn(state.cur_nimg // 1000, opts.total_kimg)
+        progress_fn(progress.cur_nimg // 1000, opts.total_kimg)
     while True:
         _train_step(state)
-        done = state.cur_nimg >= opts.total_kimg * 1000
-        signame = state.stop_request.agreed(state.batch_idx, opts.num_gpus, state.device)
+        done = progress.cur_nimg >= opts.total_kimg * 1000
+        signame = stop.request.agreed(progress.batch_idx, opts.num_gpus, state.device)
         if signame is not None and not done:
             # Every rank stops after the same step (a run that is done has nothing left to save for).
-            state.stopped_by = signame
-        if done or state.cur_tick == 0 or state.cur_nimg >= state.tick_start_nimg + opts.kimg_per_tick * 1000:
+            stop.signal = signame
+        if done or progress.cur_tick == 0 or progress.cur_nimg >= progress.tick_start_nimg + opts.kimg_per_tick * 1000:
             # The tick ends here whether or not a stop came with this step, as it would without the stop.
             if abort_fn is not None and abort_fn():
                 done = True
                 state.log('Aborting...')
             _maintenance(state, done)
             if progress_fn is not None:
-                progress_fn(state.cur_nimg // 1000, opts.total_kimg)
+                progress_fn(progress.cur_nimg // 1000, opts.total_kimg)
         if done:
-            state.stopped_by = None
+            stop.signal = None
             break
-        if state.stopped_by is not None:
+        if stop.signal is not None:
             _stop(state)
             break
     if state.is_main:
-        state.stats_jsonl.close()
-        if state.stats_tfevents is not None:
-            state.stats_tfevents.close()
+        state.files.close_stats()
     state.log('Exiting...')
