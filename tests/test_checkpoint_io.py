@@ -81,7 +81,9 @@ def test_the_state_grouped_by_component_is_saved_in_the_version_1_layout():
                           nets=Networks(G, D, G_ema, augment_pipe=None), optim=Optimization(Loss(), phases, ada=None))
     state.progress.cur_nimg += 8
     record = training_loop._checkpoint_io(state).state_dict()
-    assert list(record) == ['progress', 'networks', 'optimizers', 'loss', 'ada', 'health', 'tick_stats', 'rng']
+    assert list(record) == ['progress', 'networks', 'optimizers', 'loss', 'loss_ranks', 'ada', 'health', 'tick_stats',
+                            'rng']
+    assert record['loss_ranks'] is None  # One process: `loss` is its own.
     assert record['progress'] == dict(cur_nimg=8, cur_tick=0, batch_idx=0, tick_start_nimg=0, between_ticks=False)
     assert list(record['networks']) == ['G', 'D', 'G_ema', 'augment_pipe'] and record['networks']['augment_pipe'] is None
     assert record['networks']['G_ema'].keys() == G_ema.state_dict().keys()

@@ -318,7 +318,7 @@ def test_exact_resume_with_a_regularizer(tmp_path, data_dir, reg):
 def _two_rank_worker(rank, world_size, run_root, data):
     # Both regularizers in one process group, each run a separate training_loop in its own directory; then LeCam
     # with GGDR interrupted after two steps and resumed from rank 0's state, against the uninterrupted run.
-    # Without the path-length term: its running mean is each rank's own, and the state holds rank 0's.
+    # With the path-length term, whose running mean is each rank's own: the state holds every rank's.
     training_stats.init_multiprocessing(rank, sync_device=torch.device('cpu'))
     runs = dict()
     for reg, run, steps, resume in (('lecam,ggdr', 'lecam', 3, False), ('glead', 'glead', 3, False),
@@ -328,8 +328,6 @@ def _two_rank_worker(rank, world_size, run_root, data):
         run_dir = os.path.join(run_root, run)
         opts = reg_options(run_dir, data, reg, steps=steps, num_gpus=world_size, rank=rank, batch_gpu=2,
                            resume_state=checkpoint.find_state_file(run_dir) if resume else None)
-        if reg.startswith('lecam'):
-            opts['loss_kwargs']['pl_weight'] = 0
         state = runs[run] = training_loop(device=torch.device('cpu'), **opts)
         for module in (state.nets.G, state.nets.D, state.nets.G_ema, state.nets.augment_pipe):
             misc.check_ddp_consistency(module, ignore_regex=r'.*\.w_avg')

@@ -11,6 +11,7 @@ learning). A training state adds what that loses:
      'networks': {'G', 'D', 'G_ema', 'augment_pipe': state dicts (augment_pipe may be None)},
      'optimizers': {'G', 'D': optimizer state dicts},
      'loss': {'pl_mean': tensor, 'd_terms': {'<i>.<name>': the state of the i-th D term (runs with --reg only)}},
+     'loss_ranks': [every rank's 'loss', in rank order] with several processes (absent or None otherwise),
      'ada': {'pending': [count, sum, sum of squares] of the D signs not yet used for an update} or None,
      'health': the divergence monitor's per-tick loss history (training/health.py) or None,
      'tick_stats': in a state written by a stop, the statistics of the tick in progress (training_stats

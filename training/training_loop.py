@@ -140,6 +140,7 @@ class Optimization:
     loss:           Any                         # training.loss.Loss: gradients of each phase.
     phases:         List[PhaseRuntime]          # Gmain, Greg, Dmain, Dreg (or G/Dboth), with their optimizers.
     ada:            Optional[AdaController]     # Adjusts the augmentation probability; None = fixed p.
+    rank_losses:    Optional[list] = None       # Every rank's loss.state_dict() at the last training state.
 
 
 @dataclasses.dataclass
@@ -380,11 +381,37 @@ def _checkpoint_io(state: TrainingState) -> checkpoint.CheckpointIO:
         networks    = state.nets.by_name(),
         optimizers  = {phase.network: phase.opt for phase in state.optim.phases},  # Main and reg share one.
         loss        = state.optim.loss,
+        loss_ranks  = _RankLosses(state),       # Several processes only; after `loss`, which it refines.
         ada         = state.optim.ada,
         health      = state.health.monitor,     # States from before it existed start a new warmup.
         tick_stats  = _TickStats(state),        # None except in a state written by a stop.
         rng         = checkpoint.RngState(),    # Last: restoring the others draws no random numbers after it.
     )
+
+
+class _RankLosses:
+    """Every rank's running values of the loss (the path-length mean, the D terms' state), as a checkpoint
+    component: each rank's path-length mean follows its own images, so a resumed rank must get its own back, not
+    rank 0's (which `loss` holds), for the resumed run to be the uninterrupted one with several processes.
+    Gathered on every rank before a state is written (a collective); None with one process. A state written by
+    another number of processes (or before this existed) leaves every rank with rank 0's values."""
+
+    def __init__(self, state: TrainingState):
+        self.state = state
+
+    def state_dict(self) -> Optional[list]:
+        return self.state.optim.rank_losses
+
+    def load_state_dict(self, saved: list) -> None:
+        if len(saved) == self.state.opts.num_gpus:
+            self.state.optim.loss.load_state_dict(saved[self.state.rank])
+
+
+def _gather_rank_losses(state: TrainingState) -> None:
+    if state.opts.num_gpus > 1:
+        gathered = [None] * state.opts.num_gpus
+        torch.distributed.all_gather_object(gathered, state.optim.loss.state_dict())
+        state.optim.rank_losses = gathered
 
 
 class _TickStats:
@@ -704,7 +731,9 @@ def _state_due(state: TrainingState) -> bool:
 
 
 def _write_training_state(state: TrainingState) -> None:
-    """training-state.pt, named in last-good.json: _check_health passed this tick before anything was written."""
+    """training-state.pt, named in last-good.json: _check_health passed this tick before anything was written.
+    Every rank calls it (the ranks' loss values are gathered); rank 0 writes."""
+    _gather_rank_losses(state)
     state.files.write_training_state(lambda: _state_record(state), state.progress.cur_nimg, state.progress.cur_tick)
 
 
