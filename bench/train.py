@@ -35,6 +35,9 @@ import PIL.Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from bench.archs import parse_arch, syntax  # noqa: E402
+from training.networks import feature_channels  # noqa: E402
+
 # res, z/w dim, mapping layers, channel_base, channel_max, D architecture, mbstd group, batch per device kind.
 CONFIGS = {
     'tiny':     dict(res=32,  z_dim=64,  map=2, channel_base=16384, channel_max=64,  d_arch='resnet', mbstd=4,
@@ -44,13 +47,6 @@ CONFIGS = {
     'paper256': dict(res=256, z_dim=512, map=8, channel_base=16384, channel_max=512, d_arch='resnet', mbstd=8,
                      batch=dict(cpu=2, cuda=64)),
 }
-
-
-def parse_arch(name: str):
-    """'skip' -> ('skip', None); 'squeeze-r8' -> ('squeeze', 8)."""
-    if name.startswith('squeeze'):
-        return 'squeeze', int(name.split('-r')[1]) if '-r' in name else 8
-    return name, None
 
 
 def make_images(root: str, res: int, count: int = 32) -> str:
@@ -89,7 +85,7 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
     synthesis.update(precision_kwargs)
     if r is not None:
         synthesis['squeeze_r'] = r
-    channels = min(cfg['channel_base'] // max(8, cfg['res'] // 4), cfg['channel_max'])
+    channels = feature_channels(max(8, cfg['res'] // 4), cfg['channel_base'], cfg['channel_max'])
     decoder, terms = regularizer_options(reg, cfg['res'], channels, cfg['z_dim'], lpips_weights)
     decoder_kwargs = dict(decoder_kwargs=decoder) if decoder is not None else {}
     return dict(
@@ -158,7 +154,7 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     from bench.timing import peak_matmul_flops
     from training.training_loop import training_loop
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
-    arch, r = parse_arch(arch_name)
+    arch, r, _torgb = parse_arch(arch_name, ablations=False)  # options() builds the method's own toRGB source.
     with tempfile.TemporaryDirectory() as temp:
         data, run_dir = os.path.join(temp, 'data'), os.path.join(temp, 'run')
         os.makedirs(data)
@@ -227,7 +223,7 @@ def print_table(rows: List[Dict]) -> None:
 
 @click.command()
 @click.option('--configs', default='tiny', show_default=True, help='Comma list of: ' + ', '.join(CONFIGS))
-@click.option('--archs', default='skip,squeeze-r8', show_default=True, help='Comma list, e.g. skip,squeeze-r4')
+@click.option('--archs', default='skip,squeeze-r8', show_default=True, help=f'Comma list of: {syntax(ablations=False)}')
 @click.option('--device', default=None, help='cpu or cuda  [default: cuda if available]')
 @click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True, help='Training steps per row')
 @click.option('--batch', type=click.IntRange(min=1), default=None, help='Batch  [default: per config and device]')
@@ -248,6 +244,11 @@ def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, 
     unknown = [reg for reg in regs.split(',') if reg not in REGS]
     if unknown:
         raise click.BadParameter(f'{unknown[0]!r}; valid choices: {", ".join(REGS)}', param_hint='--regs')
+    try:
+        for arch_name in archs.split(','):
+            parse_arch(arch_name, ablations=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--archs') from None
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rows = []

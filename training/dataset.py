@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.networks import is_power_of_two
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')  # Compared case-insensitively.
 LABELS_FILE = 'dataset.json'                                      # At the root of the folder or archive.
@@ -407,7 +408,7 @@ class ImageFolderDataset(Dataset):
         first = self._read_image(0)
         raw_shape = [len(self._image_fnames)] + list(first.shape)
         _c, h, w = first.shape
-        if h != w or h & (h - 1) != 0:
+        if h != w or not is_power_of_two(h):
             raise ValueError(f'Images in "{path}" are {w}x{h} (first image "{self._image_fnames[0]}"); training '
                              f'needs square images whose size is a power of two (dataset_tool.py can crop '
                              f'and resize them)')
