@@ -166,7 +166,7 @@ def open_image_zip(source: str, max_images: Optional[int] = None,
 def open_lmdb(lmdb_dir: str, max_images: Optional[int] = None) -> Source:
     """Images of an LSUN lmdb database, in key order, without labels. Needs the optional lmdb package."""
     try:
-        import lmdb
+        import lmdb  # Optional package: only LSUN databases need it (requirements-extras.txt).
     except ImportError:
         raise ValueError(f'"{lmdb_dir}" is an lmdb database; reading it needs the lmdb package: '
                          f'pip install lmdb') from None

@@ -308,7 +308,7 @@ def _open_video_writer(path: str) -> Any:
     imageio is optional: the projection itself never needs it.
     """
     try:
-        import imageio
+        import imageio  # Optional package: only the video needs it (requirements-extras.txt).
     except ImportError:
         print(f'note: not writing "{path}": the video needs the optional package imageio with its ffmpeg plugin '
               f'(pip install imageio imageio-ffmpeg); pass --save-video=false to silence this')
