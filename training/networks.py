@@ -52,6 +52,11 @@ def resolutions(low: int, high: int) -> list:
     return [2 ** i for i in range(low.bit_length() - 1, high.bit_length())]
 
 
+def lowest_fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
+    """The lowest resolution whose block is marked `use_fp16` when the `num_fp16_res` highest are (never 4)."""
+    return max(2 ** (img_resolution.bit_length() - num_fp16_res), 8)
+
+
 def feature_channels(res: int, channel_base: int, channel_max: int) -> int:
     """Channels of the features at resolution `res`: channel_base / res, at most channel_max (the official
     formula, shared by G and D, so that G's and D's features at one resolution have the same width)."""
@@ -863,7 +868,7 @@ class SynthesisNetwork(torch.nn.Module):
         self.precision = precision
         self.block_resolutions = resolutions(4, img_resolution)
         channels_dict = {res: feature_channels(res, channel_base, channel_max) for res in self.block_resolutions}
-        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        fp16_resolution = lowest_fp16_resolution(img_resolution, num_fp16_res)
 
         self.num_ws = 0
         for res in self.block_resolutions:
@@ -1187,7 +1192,7 @@ class Discriminator(torch.nn.Module):
         self.precision = precision
         self.block_resolutions = resolutions(8, img_resolution)[::-1]
         channels_dict = {res: feature_channels(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
-        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        fp16_resolution = lowest_fp16_resolution(img_resolution, num_fp16_res)
         if cmap_dim is None:
             cmap_dim = channels_dict[4]
         if c_dim == 0:
