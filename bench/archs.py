@@ -11,7 +11,7 @@ bench/train.py, bench/networks.py and bench/compare_archs.py read --archs with `
 import re
 from typing import List, NamedTuple, Optional
 
-from training.networks import SQUEEZE_TORGB_SOURCES, SYNTHESIS_BLOCKS
+from training.networks import SQUEEZE_TORGB_SOURCES, SYNTHESIS_BLOCKS, synthesis_block_options
 
 _SQUEEZE = re.compile(r'squeeze(?:-r([1-9][0-9]*)(?:-([a-z0-9]+))?)?')
 
@@ -26,6 +26,11 @@ class Arch(NamedTuple):
         flags = [f'--arch={self.arch}']
         flags += [] if self.r is None else [f'--squeeze-r={self.r}']
         return flags + ([] if self.torgb is None else [f'--squeeze-torgb={self.torgb}'])
+
+
+def default_squeeze_r() -> int:
+    """train.py's --squeeze-r when not given: the default the squeeze block declares."""
+    return synthesis_block_options()['squeeze_r'][0].default
 
 
 def syntax(ablations: bool = True) -> str:

@@ -35,7 +35,7 @@ import PIL.Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from bench.archs import parse_arch, syntax  # noqa: E402
+from bench.archs import default_squeeze_r, parse_arch, syntax  # noqa: E402
 from training.networks import feature_channels  # noqa: E402
 
 # res, z/w dim, mapping layers, channel_base, channel_max, D architecture, mbstd group, batch per device kind.
@@ -155,6 +155,8 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     from training.training_loop import training_loop
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
     arch, r, _torgb = parse_arch(arch_name, ablations=False)  # options() builds the method's own toRGB source.
+    if arch == 'squeeze' and r is None:
+        r = default_squeeze_r()  # A bare `squeeze` trains train.py's default, and the row names it.
     with tempfile.TemporaryDirectory() as temp:
         data, run_dir = os.path.join(temp, 'data'), os.path.join(temp, 'run')
         os.makedirs(data)

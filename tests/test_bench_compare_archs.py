@@ -46,6 +46,7 @@ def test_every_bench_script_reads_arch_names_with_the_one_parser(script, name, t
     result = CliRunner().invoke(module.main, [f'--archs=skip,{name}', *extra])
     assert result.exit_code == 2 and f'unknown arch "{name}"; use orig, skip, resnet, squeeze, squeeze-r<R>' in result.output, result.output
     assert archs.parse_arch('squeeze') == ('squeeze', None, None) and archs.parse_arch('squeeze-r4').r == 4
+    assert archs.default_squeeze_r() == 8  # SPEC §1: r = --squeeze-r, default 8.
     assert not (tmp_path / 'out').exists()
 
 
