@@ -437,7 +437,7 @@ def _setup_logs(state: TrainingState) -> None:
         _drop_records_after(state.cur_nimg, opts.run_dir)
     state.stats_jsonl = open(os.path.join(opts.run_dir, 'stats.jsonl'), 'at')
     try:
-        import torch.utils.tensorboard as tensorboard  # Optional package (tensorboard); slow to import.
+        import torch.utils.tensorboard as tensorboard  # Optional dependency (requirements-extras.txt).
         state.stats_tfevents = tensorboard.SummaryWriter(opts.run_dir)
     except ImportError as e:
         print(f'Skipping tfevents export: {e}')  # TensorBoard is optional: stats.jsonl has everything.
