@@ -77,6 +77,7 @@ from training.dataset import (
     parse_labels_json,
     read_zip_member,
 )
+from training.networks import is_power_of_two
 
 IMAGES_PER_FOLDER = 1000    # Output images go to 00000/, 00001/, ... with this many files each.
 PROGRESS_EVERY = 1000       # Log a progress line after this many images.
@@ -165,7 +166,7 @@ def open_image_zip(source: str, max_images: Optional[int] = None,
 def open_lmdb(lmdb_dir: str, max_images: Optional[int] = None) -> Source:
     """Images of an LSUN lmdb database, in key order, without labels. Needs the optional lmdb package."""
     try:
-        import lmdb
+        import lmdb  # Optional package: only LSUN databases need it (requirements-extras.txt).
     except ImportError:
         raise ValueError(f'"{lmdb_dir}" is an lmdb database; reading it needs the lmdb package: '
                          f'pip install lmdb') from None
@@ -294,10 +295,6 @@ def open_dataset(source: str, max_images: Optional[int] = None, log: Optional[Ca
 # Transforms: HWC uint8 array in, HWC uint8 array out (or None to skip the image).
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def check_output_size(transform: Optional[str], width: Optional[int], height: Optional[int]) -> None:
     """Reject option combinations that cannot give square power-of-two images (ValueError)."""
     if transform is not None and transform not in TRANSFORMS:
@@ -311,14 +308,14 @@ def check_output_size(transform: Optional[str], width: Optional[int], height: Op
         if height > width:
             raise ValueError(f'--transform=center-crop-wide pads the crop to a {width}x{width} square, so '
                              f'--height ({height}) must not exceed --width ({width})')
-        if not _is_power_of_two(width):
+        if not is_power_of_two(width):
             raise ValueError(f'--width must be a power of two (the output is {width}x{width}), got {width}')
         return
     if width is not None and height is not None and width != height:
         raise ValueError(f'Output images must be square: --width={width} and --height={height} differ '
                          f'(center-crop-wide pads a wide crop to a square)')
     for flag, value in (('--width', width), ('--height', height)):
-        if value is not None and not _is_power_of_two(value):
+        if value is not None and not is_power_of_two(value):
             raise ValueError(f'{flag} must be a power of two (training needs it), got {value}')
 
 
@@ -499,7 +496,7 @@ def _write_images(writer: DestWriter, source: str, max_images: Optional[int], tr
         if first_shape is None:
             first_name, first_shape = item.name, out.shape
             h, w = out.shape[:2]
-            if h != w or not _is_power_of_two(h):
+            if h != w or not is_power_of_two(h):
                 raise ValueError(f'"{item.name}" gives a {w}x{h} image; training needs square images whose size '
                                  f'is a power of two: use --width and --height, and --transform to crop')
         elif out.shape != first_shape:

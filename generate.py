@@ -36,7 +36,7 @@ from runner.sampling import (
     make_label,
     outdir_callback,
     parse_range,
-    resolve_device,
+    script_device,
     seed_to_z,
     seeds_callback,
     to_pil,
@@ -44,7 +44,7 @@ from runner.sampling import (
 )
 
 __all__ = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'generate_images', 'load_generator', 'load_projected_w', 'main',
-           'make_label', 'num_range', 'parse_range', 'render_images', 'resolve_device', 'seed_to_z', 'seeds_callback',
+           'make_label', 'num_range', 'parse_range', 'render_images', 'script_device', 'seed_to_z', 'seeds_callback',
            'synthesize_projected', 'to_pil', 'to_uint8']
 
 def num_range(s: str) -> List[int]:
@@ -150,7 +150,7 @@ def main(
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:
         raise click.UsageError('--seeds is required unless --projected-w is given', ctx=ctx)
-    device = resolve_device(device)
+    device = script_device(device)
     print(f'Loading network from "{network_pkl}"...')
     G = load_generator(network_pkl, device, adopt=adopt)
     os.makedirs(outdir, exist_ok=True)

@@ -44,7 +44,7 @@ from runner.sampling import (
     load_generator,
     make_label,
     outdir_callback,
-    resolve_device,
+    script_device,
     to_pil,
     to_uint8,
 )
@@ -308,7 +308,7 @@ def _open_video_writer(path: str) -> Any:
     imageio is optional: the projection itself never needs it.
     """
     try:
-        import imageio
+        import imageio  # Optional package: only the video needs it (requirements-extras.txt).
     except ImportError:
         print(f'note: not writing "{path}": the video needs the optional package imageio with its ffmpeg plugin '
               f'(pip install imageio imageio-ffmpeg); pass --save-video=false to silence this')
@@ -379,7 +379,7 @@ def main(
     """Project an image into the W space of a network; writes target.png, proj.png, projected_w.npz (and proj.mp4)."""
     np.random.seed(seed)
     torch.manual_seed(seed)
-    device = resolve_device(device)
+    device = script_device(device)
     try:
         find_vgg16(detector_dir)  # Before any work: an offline machine without the file fails now.
     except OSError as e:

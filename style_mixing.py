@@ -26,7 +26,7 @@ from runner.sampling import (
     make_label,
     outdir_callback,
     parse_range,
-    resolve_device,
+    script_device,
     seed_to_z,
     seeds_callback,
     to_pil,
@@ -146,7 +146,7 @@ def main(
     adopt:          bool = True,
 ) -> None:
     """Write a style-mixing grid (grid.png) and its images (<row>-<col>.png)."""
-    device = resolve_device(device)
+    device = script_device(device)
     print(f'Loading network from "{network_pkl}"...')
     G = load_generator(network_pkl, device, adopt=adopt)
     bad = [idx for idx in col_styles if idx >= G.num_ws]

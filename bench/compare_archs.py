@@ -11,9 +11,10 @@ the same data, config, seeds and budget, measure FID with the real Inception fea
         --train-args="--cfg=cifar --cond=1 --mirror=1" --metric=fid50k_full --archs=skip,squeeze-r8,squeeze-r4
 
 Every (arch, seed) is a real `train.py` run in its own process (and folder `<outdir>/<arch>-seed<seed>/`), then
-a real `calc_metrics.py` run on its last snapshot. Arch names: `skip`, `resnet`, `orig`, `squeeze-r<R>`, and
-`squeeze-r<R>-<source>` for the toRGB-source ablation (`--squeeze-torgb`, Fig. 6). A finished pair (snapshot
-and metric line present) is reused, so an interrupted comparison continues where it stopped.
+a real `calc_metrics.py` run on its last snapshot. Arch names (bench/archs.py): `skip`, `resnet`, `orig`,
+`squeeze`, `squeeze-r<R>`, and `squeeze-r<R>-<source>` for the toRGB-source ablation (`--squeeze-torgb`, Fig. 6).
+A finished pair (snapshot and metric line present) is reused, so an interrupted comparison continues where it
+stopped.
 
 Columns: G parameters (of G_ema); sec/kimg (mean of the ticks after the first, which carries the start-up);
 peak memory (the training processes' summed resident set, polled every 0.2 s, on the CPU; the largest
@@ -22,7 +23,6 @@ peak memory (the training processes' summed resident set, polled every 0.2 s, on
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -35,19 +35,18 @@ import numpy as np
 import psutil
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH_PATTERN = re.compile(r'^(skip|resnet|orig)$|^squeeze-r(\d+)(?:-(squeeze|conv0|excite))?$')
+sys.path.insert(0, REPO_ROOT)
+
+import legacy  # noqa: E402
+from bench.archs import parse_arch, syntax  # noqa: E402
 
 
 def arch_flags(name: str) -> List[str]:
     """'skip' -> ['--arch=skip']; 'squeeze-r8-excite' -> ['--arch=squeeze', '--squeeze-r=8', '--squeeze-torgb=excite']."""
-    match = ARCH_PATTERN.match(name)
-    if match is None:
-        raise click.BadParameter(f'unknown arch "{name}"; use skip, resnet, orig, squeeze-r<R> or '
-                                 f'squeeze-r<R>-<squeeze|conv0|excite>', param_hint='--archs')
-    if match.group(1):
-        return [f'--arch={name}']
-    flags = ['--arch=squeeze', f'--squeeze-r={match.group(2)}']
-    return flags + ([f'--squeeze-torgb={match.group(3)}'] if match.group(3) else [])
+    try:
+        return parse_arch(name).train_flags()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--archs') from None
 
 
 class PeakMemory:
@@ -133,8 +132,6 @@ def _stats(run_dir: str) -> Dict[str, float]:
 
 
 def _g_params(snapshot: str) -> int:
-    sys.path.insert(0, REPO_ROOT)
-    import legacy
     with open(snapshot, 'rb') as f:
         G = legacy.load_network_pkl(f)['G_ema']
     return sum(p.numel() for p in G.parameters())
@@ -211,7 +208,7 @@ def print_table(rows: List[Dict]) -> None:
 @click.option('--data', required=True, help='Dataset zip or folder (dataset_tool.py output)')
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Where the runs go')
 @click.option('--archs', default='skip,squeeze-r8', show_default=True,
-              help='Comma list: skip, resnet, orig, squeeze-r<R>, squeeze-r<R>-<squeeze|conv0|excite>')
+              help=f'Comma list of: {syntax()} (bench/archs.py)')
 @click.option('--seeds', default='0,1,2', show_default=True, help='Comma list of training seeds')
 @click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True,
               help='Training budget per run')

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.archs import parse_arch, syntax  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
 from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from training import networks  # noqa: E402
@@ -66,8 +67,6 @@ DEFAULT_RUN = {
     'cuda': {'tiny': (32, 20, 5), 'cifar': (64, 20, 5), 'paper256': (32, 20, 5)},
 }
 
-GENERATOR_ARCHS = tuple(networks.SYNTHESIS_BLOCKS)   # Synthesis architectures ('squeeze' takes a ratio r).
-
 # Parameter counts of SPEC.md §1 (unconditional generators), checked as a side effect of every run.
 SPEC_PARAMS = {
     ('paper256', 'skip', None): 24767458,
@@ -86,25 +85,18 @@ SPEC_D_PARAMS = {'paper256': 24001089, 'cifar': 20720641}
 def parse_archs(archs: Sequence[str], squeeze_rs: Sequence[int]) -> List[Tuple[str, Optional[int]]]:
     """['skip', 'squeeze', 'squeeze-r8'] with rs [4, 8] -> [('skip', None), ('squeeze', 4), ('squeeze', 8)].
 
-    A bare `squeeze` expands over every r; `squeeze-rN` (or `squeezeN`) names one. Duplicates are dropped.
+    Names as bench/archs.py reads them; a bare `squeeze` expands over every r. Duplicates are dropped.
     """
     specs = []
     for name in archs:
         name = name.strip()
         if not name:
             continue
-        if name.startswith('squeeze') and name != 'squeeze':
-            digits = name[len('squeeze'):].lstrip('-').lstrip('r')
-            if not digits.isdigit() or int(digits) < 1:
-                raise ValueError(f'cannot read a squeeze ratio from {name!r}; write e.g. squeeze-r8')
-            specs.append(('squeeze', int(digits)))
-        elif name == 'squeeze':
+        arch = parse_arch(name, ablations=False)  # build_networks makes the method's own toRGB source.
+        if arch.arch == 'squeeze' and arch.r is None:
             specs.extend(('squeeze', r) for r in squeeze_rs)
-        elif name in GENERATOR_ARCHS:
-            specs.append((name, None))
         else:
-            raise ValueError(f'unknown architecture {name!r}; use one of {", ".join(GENERATOR_ARCHS)} '
-                             f'or squeeze-rN')
+            specs.append((arch.arch, arch.r))
     unique = []
     for spec in specs:
         if spec not in unique:
@@ -456,7 +448,7 @@ def _split(text: str) -> List[str]:
 @click.option('--configs', default='cifar,paper256', show_default=True,
               help=f'Comma-separated: {", ".join(CONFIGS)}.')
 @click.option('--archs', default='skip,squeeze', show_default=True,
-              help=f'Comma-separated: {", ".join(GENERATOR_ARCHS)} or squeeze-rN; bare squeeze expands over --squeeze-r.')
+              help=f'Comma-separated: {syntax(ablations=False)}; bare squeeze expands over --squeeze-r.')
 @click.option('--squeeze-r', 'squeeze_r', default='4,8,16', show_default=True, help='Comma-separated squeeze ratios.')
 @click.option('--mode', type=click.Choice(['fwd', 'train', 'both']), default='both', show_default=True)
 @click.option('--batch', type=click.IntRange(min=1), default=None, help='Images per batch  [default: per device and config]')

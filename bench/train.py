@@ -35,6 +35,10 @@ import PIL.Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from bench.archs import default_squeeze_r, parse_arch, syntax  # noqa: E402
+from training import regularizers  # noqa: E402
+from training.regularizers.term import NetworkFacts  # noqa: E402
+
 # res, z/w dim, mapping layers, channel_base, channel_max, D architecture, mbstd group, batch per device kind.
 CONFIGS = {
     'tiny':     dict(res=32,  z_dim=64,  map=2, channel_base=16384, channel_max=64,  d_arch='resnet', mbstd=4,
@@ -46,13 +50,6 @@ CONFIGS = {
 }
 
 
-def parse_arch(name: str):
-    """'skip' -> ('skip', None); 'squeeze-r8' -> ('squeeze', 8)."""
-    if name.startswith('squeeze'):
-        return 'squeeze', int(name.split('-r')[1]) if '-r' in name else 8
-    return name, None
-
-
 def make_images(root: str, res: int, count: int = 32) -> str:
     rnd = np.random.RandomState(0)
     for i in range(count):
@@ -60,21 +57,22 @@ def make_images(root: str, res: int, count: int = 32) -> str:
     return root
 
 
-REGS = ('none', 'ggdr', 'glead')
+REGS = ('none',) + tuple(regularizers.REGULARIZERS)
 
 
-def regularizer_options(reg: str, res: int, channels: int, w_dim: int, lpips_weights=None) -> tuple:
-    """(decoder_kwargs of D, d_terms of the loss) for --reg=`reg` as train.py builds them; channels = C[res/4]."""
-    from training.decoder import decoder_kwargs
-    feature_res = max(8, res // 4)
+def regularizer_options(reg: str, res: int, channel_base: int, channel_max: int, w_dim: int,
+                        lpips_weights=None) -> tuple:
+    """(decoder_kwargs of D, d_terms of the loss) for --reg=`reg`, planned by the regularizer's own declaration
+    as train.py plans it (its defaults; GLeaD with mse unless LPIPS weights are given)."""
     if reg == 'none':
         return None, []
-    if reg == 'ggdr':
-        return decoder_kwargs(feature_res), [dict(class_name='training.regularizers.GGDRTerm', res=feature_res)]
-    heads = dict(img_channels=3, feat_channels=channels, w_dim=w_dim)
-    term = dict(class_name='training.regularizers.GLeaDTerm', res_g=feature_res,
-                distance='mse' if lpips_weights is None else 'lpips', lpips_weights=lpips_weights)
-    return decoder_kwargs(max(feature_res, min(64, res // 4)), heads), [term]
+    term_class = regularizers.regularizer_class(reg)
+    values = {option.name: option.default for option in term_class.options}
+    if reg == 'glead':
+        values.update(glead_recon='mse' if lpips_weights is None else 'lpips', glead_lpips=lpips_weights)
+    plan = term_class.plan(values, NetworkFacts(resolution=res, img_channels=3, w_dim=w_dim,
+                                                channel_base=channel_base, channel_max=channel_max))
+    return plan.decoder, [dict(class_name=regularizers.REGULARIZERS[reg], **plan.term)]
 
 
 def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str, batch=None,
@@ -89,8 +87,8 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
     synthesis.update(precision_kwargs)
     if r is not None:
         synthesis['squeeze_r'] = r
-    channels = min(cfg['channel_base'] // max(8, cfg['res'] // 4), cfg['channel_max'])
-    decoder, terms = regularizer_options(reg, cfg['res'], channels, cfg['z_dim'], lpips_weights)
+    decoder, terms = regularizer_options(reg, cfg['res'], cfg['channel_base'], cfg['channel_max'], cfg['z_dim'],
+                                         lpips_weights)
     decoder_kwargs = dict(decoder_kwargs=decoder) if decoder is not None else {}
     return dict(
         run_dir=run_dir,
@@ -158,7 +156,9 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     from bench.timing import peak_matmul_flops
     from training.training_loop import training_loop
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
-    arch, r = parse_arch(arch_name)
+    arch, r, _torgb = parse_arch(arch_name, ablations=False)  # options() builds the method's own toRGB source.
+    if arch == 'squeeze' and r is None:
+        r = default_squeeze_r()  # A bare `squeeze` trains train.py's default, and the row names it.
     with tempfile.TemporaryDirectory() as temp:
         data, run_dir = os.path.join(temp, 'data'), os.path.join(temp, 'run')
         os.makedirs(data)
@@ -227,7 +227,7 @@ def print_table(rows: List[Dict]) -> None:
 
 @click.command()
 @click.option('--configs', default='tiny', show_default=True, help='Comma list of: ' + ', '.join(CONFIGS))
-@click.option('--archs', default='skip,squeeze-r8', show_default=True, help='Comma list, e.g. skip,squeeze-r4')
+@click.option('--archs', default='skip,squeeze-r8', show_default=True, help=f'Comma list of: {syntax(ablations=False)}')
 @click.option('--device', default=None, help='cpu or cuda  [default: cuda if available]')
 @click.option('--steps', type=click.IntRange(min=2), default=6, show_default=True, help='Training steps per row')
 @click.option('--batch', type=click.IntRange(min=1), default=None, help='Batch  [default: per config and device]')
@@ -248,6 +248,11 @@ def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, 
     unknown = [reg for reg in regs.split(',') if reg not in REGS]
     if unknown:
         raise click.BadParameter(f'{unknown[0]!r}; valid choices: {", ".join(REGS)}', param_hint='--regs')
+    try:
+        for arch_name in archs.split(','):
+            parse_arch(arch_name, ablations=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--archs') from None
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rows = []

@@ -510,7 +510,7 @@ class _DownloadProgress:
 
 def _fetch(url: str, dest: Any, timeouts: tuple, verbose: bool) -> None:
     """One request: stream the body of `url` into the file object `dest`."""
-    import requests
+    import requests  # Imported here so that importing dnnlib stays cheap.
 
     # 'identity': no compressed transfer, so the byte count can be checked against Content-Length.
     with requests.get(url, stream=True, timeout=timeouts, headers={'Accept-Encoding': 'identity'}) as response:
@@ -548,7 +548,7 @@ def _download(
     connect_timeout: float,         # Seconds to wait for the connection to open.
     verbose:        bool,           # Print the progress and the retries.
 ) -> None:
-    import requests
+    import requests  # Imported here so that importing dnnlib stays cheap.
 
     for attempt in range(1, num_attempts + 1):
         dest.seek(0)

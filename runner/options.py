@@ -27,7 +27,7 @@ from training.augment import AUGPIPE_SPECS
 from training.checkpoint import STATE_FILE_NAME
 from training.dataset import data_loader_kwargs
 from training.flags import Option
-from training.networks import SYNTHESIS_BLOCKS, synthesis_block_options
+from training.networks import SYNTHESIS_BLOCKS, is_power_of_two, resolutions, synthesis_block_options
 from training.regularizers.term import NetworkFacts
 
 # ----------------------------------------------------------------------------
@@ -674,7 +674,7 @@ def _dataset_section(opts: dnnlib.EasyDict) -> tuple:
                              max_size=None, xflip=False, resolution=None, random_seed=opts.seed)
     info = inspect_dataset(kwargs)
     res = info.resolution
-    if not isinstance(res, int) or res < 4 or res & (res - 1) != 0:
+    if not is_power_of_two(res) or res < 4:
         raise UserError(f'--data: the images of "{opts.data}" are {res}x{res}; training needs a power of two '
                         f'(at least 4), e.g. 256 (dataset_tool.py can resize)')
     kwargs.update(resolution=res, max_size=info.size, use_labels=bool(opts.cond), xflip=bool(opts.mirror))
@@ -717,7 +717,7 @@ def freezable_d_layers(D_kwargs: Mapping[str, Any], resolution: int) -> int:
     connection with 'resnet'. The epilogue (b4) is never frozen."""
     architecture = D_kwargs.get('architecture', 'resnet')  # Discriminator's default.
     count = 0
-    for res in (2 ** i for i in range(int(resolution).bit_length() - 1, 2, -1)):
+    for res in resolutions(8, int(resolution)):
         count += int(res == resolution or architecture == 'skip') + 2 + int(architecture == 'resnet')
     return count
 

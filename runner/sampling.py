@@ -120,8 +120,10 @@ def to_pil(image: np.ndarray) -> PIL.Image.Image:
 # Loading a network for a script.
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
-    """The --device option: None picks CUDA when available, else the CPU."""
+def script_device(name: Optional[str]) -> torch.device:
+    """The --device of a one-process script: any torch device name ('cuda:1', 'cpu'); None picks CUDA when
+    available, else the CPU. (torch_utils.distributed.resolve_device places the processes of a launch instead:
+    --gpus and --device auto|cuda|cpu.)"""
     try:
         device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError as e:

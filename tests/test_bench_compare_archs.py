@@ -2,6 +2,7 @@
 right, and the table's mean and spread are those of the values. (The script's real runs are the README's
 comparison; here nothing is trained.)"""
 
+import importlib
 import json
 import os
 
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
-from bench import compare_archs
+from bench import archs, compare_archs
 
 
 @pytest.mark.parametrize('name, flags', [
@@ -33,6 +34,19 @@ def test_unknown_arch_names_are_refused_before_any_work(name, tmp_path):
     result = CliRunner().invoke(compare_archs.main, [f'--archs=skip,{name}x', '--data', str(tmp_path),
                                                      '--outdir', str(tmp_path / 'out')])
     assert result.exit_code == 2 and 'unknown arch' in result.output
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('script, name', [('train', 'squeeze8'), ('train', 'squeeze-r8-excite'),
+                                          ('networks', 'squeeze-8'), ('compare_archs', 'squeeze-r8-rgb')])
+def test_every_bench_script_reads_arch_names_with_the_one_parser(script, name, tmp_path):
+    # bench/archs.py: the same names and the same message everywhere, before any work.
+    module = importlib.import_module(f'bench.{script}')
+    extra = ['--data', str(tmp_path), '--outdir', str(tmp_path / 'out')] if script == 'compare_archs' else []
+    result = CliRunner().invoke(module.main, [f'--archs=skip,{name}', *extra])
+    assert result.exit_code == 2 and f'unknown arch "{name}"; use orig, skip, resnet, squeeze, squeeze-r<R>' in result.output, result.output
+    assert archs.parse_arch('squeeze') == ('squeeze', None, None) and archs.parse_arch('squeeze-r4').r == 4
+    assert archs.default_squeeze_r() == 8  # SPEC §1: r = --squeeze-r, default 8.
     assert not (tmp_path / 'out').exists()
 
 

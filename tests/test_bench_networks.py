@@ -19,9 +19,11 @@ def bench():
 
 def test_parse_archs(bench):
     assert bench.parse_archs(['skip', 'squeeze'], [4, 8]) == [('skip', None), ('squeeze', 4), ('squeeze', 8)]
-    assert bench.parse_archs(['squeeze-r8', 'squeeze8', 'orig'], [4]) == [('squeeze', 8), ('orig', None)]
-    with pytest.raises(ValueError, match='skip'):
-        bench.parse_archs(['skp'], [8])
+    assert bench.parse_archs(['squeeze-r8', 'squeeze-r8', 'orig'], [4]) == [('squeeze', 8), ('orig', None)]
+    # One spelling (bench/archs.py, as in run names); the toRGB ablations are compare_archs.py's.
+    for name in ['skp', 'squeeze8', 'squeeze-r0', 'squeeze-r8-excite']:
+        with pytest.raises(ValueError, match=f'unknown arch "{name}"; use .*skip.*squeeze-r<R>$'):
+            bench.parse_archs([name], [8])
 
 
 def test_tiny_run(bench):

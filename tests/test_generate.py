@@ -53,7 +53,7 @@ def read_png(path):
 
 
 SHARED_HELPERS = ['ADOPT_HELP', 'MAX_SEED', 'adopt_option', 'load_generator', 'make_label', 'parse_range',
-                  'resolve_device', 'seed_to_z', 'seeds_callback', 'to_pil', 'to_uint8']
+                  'script_device', 'seed_to_z', 'seeds_callback', 'to_pil', 'to_uint8']
 
 
 def test_shared_helpers_live_in_the_package_and_generate_reexports_them():
@@ -64,6 +64,17 @@ def test_shared_helpers_live_in_the_package_and_generate_reexports_them():
     for script in (style_mixing, projector):
         imported = [name for name in SHARED_HELPERS if getattr(script, name, None) is getattr(sampling, name)]
         assert imported and 'generate' not in vars(script), script.__name__  # No script imports another.
+
+
+def test_script_device_takes_a_torch_device_name(monkeypatch):
+    # One process on one device, named as torch names it; the launcher's resolve_device is another contract.
+    assert sampling.script_device('cpu') == torch.device('cpu')
+    with pytest.raises(click.BadParameter, match='tpu9'):
+        sampling.script_device('tpu9')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # A machine without CUDA, on any machine.
+    assert sampling.script_device(None) == torch.device('cpu')
+    with pytest.raises(click.BadParameter, match='"cuda:1" asks for CUDA, but this PyTorch sees no CUDA device'):
+        sampling.script_device('cuda:1')
 
 
 # ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import tokenize
 
 import pytest
 
@@ -220,3 +221,40 @@ def test_pyproject_registers_the_markers():
     text = open(os.path.join(REPO_ROOT, 'pyproject.toml')).read()
     assert '"cuda:' in text and '"slow:' in text
     json.dumps(text)  # Plain text, nothing to evaluate.
+
+
+def _function_level_imports(path):
+    """(line, source line) of each import inside a function of the file at `path`."""
+    tree = ast.parse(open(path).read(), filename=path)
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    found = {node.lineno for function in functions for node in ast.walk(function)
+             if isinstance(node, (ast.Import, ast.ImportFrom))}
+    return sorted(found)
+
+
+def _comment_lines(path):
+    """Line numbers that hold a comment, and those that hold nothing but one."""
+    with open(path, 'rb') as f:
+        tokens = list(tokenize.tokenize(f.readline))
+    commented = {token.start[0] for token in tokens if token.type == tokenize.COMMENT}
+    lines = open(path).read().splitlines()
+    comment_only = {n for n in commented if lines[n - 1].lstrip().startswith('#')}
+    return commented, comment_only
+
+
+def test_function_level_imports_state_their_reason():
+    # A function-level import is an arrow the reader does not see at the top of the file: it needs a reason
+    # (an optional package, the cost of importing, a true cycle) in a comment on its line or on a comment line
+    # right above it. The layer test above counts these imports too: dnnlib/util.py imports requests only inside
+    # functions, and the layer test sees it.
+    assert 'requests' in set(_imported_top_level_names(os.path.join(REPO_ROOT, 'dnnlib', 'util.py')))
+    paths = [path for package in LAYERS for path in _python_files(package)]
+    paths += sorted(os.path.join(REPO_ROOT, name) for name in os.listdir(REPO_ROOT) if name.endswith('.py'))
+    offenders = []
+    for path in paths:
+        commented, comment_only = _comment_lines(path)
+        lines = open(path).read().splitlines()
+        for line in _function_level_imports(path):
+            if line not in commented and line - 1 not in comment_only:
+                offenders.append(f'{os.path.relpath(path, REPO_ROOT)}:{line}: {lines[line - 1].strip()}')
+    assert offenders == []

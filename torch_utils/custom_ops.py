@@ -384,7 +384,7 @@ def _build(request: _Request) -> None:
 
 def _check_ninja() -> None:
     """Fail early, and say how to fix it, when ninja is missing: cpp_extension cannot build without it."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # Deferred, as in _compile: it imports setuptools, which is slow.
 
     try:
         cpp_extension.verify_ninja_availability()

@@ -33,12 +33,10 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.networks import is_power_of_two
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')  # Compared case-insensitively.
 LABELS_FILE = 'dataset.json'                                      # At the root of the folder or archive.
-
-# Pillow modes that hold one gray channel (with or without alpha); every other mode becomes RGB.
-_GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'F') + tuple(f'I;16{suffix}' for suffix in ('', 'B', 'L', 'N'))
 
 # ----------------------------------------------------------------------------
 # Helpers shared with dataset_tool.py.
@@ -55,11 +53,6 @@ def is_macos_metadata(fname: str) -> bool:
     beside each file. They carry the image extension of the file they describe but hold no image."""
     parts = fname.replace('\\', '/').split('/')
     return '__MACOSX' in parts[:-1] or parts[-1].startswith('._')
-
-
-def is_gray_mode(mode: str) -> bool:
-    """Whether a Pillow image mode becomes one gray channel under `image_to_array`."""
-    return mode in _GRAY_MODES
 
 
 def image_to_array(image: PIL.Image.Image, force_rgb: bool = False) -> np.ndarray:
@@ -407,7 +400,7 @@ class ImageFolderDataset(Dataset):
         first = self._read_image(0)
         raw_shape = [len(self._image_fnames)] + list(first.shape)
         _c, h, w = first.shape
-        if h != w or h & (h - 1) != 0:
+        if h != w or not is_power_of_two(h):
             raise ValueError(f'Images in "{path}" are {w}x{h} (first image "{self._image_fnames[0]}"); training '
                              f'needs square images whose size is a power of two (dataset_tool.py can crop '
                              f'and resize them)')

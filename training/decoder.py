@@ -15,11 +15,6 @@ from torch_utils import misc, persistence
 from torch_utils.ops import bias_act, conv2d_resample, upfirdn2d
 
 
-def decoder_resolutions(out_res: int):
-    """The resolutions of the decoder blocks, 8, 16, ..., out_res."""
-    return [2 ** i for i in range(3, int(np.log2(out_res)) + 1)]
-
-
 @persistence.persistent_class
 class DecoderConv(torch.nn.Module):
     """A linear 1x1 convolution with equalized learning rate and a bias, optionally after 2x FIR upsampling.
@@ -72,26 +67,28 @@ class FeatureDecoder(torch.nn.Module):
         heads           = None,     # GLeaD's heads on dec[out_res]: dict(img_channels, feat_channels, w_dim),
                                     # None = GGDR (the decoded feature only).
     ):
-        if out_res not in [2 ** i for i in range(3, 16)] or out_res > img_resolution:
+        # D's resolutions (the keys of `channels`, the powers of two 4 ... img_resolution) are the ones it can
+        # decode to; training.networks.is_power_of_two cannot be imported here (SPEC §7).
+        if out_res not in channels or out_res < 8:
             raise ValueError(f'The decoder resolution must be a power of two in [8, {img_resolution}] (the image '
                              f'resolution), got {out_res!r}')
         super().__init__()
         self.out_res = out_res
         self.img_resolution = img_resolution
-        self.input_resolutions = [res // 2 for res in decoder_resolutions(out_res)]  # enc[4], ..., enc[out_res/2]
+        self.input_resolutions = sorted(res for res in channels if res < out_res)  # enc[4], ..., enc[out_res/2]
         self.out_channels = channels[out_res]
-        for res in decoder_resolutions(out_res):
-            in_channels = channels[4] if res == 8 else channels[res // 2] * 2
-            setattr(self, f'dec{res}', DecoderConv(in_channels, channels[res], up=2))
+        for res in self.input_resolutions:
+            in_channels = channels[4] if res == 4 else channels[res] * 2
+            setattr(self, f'dec{res * 2}', DecoderConv(in_channels, channels[res * 2], up=2))
         self.heads = GLeaDHeads(channels[out_res], **heads) if heads is not None else None
 
     def forward(self, features: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """{r: enc[r]} -> dict(feature=dec[out_res]) and, with heads, image, head_feature and w."""
         x = None
-        for res in decoder_resolutions(self.out_res):
-            enc = features[res // 2].to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            misc.assert_shape(enc, [None, None, res // 2, res // 2])
-            x = getattr(self, f'dec{res}')(enc if x is None else torch.cat([x, enc], dim=1))
+        for res in self.input_resolutions:
+            enc = features[res].to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            misc.assert_shape(enc, [None, None, res, res])
+            x = getattr(self, f'dec{res * 2}')(enc if x is None else torch.cat([x, enc], dim=1))
         outputs = dict(feature=x)
         if self.heads is not None:
             outputs.update(self.heads(x))

@@ -46,7 +46,6 @@ TRUNK_FILE = 'alexnet-owt-7be5be79.pth'
 TRUNK_URL = 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth'
 LIN_PACKAGE = 'lpips'
 LIN_FILE_IN_PACKAGE = 'lpips/weights/v0.1/alex.pth'
-LIN_SHA256 = 'df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0'  # Of alex.pth in lpips 0.1.4.
 
 TRUNK_SOURCE = f"torchvision's AlexNet state dict {TRUNK_FILE} ({TRUNK_URL})"
 LIN_SOURCE = (f"the lpips package's {LIN_FILE_IN_PACKAGE} (pip install --no-deps {LIN_PACKAGE}, or "

@@ -38,6 +38,31 @@ def normalize_2nd_moment(x, dim=1, eps=1e-8):
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
+# Resolutions and widths: the one home of these rules. They live here because a snapshot embeds this file, which
+# may import nothing of ours beyond SPEC §7; the dataset, the option builder and the tools import them from here.
+
+
+def is_power_of_two(n) -> bool:
+    """Whether `n` is an int among 1, 2, 4, 8, ...: the sizes a chain of 2x up/downsampling blocks passes."""
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+def resolutions(low: int, high: int) -> list:
+    """The powers of two low, 2 * low, ..., high, ascending (low and high powers of two)."""
+    return [2 ** i for i in range(low.bit_length() - 1, high.bit_length())]
+
+
+def lowest_fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
+    """The lowest resolution whose block is marked `use_fp16` when the `num_fp16_res` highest are (never 4)."""
+    return max(2 ** (img_resolution.bit_length() - num_fp16_res), 8)
+
+
+def feature_channels(res: int, channel_base: int, channel_max: int) -> int:
+    """Channels of the features at resolution `res`: channel_base / res, at most channel_max (the official
+    formula, shared by G and D, so that G's and D's features at one resolution have the same width)."""
+    return min(channel_base // res, channel_max)
+
+
 # The reduced dtypes a network's `precision` keyword can choose for its `use_fp16` blocks.
 PRECISIONS = {
     'fp16': torch.float16,      # The official behaviour: needs conv_clamp and the pre-normalization below.
@@ -829,7 +854,7 @@ class SynthesisNetwork(torch.nn.Module):
         precision       = 'fp16',   # Reduced dtype of those resolutions: 'fp16' (float16) or 'bf16' (bfloat16).
         **block_kwargs,             # Arguments for the block class (conv_clamp, squeeze_r, ...).
     ):
-        if not isinstance(img_resolution, int) or img_resolution < 4 or img_resolution & (img_resolution - 1):
+        if not is_power_of_two(img_resolution) or img_resolution < 4:
             raise ValueError(f'img_resolution must be a power of two >= 4, got {img_resolution!r}')
         block_class = synthesis_block_class(architecture)
         _check_block_options(architecture, block_kwargs)
@@ -841,9 +866,9 @@ class SynthesisNetwork(torch.nn.Module):
         self.img_channels = img_channels
         self.architecture = architecture
         self.precision = precision
-        self.block_resolutions = [2 ** i for i in range(2, self.img_resolution_log2 + 1)]
-        channels_dict = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}
-        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        self.block_resolutions = resolutions(4, img_resolution)
+        channels_dict = {res: feature_channels(res, channel_base, channel_max) for res in self.block_resolutions}
+        fp16_resolution = lowest_fp16_resolution(img_resolution, num_fp16_res)
 
         self.num_ws = 0
         for res in self.block_resolutions:
@@ -1153,7 +1178,7 @@ class Discriminator(torch.nn.Module):
         decoder_kwargs      = None,     # A decoder on the block outputs (GGDR, GLeaD): class_name and arguments,
                                         # None = none (the official discriminator).
     ):
-        if not isinstance(img_resolution, int) or img_resolution < 4 or img_resolution & (img_resolution - 1):
+        if not is_power_of_two(img_resolution) or img_resolution < 4:
             raise ValueError(f'img_resolution must be a power of two >= 4, got {img_resolution!r}')
         _check_precision(precision)
         block_kwargs = dict(block_kwargs or {})
@@ -1165,9 +1190,9 @@ class Discriminator(torch.nn.Module):
         self.img_resolution_log2 = int(np.log2(img_resolution))
         self.img_channels = img_channels
         self.precision = precision
-        self.block_resolutions = [2 ** i for i in range(self.img_resolution_log2, 2, -1)]
-        channels_dict = {res: min(channel_base // res, channel_max) for res in self.block_resolutions + [4]}
-        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        self.block_resolutions = resolutions(8, img_resolution)[::-1]
+        channels_dict = {res: feature_channels(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
+        fp16_resolution = lowest_fp16_resolution(img_resolution, num_fp16_res)
         if cmap_dim is None:
             cmap_dim = channels_dict[4]
         if c_dim == 0:

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 from typing import Any, Iterator, Optional
 
 import torch
@@ -163,8 +164,6 @@ def start_resource_tracker() -> None:
     job (it is relaunched with a traceback): started with SIGUSR1 blocked, it inherits the blocked signal. Its
     start unblocks SIGINT and SIGTERM in the calling thread whatever the mask was, so it must not happen inside
     `holding_stop_signals()`: that block starts it first where it is needed."""
-    from multiprocessing import resource_tracker
-
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         resource_tracker.ensure_running()

@@ -12,6 +12,7 @@ decoder of D it needs (None = none) and its run-name piece.
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from training.flags import Option
+from training.networks import feature_channels, is_power_of_two
 
 
 class TermPlan(NamedTuple):
@@ -31,7 +32,7 @@ class NetworkFacts(NamedTuple):
 
     def channels(self, res: int) -> int:
         """C[res] of SPEC §5: the feature channels of G and D at resolution `res`."""
-        return min(self.channel_base // res, self.channel_max)
+        return feature_channels(res, self.channel_base, self.channel_max)
 
 
 class Regularizer:
@@ -102,6 +103,6 @@ class Regularizer:
 
 def power_of_two_between(flag: str, value: int, low: int, high: int, resolution: int, default_help: str) -> None:
     """A feature resolution the networks have: a power of two in [low, high], else a ValueError naming `flag`."""
-    if value not in [2 ** i for i in range(2, 16)] or not low <= value <= high:
+    if not is_power_of_two(value) or not low <= value <= high:
         raise ValueError(f'{flag} must be a power of two between {low} and {high} for {resolution}x{resolution} '
                          f'images, got {value}  [default: {default_help}]')
