@@ -113,10 +113,13 @@ def test_two_tick_run_writes_every_file(tmp_path, data_dir, architecture):
 
     record = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
     assert record['progress']['cur_nimg'] == 3 * BATCH
-    # The version-1 layout (training/checkpoint.py), which states written before the components existed share.
+    # The version-1 layout (training/checkpoint.py), which states written before the components existed share
+    # (they lack loss_ranks, which older code ignores and which holds None with one process).
     assert record['version'] == 1 and set(record) == {'format', 'version', 'options', 'progress', 'networks',
-                                                      'optimizers', 'loss', 'ada', 'health', 'tick_stats', 'rng'}
+                                                      'optimizers', 'loss', 'loss_ranks', 'ada', 'health',
+                                                      'tick_stats', 'rng'}
     assert record['tick_stats'] is None and not record['progress']['between_ticks']  # Written at a tick.
+    assert record['loss_ranks'] is None  # One process: `loss` is its own.
     assert set(record['networks']) == {'G', 'D', 'G_ema', 'augment_pipe'} and set(record['optimizers']) == {'G', 'D'}
     assert set(record['loss']) == {'pl_mean'}
 
