@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.archs import parse_arch, syntax  # noqa: E402
-from bench.timing import median_seconds  # noqa: E402
+from bench.timing import median_seconds, text_table  # noqa: E402
 from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from training import networks  # noqa: E402
 
@@ -376,16 +376,6 @@ def _fmt(value, spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
 
-def _table(rows: List[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append('  '.join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append('  '.join('-' * width for width in widths))
-    return '\n'.join(lines)
-
-
 def summary_table(rows: List[dict]) -> str:
     """One line per generator: sizes, MACs per image, times per batch, and ratios against `skip`."""
     table = [('config', 'arch', 'r', 'G params', 'D params', 'ws', 'GMAC/img', 'x skip', 'nominal GMAC', 'x skip',
@@ -402,7 +392,7 @@ def summary_table(rows: List[dict]) -> str:
             _fmt(train, '.1f'), _fmt(None if train is None else row['batch'] / train * 1e3, '.1f'),
             _fmt(row['train_ms_ratio'], '.3f'),
         ))
-    return _table(table)
+    return text_table(table)
 
 
 def block_table(rows: List[dict]) -> str:
@@ -419,7 +409,7 @@ def block_table(rows: List[dict]) -> str:
                 cells.append(f'{_fmt(None if measured is None else measured / 1e6, ".1f")} / '
                              f'{row["nominal_blocks"][name] / 1e6:.1f}')
             table.append((config, row['arch'], _fmt(row['r'], 'd'), *cells))
-        tables.append(_table(table))
+        tables.append(text_table(table))
     return '\n\n'.join(tables)
 
 

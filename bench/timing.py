@@ -1,8 +1,8 @@
-"""Timing helpers shared by the benchmark scripts."""
+"""Timing and table helpers shared by the benchmark scripts."""
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -35,3 +35,14 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 8192
     b = torch.randn([size, size], device=device, dtype=dtype)
     seconds = median_seconds(lambda: torch.mm(a, b), device, iters=iters, warmup=2)
     return 2 * size ** 3 / seconds
+
+
+def text_table(rows: List[Sequence[str]]) -> str:
+    """Rows of strings (the first is the header) as aligned columns with a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append('  '.join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append('  '.join('-' * width for width in widths))
+    return '\n'.join(lines)

@@ -1,0 +1,239 @@
+"""This code base against NVIDIA's StyleGAN2-ADA PyTorch release on the same shapes, side by side, as a table of
+time ratios (ours / official; below 1 = we are faster).
+
+    # An export of the official code (never committed here): fetch NVlabs/stylegan2-ada-pytorch, then
+    mkdir -p /tmp/official && git --git-dir=<its git dir> archive HEAD | tar -x -C /tmp/official
+    python bench/vs_official.py --official=/tmp/official --official-commit=$(git --git-dir=<its git dir> rev-parse --short HEAD)
+    python bench/vs_official.py --official=/tmp/official --configs=cifar --cases=G_eval,step --rounds=9
+
+Both code bases have the packages `dnnlib`, `torch_utils` and `training`, so each runs in its own worker
+process (this script with `--worker=DIR`), started once; the parent sends each worker one measurement at a time
+and alternates them, A B A B, so that both see the same machine load, drift and thermal state. A measurement
+is `--iters` calls of one case after `--warmup` untimed ones; each row's time is the median over `--rounds`
+measurements of the time per call.
+
+Cases (fp32, no reduced-precision blocks, no clamping; `--threads` torch threads in each worker):
+    G_train   G(z, c) in train mode under no_grad (the modulated convolutions run unfused, as in training)
+    G_eval    G(z, c) in eval mode under no_grad (fused modulated convolutions: generate.py, the metrics)
+    D         D(img, c) in eval mode under no_grad
+    step      G(z, c) -> D -> sum of the logits, backward, both in train mode (the work of a training step)
+Configs: cifar (32x32, batch 16, cifar preset networks: channel_base 32768, mapping 2, D orig, mbstd 32) and
+paper256 (256x256, batch 4, paper256 networks: channel_base 16384, mapping 8, D resnet, mbstd 8). Archs: skip,
+and squeeze (r=8) compared with the official skip (the official code has no squeeze block).
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import click
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from bench.timing import text_table  # noqa: E402
+
+CONFIGS = {
+    'cifar':    dict(res=32,  batch=16, channel_base=32768, map=2, d_arch='orig',   mbstd=32),
+    'paper256': dict(res=256, batch=4,  channel_base=16384, map=8, d_arch='resnet', mbstd=8),
+    'tiny':     dict(res=16,  batch=4,  channel_base=1024,  map=2, d_arch='resnet', mbstd=4),  # For tests.
+}
+CASES = ('G_train', 'G_eval', 'D', 'step')
+ARCHS = ('skip', 'squeeze')
+
+# ----------------------------------------------------------------------------
+# The worker: one code base, imported from its own tree.
+
+
+def _networks(config: str, arch: str):
+    """G and D of `config` with the `training.networks` of the tree this worker imported."""
+    import torch  # Here: the parent process never imports torch (the workers each set their threads first).
+
+    # Here: the tree of this worker, put first on the path by worker().
+    from training import networks
+    cfg = CONFIGS[config]
+    synthesis = dict(channel_base=cfg['channel_base'], channel_max=512, num_fp16_res=0, conv_clamp=None,
+                     architecture=arch)
+    if arch == 'squeeze':
+        synthesis['squeeze_r'] = 8
+    torch.manual_seed(0)
+    G = networks.Generator(z_dim=512, c_dim=0, w_dim=512, img_resolution=cfg['res'], img_channels=3,
+                           mapping_kwargs=dict(num_layers=cfg['map']), synthesis_kwargs=synthesis)
+    D = networks.Discriminator(c_dim=0, img_resolution=cfg['res'], img_channels=3, architecture=cfg['d_arch'],
+                               channel_base=cfg['channel_base'], channel_max=512, num_fp16_res=0, conv_clamp=None,
+                               epilogue_kwargs=dict(mbstd_group_size=cfg['mbstd']))
+    return G, D
+
+
+def _case_fn(case: str, G, D, batch: int):
+    """A function that runs `case` once."""
+    import torch  # Here: as in _networks.
+    z = torch.randn([batch, G.z_dim])
+    c = torch.zeros([batch, 0])
+    img = torch.randn([batch, 3, G.img_resolution, G.img_resolution])
+
+    def g_forward():
+        with torch.no_grad():
+            G(z, c)
+
+    def d_forward():
+        with torch.no_grad():
+            D(img, c)
+
+    def step():
+        G.zero_grad(set_to_none=True)
+        D.zero_grad(set_to_none=True)
+        D(G(z, c), c).sum().backward()
+
+    G.train(case in ('G_train', 'step'))
+    D.train(case == 'step')
+    return dict(G_train=g_forward, G_eval=g_forward, D=d_forward, step=step)[case]
+
+
+def worker(tree: str, threads: int) -> None:
+    """Serve measurements of the code base in `tree`: one JSON request per line on stdin, one JSON reply."""
+    sys.path.insert(0, tree)
+    import torch  # Here: after the tree is first on the path, and with the threads set before any work.
+    torch.set_num_threads(threads)
+    built: Dict[tuple, object] = dict()
+    for line in sys.stdin:
+        request = json.loads(line)
+        key = (request['config'], request['arch'])
+        if key not in built:
+            built[key] = _networks(*key)
+        fn = _case_fn(request['case'], *built[key], batch=CONFIGS[request['config']]['batch'])
+        for _ in range(request['warmup']):
+            fn()
+        start = time.perf_counter()
+        for _ in range(request['iters']):
+            fn()
+        seconds = (time.perf_counter() - start) / request['iters']
+        print(json.dumps(dict(seconds=seconds)), flush=True)
+
+# ----------------------------------------------------------------------------
+# The parent: alternate the two workers.
+
+
+class Worker:
+    def __init__(self, tree: str, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONPATH=tree)
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), f'--worker={tree}',
+                                         f'--threads={threads}'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        cwd=tree, env=env, text=True)
+
+    def measure(self, **request) -> float:
+        self.process.stdin.write(json.dumps(request) + '\n')
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise click.ClickException(f'a benchmark worker ended without an answer (exit status '
+                                       f'{self.process.wait()}); its error is above')
+        return json.loads(reply)['seconds']
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def _tree_commit(tree: str) -> str:
+    """The short commit of the git checkout `tree` (this repository), or 'unknown'."""
+    try:
+        out = subprocess.run(['git', '-C', tree, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                             timeout=10)
+    except OSError:
+        return 'unknown'
+    return out.stdout.strip() or 'unknown'
+
+
+def compare(official: str, configs: List[str], cases: List[str], archs: List[str], rounds: int, iters: int,
+            warmup: int, threads: int) -> List[dict]:
+    """One row per (config, arch, case): the median seconds per call of both code bases and their ratio."""
+    ours, theirs = Worker(REPO_ROOT, threads), Worker(official, threads)
+    rows = []
+    try:
+        for config in configs:
+            for arch in archs:
+                for case in cases:
+                    times = dict(ours=[], official=[])
+                    for round_index in range(rounds):
+                        # A B A B: the official code always runs its skip G (it has no squeeze block). The
+                        # first round of a row warms both up.
+                        request = dict(config=config, case=case, iters=iters,
+                                       warmup=warmup if round_index == 0 else 0)
+                        times['ours'].append(ours.measure(arch=arch, **request))
+                        times['official'].append(theirs.measure(arch='skip', **request))
+                    ours_s, official_s = statistics.median(times['ours']), statistics.median(times['official'])
+                    rows.append(dict(config=config, arch=arch, case=case, batch=CONFIGS[config]['batch'],
+                                     ours_ms=ours_s * 1e3, official_ms=official_s * 1e3, ratio=ours_s / official_s))
+                    print(f'{config} {arch} {case}: ours {ours_s * 1e3:.1f} ms, official {official_s * 1e3:.1f} ms, '
+                          f'ratio {ours_s / official_s:.3f}', file=sys.stderr)
+    finally:
+        ours.close()
+        theirs.close()
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    header = ['config', 'arch', 'case', 'batch', 'ours ms', 'official ms', 'ours/official']
+    body = [[row['config'], row['arch'] + ('' if row['arch'] == 'skip' else ' vs skip'), row['case'],
+             str(row['batch']), f'{row["ours_ms"]:.1f}', f'{row["official_ms"]:.1f}', f'{row["ratio"]:.3f}']
+            for row in rows]
+    return text_table([header] + body)
+
+
+def _names(value: str, valid: tuple, flag: str) -> List[str]:
+    names = [name.strip() for name in value.split(',') if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise click.BadParameter(f'{", ".join(unknown) or "nothing"}; valid choices: {", ".join(valid)}',
+                                 param_hint=flag)
+    return names
+
+
+@click.command()
+@click.option('--official', type=click.Path(file_okay=False), help='An export of NVlabs/stylegan2-ada-pytorch '
+              '(the module docstring says how to make one)')
+@click.option('--configs', default='cifar,paper256', show_default=True, help='Comma list of ' + ', '.join(CONFIGS))
+@click.option('--cases', default=','.join(CASES), show_default=True, help='Comma list of ' + ', '.join(CASES))
+@click.option('--archs', default=','.join(ARCHS), show_default=True, help='Comma list of ' + ', '.join(ARCHS))
+@click.option('--rounds', type=click.IntRange(min=1), default=5, show_default=True,
+              help='Alternated measurements per row and code base (the median is reported)')
+@click.option('--iters', type=click.IntRange(min=1), default=3, show_default=True, help='Calls per measurement')
+@click.option('--warmup', type=click.IntRange(min=0), default=2, show_default=True,
+              help='Untimed calls before the first measurement of a row')
+@click.option('--threads', type=click.IntRange(min=1), default=2, show_default=True, help='torch threads per worker')
+@click.option('--official-commit', default='unknown (an export)', show_default=True,
+              help='The commit the export was made from, for the table\'s footer')
+@click.option('--json', 'json_path', type=click.Path(dir_okay=False), help='Also write the rows as JSON here')
+@click.option('--worker', 'worker_tree', hidden=True)
+def main(official, configs, cases, archs, rounds, iters, warmup, threads, official_commit, json_path, worker_tree):
+    """Time this code base against the official StyleGAN2-ADA code on the same shapes (module docstring)."""
+    if worker_tree is not None:
+        worker(worker_tree, threads)
+        return
+    if official is None:
+        raise click.UsageError('--official is required: an export of NVlabs/stylegan2-ada-pytorch (see --help)')
+    official = os.path.abspath(official)
+    if not os.path.isfile(os.path.join(official, 'training', 'networks.py')):
+        raise click.BadParameter(f'"{official}" holds no training/networks.py; give an export of '
+                                 f'NVlabs/stylegan2-ada-pytorch', param_hint='--official')
+    configs, cases, archs = (_names(configs, tuple(CONFIGS), '--configs'), _names(cases, CASES, '--cases'),
+                             _names(archs, ARCHS, '--archs'))
+    rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads)
+    click.echo(format_table(rows))
+    click.echo(f'Median of {rounds} alternated measurements of {iters} call(s) each; {threads} thread(s) per code '
+               f'base; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
+               f'{_tree_commit(REPO_ROOT)}; official: {official_commit}.')
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
