@@ -161,8 +161,9 @@ def build_training_plan(**opts) -> tuple:
 def setup_training_options(**opts) -> tuple:
     """Command-line values -> (run_desc, args) where `training_loop(run_dir=..., **args)` trains.
 
-    Keywords are the option names of `build_training_plan` (the click option names with '_' for '-'); one
-    left out or None takes its value from DEFAULTS. Raises UserError for inconsistent options.
+    Keywords are the option names of train.py (runner.options.command_line_options(); the click option names
+    with '_' for '-'); one left out or None takes its declared default. Raises UserError for inconsistent
+    options, TypeError for an unknown keyword.
     """
     run_desc, args, _launch = build_training_plan(**opts)
     return run_desc, args

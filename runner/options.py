@@ -478,8 +478,7 @@ def _apply_state_overrides(args: dnnlib.EasyDict, given: Mapping[str, Any]) -> N
     --batch-gpu, which the launch decides)."""
     for option in OPTIONS:
         if option.on_resume and given.get(option.name) is not None:
-            for path in option.tree_paths:
-                _set_path(args, path, option.tree_value(given[option.name]))
+            _write_option(args, option, given[option.name])
     if given.get('metrics') is not None:
         args.metrics = _metric_list(given['metrics'])
     if given.get('workers') is not None:
@@ -598,19 +597,21 @@ def _apply_table_options(args: dnnlib.EasyDict, opts: Mapping[str, Any], given: 
         value = opts.get(option.name)
         if value is None:
             continue
-        for path in option.tree_paths:
-            _set_path(args, path, option.tree_value(value))
+        _write_option(args, option, value)
         if option.name in given and option.desc_piece(value):
             pieces[option.name] = option.desc_piece(value)
     return pieces
 
 
-def _set_path(tree: dnnlib.EasyDict, path: str, value: Any) -> None:
-    """tree['a']['b'] = value for path 'a.b' (the dicts on the way exist: the sections made them)."""
-    *parents, key = path.split('.')
-    for parent in parents:
-        tree = tree[parent]
-    tree[key] = value
+def _write_option(args: dnnlib.EasyDict, option: Option, value: Any) -> None:
+    """args[a][b] = value for each path 'a.b' of the option's `tree` (the dicts on the way exist: the sections
+    made them)."""
+    for path in option.tree_paths:
+        *parents, key = path.split('.')
+        node = args
+        for parent in parents:
+            node = node[parent]
+        node[key] = option.tree_value(value)
 
 
 def _check_desc(desc: Optional[str]) -> None:

@@ -209,11 +209,6 @@ def _flag_values(flag: str) -> set:
     return {arg[len(prefix):] for flags in VARIANTS.values() for arg in flags if arg.startswith(prefix)}
 
 
-def _choices(name: str) -> set:
-    (param,) = [p for p in train.main.params if p.name == name]
-    return set(param.type.choices)
-
-
 def test_the_variants_cover_every_kind_of_snapshot():
     assert _flag_values('--arch') == set(networks.SYNTHESIS_BLOCKS)
     assert _flag_values('--squeeze-torgb') | {'squeeze'} == set(networks.SQUEEZE_TORGB_SOURCES)
