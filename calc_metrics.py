@@ -31,6 +31,7 @@ import torch
 
 import dnnlib
 from metrics import metric_main, metric_utils
+from runner import host_memory
 from torch_utils import distributed
 from training import adoption, snapshot_io
 
@@ -139,6 +140,7 @@ def _run_rank(rank: int, device: torch.device, args: dnnlib.EasyDict, temp_dir: 
     """One process; a spawned one (torch_utils.distributed.spawn) is already in the process group. `args` has
     the official keys (metrics, num_gpus, network_pkl, verbose, G, dataset_kwargs, run_dir) and may add ours
     (detector_dir, adopt)."""
+    host_memory.keep_freed_memory()
     # TF32 would change the metrics' numbers on Ampere and later GPUs.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -275,6 +277,7 @@ def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device, ad
     """
     if metrics.strip() == 'none':
         return
+    host_memory.keep_freed_memory()  # Here too: it checks $STYLEGAN_HOST_MALLOC before any work.
     try:
         calc_metrics(network=network, metrics=metrics, data=data, mirror=mirror, gpus=gpus, verbose=verbose,
                      detector_dir=detector_dir, device=device, adopt=adopt)

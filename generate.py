@@ -27,6 +27,7 @@ import torch
 
 # The helpers the generator scripts share live in the package (a script should not import another script);
 # they stay importable from here because they were first defined here and outside code imports them so.
+from runner import host_memory
 from runner.errors import FiniteFloatRange
 from runner.sampling import (
     ADOPT_HELP,
@@ -150,6 +151,7 @@ def main(
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:
         raise click.UsageError('--seeds is required unless --projected-w is given', ctx=ctx)
+    host_memory.keep_freed_memory()
     device = script_device(device)
     print(f'Loading network from "{network_pkl}"...')
     G = load_generator(network_pkl, device, adopt=adopt)

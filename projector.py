@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import dnnlib
 from metrics import metric_utils
 from metrics.metric_utils import DETECTOR_DIR_ENV, LPIPS_RESOLUTION, VGG16_URL
+from runner import host_memory
 from runner.sampling import (
     adopt_option,
     load_generator,
@@ -379,6 +380,7 @@ def main(
     """Project an image into the W space of a network; writes target.png, proj.png, projected_w.npz (and proj.mp4)."""
     np.random.seed(seed)
     torch.manual_seed(seed)
+    host_memory.keep_freed_memory()
     device = script_device(device)
     try:
         find_vgg16(detector_dir)  # Before any work: an offline machine without the file fails now.

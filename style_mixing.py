@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from runner import host_memory
 from runner.errors import FiniteFloatRange
 from runner.sampling import (
     adopt_option,
@@ -146,6 +147,7 @@ def main(
     adopt:          bool = True,
 ) -> None:
     """Write a style-mixing grid (grid.png) and its images (<row>-<col>.png)."""
+    host_memory.keep_freed_memory()
     device = script_device(device)
     print(f'Loading network from "{network_pkl}"...')
     G = load_generator(network_pkl, device, adopt=adopt)

@@ -106,6 +106,7 @@ import click
 import dnnlib
 import runner.launch
 import runner.options
+from runner import host_memory
 from runner.command_line import click_options, given_options
 from runner.errors import FiniteFloatRange, RunFailed, UserError, warn
 from runner.launch import DEFAULT_TRAINING_LOOP, launch_torchrun, launch_training
@@ -277,6 +278,7 @@ def _command(ctx: click.Context, outdir: Optional[str], dry_run: bool, **options
     The run goes to <outdir>/<NNNNN>-<description>/ (training_options.json, log.txt, images, snapshots,
     statistics). See the docstring of train.py for the run description and the resume rules.
     """
+    host_memory.keep_freed_memory()  # Here too: it checks $STYLEGAN_HOST_MALLOC before any work.
     given = given_options(ctx, options)
     dist = distributed_env(os.environ)
     # Under torchrun or srun every process builds the plan; only rank 0 reads the resume snapshot and the

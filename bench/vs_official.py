@@ -12,6 +12,11 @@ and alternates them, A B A B, so that both see the same machine load, drift and 
 is `--iters` calls of one case after `--warmup` untimed ones; each row's time is the median over `--rounds`
 measurements of the time per call.
 
+Large freed blocks (`--malloc`): by default each code base runs as its own scripts run it: ours keep freed blocks
+for reuse (runner/host_memory.py; most of the CPU gain), the official code leaves glibc's default. `--malloc=keep`
+gives the official code the same (through GLIBC_TUNABLES) and `--malloc=system` takes it from ours: like-for-like
+tables of everything else.
+
 Cases (fp32, no reduced-precision blocks, no clamping; `--threads` torch threads in each worker):
     G_train   G(z, c) in train mode under no_grad (the modulated convolutions run unfused, as in training)
     G_eval    G(z, c) in eval mode under no_grad (fused modulated convolutions: generate.py, the metrics)
@@ -100,6 +105,11 @@ def worker(tree: str, threads: int) -> None:
     sys.path.insert(0, tree)
     import torch  # Here: after the tree is first on the path, and with the threads set before any work.
     torch.set_num_threads(threads)
+    if tree == REPO_ROOT:
+        # Here: only this tree has it. What every process of our scripts does first ($STYLEGAN_HOST_MALLOC,
+        # which the parent set from --malloc, decides).
+        from runner import host_memory
+        host_memory.keep_freed_memory()
     built: Dict[tuple, object] = dict()
     for line in sys.stdin:
         request = json.loads(line)
@@ -119,10 +129,22 @@ def worker(tree: str, threads: int) -> None:
 # The parent: alternate the two workers.
 
 
+# glibc's environment form of what runner.host_memory sets with mallopt, for the official code under --malloc=keep.
+KEEP_TUNABLES = 'glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647'
+MALLOC_MODES = dict(  # --malloc -> (ours, official): whether each keeps freed blocks.
+    scripts=(True, False),  # As each code base's scripts run: ours keep them (runner/host_memory.py).
+    keep=(True, True),      # Like for like: the official code too, through GLIBC_TUNABLES.
+    system=(False, False),  # Like for like: glibc's default for both.
+)
+
+
 class Worker:
-    def __init__(self, tree: str, threads: int):
+    def __init__(self, tree: str, threads: int, keep_freed: bool):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   PYTHONPATH=tree)
+                   PYTHONPATH=tree, STYLEGAN_HOST_MALLOC='keep' if keep_freed else 'system')
+        env.pop('GLIBC_TUNABLES', None)
+        if keep_freed and tree != REPO_ROOT:
+            env['GLIBC_TUNABLES'] = KEEP_TUNABLES
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), f'--worker={tree}',
                                          f'--threads={threads}'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         cwd=tree, env=env, text=True)
@@ -152,9 +174,10 @@ def _tree_commit(tree: str) -> str:
 
 
 def compare(official: str, configs: List[str], cases: List[str], archs: List[str], rounds: int, iters: int,
-            warmup: int, threads: int) -> List[dict]:
+            warmup: int, threads: int, malloc: str = 'scripts') -> List[dict]:
     """One row per (config, arch, case): the median seconds per call of both code bases and their ratio."""
-    ours, theirs = Worker(REPO_ROOT, threads), Worker(official, threads)
+    keep_ours, keep_official = MALLOC_MODES[malloc]
+    ours, theirs = Worker(REPO_ROOT, threads, keep_ours), Worker(official, threads, keep_official)
     rows = []
     try:
         for config in configs:
@@ -208,11 +231,15 @@ def _names(value: str, valid: tuple, flag: str) -> List[str]:
 @click.option('--warmup', type=click.IntRange(min=0), default=2, show_default=True,
               help='Untimed calls before the first measurement of a row')
 @click.option('--threads', type=click.IntRange(min=1), default=2, show_default=True, help='torch threads per worker')
+@click.option('--malloc', type=click.Choice(list(MALLOC_MODES)), default='scripts', show_default=True,
+              help='Large freed blocks: as each code base\'s scripts leave them (ours keep them for reuse, the '
+              'official code does not), or kept / returned by both alike')
 @click.option('--official-commit', default='unknown (an export)', show_default=True,
               help='The commit the export was made from, for the table\'s footer')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), help='Also write the rows as JSON here')
 @click.option('--worker', 'worker_tree', hidden=True)
-def main(official, configs, cases, archs, rounds, iters, warmup, threads, official_commit, json_path, worker_tree):
+def main(official, configs, cases, archs, rounds, iters, warmup, threads, malloc, official_commit, json_path,
+         worker_tree):
     """Time this code base against the official StyleGAN2-ADA code on the same shapes (module docstring)."""
     if worker_tree is not None:
         worker(worker_tree, threads)
@@ -225,10 +252,10 @@ def main(official, configs, cases, archs, rounds, iters, warmup, threads, offici
                                  f'NVlabs/stylegan2-ada-pytorch', param_hint='--official')
     configs, cases, archs = (_names(configs, tuple(CONFIGS), '--configs'), _names(cases, CASES, '--cases'),
                              _names(archs, ARCHS, '--archs'))
-    rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads)
+    rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads, malloc)
     click.echo(format_table(rows))
     click.echo(f'Median of {rounds} alternated measurements of {iters} call(s) each; {threads} thread(s) per code '
-               f'base; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
+               f'base; --malloc={malloc}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
                f'{_tree_commit(REPO_ROOT)}; official: {official_commit}.')
     if json_path:
         with open(json_path, 'w') as f:

@@ -18,6 +18,7 @@ import torch
 
 import dnnlib
 from metrics import metric_main
+from runner import host_memory
 from runner.errors import RunFailed, UserError
 from runner.run_dir import LOG_FILE_NAME, finish_failed_run, prepare_run_dir
 from torch_utils import custom_ops, training_stats
@@ -53,6 +54,7 @@ def _run_rank(rank: int, world_size: int, args: Mapping[str, Any], device: torch
     Returns the one-line stop message when a signal stopped the run (rank 0 only), else None. An error ends
     the process with RunFailed (one line) and leaves its traceback in log.txt.
     """
+    host_memory.keep_freed_memory()
     logger = None
     if rank == 0:
         logger = dnnlib.util.Logger(file_name=os.path.join(args['run_dir'], LOG_FILE_NAME), file_mode='a',

@@ -28,6 +28,20 @@ def _isolated_cache_dir(tmp_path_factory):
         os.environ['DNNLIB_CACHE_DIR'] = saved
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _system_malloc():
+    """The scripts make malloc keep large freed blocks (runner/host_memory.py); in this one long-lived process,
+    which runs many of them in-process, that would be state no test can undo. tests/test_host_memory.py runs the
+    setting in subprocesses of its own."""
+    saved = os.environ.get('STYLEGAN_HOST_MALLOC')
+    os.environ['STYLEGAN_HOST_MALLOC'] = 'system'
+    yield
+    if saved is None:
+        del os.environ['STYLEGAN_HOST_MALLOC']
+    else:
+        os.environ['STYLEGAN_HOST_MALLOC'] = saved
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """One torch thread for a module of tiny convolutions: on a busy 2-core machine they run far faster on one

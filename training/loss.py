@@ -193,9 +193,12 @@ class StyleGAN2Loss(Loss):
         pl_weight           = 2,        # Path-length weight, 0 = off.
         d_terms             = (),       # Extra terms of D's loss: class_name + arguments of Regularizers
                                         # (training/regularizers; built with G_synthesis and device).
+        fast_demod          = False,    # G's demodulation from one small matmul (networks.modulated_conv2d).
     ):
         super().__init__()
         self.device = torch.device(device)
+        # Passed only when on: a network of another class (kept embedded from a snapshot) need not know it.
+        self.synthesis_kwargs = dict(fast_demod=True) if fast_demod else dict()
         self.G_mapping = G_mapping
         self.G_synthesis = G_synthesis
         self.D = D
@@ -247,8 +250,8 @@ class StyleGAN2Loss(Loss):
                 ws2 = self.G_mapping(torch.randn_like(z), c, skip_w_avg_update=True)
                 ws = torch.where(mask.reshape(1, -1, 1), ws2, ws)
         if feature_res is None:
-            return self.G_synthesis(ws), ws
-        img, features = self.G_synthesis(ws, return_features=[feature_res])
+            return self.G_synthesis(ws, **self.synthesis_kwargs), ws
+        img, features = self.G_synthesis(ws, return_features=[feature_res], **self.synthesis_kwargs)
         return img, ws, features[feature_res]
 
     def run_D(self, img, c, feature=None, decode=False):

@@ -159,6 +159,7 @@ def modulated_conv2d(
     demodulate      = True,     # Normalize each output channel's per-sample weight to unit norm?
     flip_weight     = True,     # False = convolution (needed with up > 1), True = correlation.
     fused_modconv   = True,     # One grouped convolution with per-sample weights, or modulate the activations?
+    fast_demod      = False,    # Demodulation coefficients from one small matmul (different rounding; below)?
 ):
     """StyleGAN2's modulated convolution (Karras et al. 2020, Eq. 1-3).
 
@@ -166,6 +167,13 @@ def modulated_conv2d(
     d[n,o] = rsqrt(sum_(i,kh,kw) w'[n,o,i]^2 + 1e-8). The fused path builds w' for every sample and runs one
     grouped convolution; the other path scales the input by the styles, convolves with the shared weight and
     scales the output by d. Both are the same linear map.
+
+    The official code (and this one by default) sums the squares of the per-sample weights themselves, even on
+    the non-fused path, which needs no w' otherwise: at 512 channels that is a [batch, 512, 512, 3, 3] product,
+    its square and, in training, their gradients, each as large as the batch's activations many times over.
+    Since sum_(i,kh,kw) (weight[o,i] * styles[n,i])^2 = sum_i styles[n,i]^2 * sum_(kh,kw) weight[o,i]^2,
+    `fast_demod` computes d with one [batch, in] x [in, out] matmul instead: the same coefficients up to float
+    rounding (not bitwise the official numbers, so only when asked: train.py --fast-demod).
     """
     batch_size = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
@@ -177,9 +185,11 @@ def modulated_conv2d(
         weight, styles = _prenormalize_fp16(weight, styles)
 
     dcoefs = None
-    if demodulate or fused_modconv:
+    if fused_modconv or (demodulate and not fast_demod):
         sample_weight = weight.unsqueeze(0) * styles.reshape(batch_size, 1, in_channels, 1, 1)
-    if demodulate:
+    if demodulate and fast_demod:
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [batch, out_channels]
+    elif demodulate:
         dcoefs = (sample_weight.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [batch, out_channels]
 
     if fused_modconv:
@@ -449,13 +459,13 @@ class SynthesisLayer(torch.nn.Module):
         shape = [x.shape[0], 1, self.resolution, self.resolution]
         return torch.randn(shape, device=x.device, dtype=self.noise_strength.dtype) * self.noise_strength
 
-    def forward(self, x, w, noise_mode='random', fused_modconv=True, gain=1):
+    def forward(self, x, w, noise_mode='random', fused_modconv=True, gain=1, fast_demod=False):
         in_resolution = self.resolution // self.up
         misc.assert_shape(x, [None, self.in_channels, in_resolution, in_resolution])
         styles = self.affine(w)
         x = modulated_conv2d(x=x, weight=self.weight, styles=styles, noise=self._noise(x, noise_mode), up=self.up,
                              padding=self.padding, resample_filter=self.resample_filter,
-                             flip_weight=(self.up == 1), fused_modconv=fused_modconv)
+                             flip_weight=(self.up == 1), fused_modconv=fused_modconv, fast_demod=fast_demod)
         act_gain = self.act_gain * gain
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=act_gain, clamp=act_clamp)
