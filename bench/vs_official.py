@@ -15,7 +15,8 @@ measurements of the time per call.
 Large freed blocks (`--malloc`): by default each code base runs as its own scripts run it: ours keep freed blocks
 for reuse (runner/host_memory.py; most of the CPU gain), the official code leaves glibc's default. `--malloc=keep`
 gives the official code the same (through GLIBC_TUNABLES) and `--malloc=system` takes it from ours: like-for-like
-tables of everything else.
+tables of everything else. `--fast-demod` runs our G with the demodulation of train.py --fast-demod (other
+rounding; the official code has no such path).
 
 Cases (fp32, no reduced-precision blocks, no clamping; `--threads` torch threads in each worker):
     G_train   G(z, c) in train mode under no_grad (the modulated convolutions run unfused, as in training)
@@ -75,8 +76,8 @@ def _networks(config: str, arch: str):
     return G, D
 
 
-def _case_fn(case: str, G, D, batch: int):
-    """A function that runs `case` once."""
+def _case_fn(case: str, G, D, batch: int, g_kwargs: dict):
+    """A function that runs `case` once; `g_kwargs` go to every call of G."""
     import torch  # Here: as in _networks.
     z = torch.randn([batch, G.z_dim])
     c = torch.zeros([batch, 0])
@@ -84,7 +85,7 @@ def _case_fn(case: str, G, D, batch: int):
 
     def g_forward():
         with torch.no_grad():
-            G(z, c)
+            G(z, c, **g_kwargs)
 
     def d_forward():
         with torch.no_grad():
@@ -93,7 +94,7 @@ def _case_fn(case: str, G, D, batch: int):
     def step():
         G.zero_grad(set_to_none=True)
         D.zero_grad(set_to_none=True)
-        D(G(z, c), c).sum().backward()
+        D(G(z, c, **g_kwargs), c).sum().backward()
 
     G.train(case in ('G_train', 'step'))
     D.train(case == 'step')
@@ -116,7 +117,8 @@ def worker(tree: str, threads: int) -> None:
         key = (request['config'], request['arch'])
         if key not in built:
             built[key] = _networks(*key)
-        fn = _case_fn(request['case'], *built[key], batch=CONFIGS[request['config']]['batch'])
+        fn = _case_fn(request['case'], *built[key], batch=CONFIGS[request['config']]['batch'],
+                      g_kwargs=request['g_kwargs'])
         for _ in range(request['warmup']):
             fn()
         start = time.perf_counter()
@@ -174,10 +176,11 @@ def _tree_commit(tree: str) -> str:
 
 
 def compare(official: str, configs: List[str], cases: List[str], archs: List[str], rounds: int, iters: int,
-            warmup: int, threads: int, malloc: str = 'scripts') -> List[dict]:
+            warmup: int, threads: int, malloc: str = 'scripts', fast_demod: bool = False) -> List[dict]:
     """One row per (config, arch, case): the median seconds per call of both code bases and their ratio."""
     keep_ours, keep_official = MALLOC_MODES[malloc]
     ours, theirs = Worker(REPO_ROOT, threads, keep_ours), Worker(official, threads, keep_official)
+    ours_g_kwargs = dict(fast_demod=True) if fast_demod else {}
     rows = []
     try:
         for config in configs:
@@ -189,8 +192,8 @@ def compare(official: str, configs: List[str], cases: List[str], archs: List[str
                         # first round of a row warms both up.
                         request = dict(config=config, case=case, iters=iters,
                                        warmup=warmup if round_index == 0 else 0)
-                        times['ours'].append(ours.measure(arch=arch, **request))
-                        times['official'].append(theirs.measure(arch='skip', **request))
+                        times['ours'].append(ours.measure(arch=arch, g_kwargs=ours_g_kwargs, **request))
+                        times['official'].append(theirs.measure(arch='skip', g_kwargs={}, **request))
                     ours_s, official_s = statistics.median(times['ours']), statistics.median(times['official'])
                     rows.append(dict(config=config, arch=arch, case=case, batch=CONFIGS[config]['batch'],
                                      ours_ms=ours_s * 1e3, official_ms=official_s * 1e3, ratio=ours_s / official_s))
@@ -234,12 +237,13 @@ def _names(value: str, valid: tuple, flag: str) -> List[str]:
 @click.option('--malloc', type=click.Choice(list(MALLOC_MODES)), default='scripts', show_default=True,
               help='Large freed blocks: as each code base\'s scripts leave them (ours keep them for reuse, the '
               'official code does not), or kept / returned by both alike')
+@click.option('--fast-demod', is_flag=True, help='Our G with fast_demod=True (train.py --fast-demod)')
 @click.option('--official-commit', default='unknown (an export)', show_default=True,
               help='The commit the export was made from, for the table\'s footer')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), help='Also write the rows as JSON here')
 @click.option('--worker', 'worker_tree', hidden=True)
-def main(official, configs, cases, archs, rounds, iters, warmup, threads, malloc, official_commit, json_path,
-         worker_tree):
+def main(official, configs, cases, archs, rounds, iters, warmup, threads, malloc, fast_demod, official_commit,
+         json_path, worker_tree):
     """Time this code base against the official StyleGAN2-ADA code on the same shapes (module docstring)."""
     if worker_tree is not None:
         worker(worker_tree, threads)
@@ -252,10 +256,10 @@ def main(official, configs, cases, archs, rounds, iters, warmup, threads, malloc
                                  f'NVlabs/stylegan2-ada-pytorch', param_hint='--official')
     configs, cases, archs = (_names(configs, tuple(CONFIGS), '--configs'), _names(cases, CASES, '--cases'),
                              _names(archs, ARCHS, '--archs'))
-    rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads, malloc)
+    rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads, malloc, fast_demod)
     click.echo(format_table(rows))
     click.echo(f'Median of {rounds} alternated measurements of {iters} call(s) each; {threads} thread(s) per code '
-               f'base; --malloc={malloc}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
+               f'base; --malloc={malloc}{"; ours with --fast-demod" if fast_demod else ""}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
                f'{_tree_commit(REPO_ROOT)}; official: {official_commit}.')
     if json_path:
         with open(json_path, 'w') as f:
