@@ -5,6 +5,7 @@ GLeaD) against none, printing a table.
     python bench/train.py --configs=tiny,cifar --steps=6
     python bench/train.py --device=cuda --configs=cifar,paper256 --archs=skip,squeeze-r8
     python bench/train.py --archs=squeeze-r8 --regs=none,ggdr,glead
+    python bench/train.py --configs=cifar --archs=skip --steps=4 --setups=system,keep,keep+fastdemod
 
 Regularizers are set up as train.py does (GGDR's feature and GLeaD's G tail at resolution / 4, at least 8;
 GLeaD's decoder at 64 or less). GLeaD uses the `mse` reconstruction unless --lpips names the LPIPS weights,
@@ -15,7 +16,9 @@ ADA with the bgc pipeline, G_ema) on random images for `--steps` steps. The firs
 one-time costs (allocator warm-up, kernel builds, cudnn autotuning) and is excluded: sec/kimg is the last
 tick's `Timing/sec_per_kimg`, i.e. the remaining steps only. Peak memory is the process's peak resident set
 (CPU) or `torch.cuda.max_memory_allocated` (GPU). On a GPU the networks use fp16 in the 4 highest
-resolutions, as train.py does; on the CPU everything is fp32.
+resolutions, as train.py does; on the CPU everything is fp32. `--setups` times the CPU changes of issue 23 one by
+one: `keep` is how train.py runs (each process keeps large freed blocks for reuse, runner/host_memory.py),
+`system` is glibc's malloc as it is (as before that change), `+fastdemod` adds train.py --fast-demod.
 """
 
 import contextlib
@@ -76,7 +79,7 @@ def regularizer_options(reg: str, res: int, channel_base: int, channel_max: int,
 
 
 def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, data: str, batch=None,
-            precision: str = 'fp16', reg: str = 'none', lpips_weights=None) -> dict:
+            precision: str = 'fp16', reg: str = 'none', lpips_weights=None, fast_demod: bool = False) -> dict:
     cfg = CONFIGS[config]
     batch = batch or cfg['batch']['cuda' if device.startswith('cuda') else 'cpu']
     gpu = device.startswith('cuda')
@@ -105,7 +108,8 @@ def options(config: str, arch: str, r, device: str, steps: int, run_dir: str, da
         D_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=(0.0, 0.99), eps=1e-8),
         augment_kwargs=dict(class_name='training.augment.AugmentPipe', xflip=1, rotate90=1, xint=1, scale=1, rotate=1,
                             aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1),
-        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0, d_terms=terms),
+        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', r1_gamma=1.0, d_terms=terms,
+                         **(dict(fast_demod=True) if fast_demod else {})),
         batch_size=batch, batch_gpu=batch, ada_target=0.6, augment_p=0.2,
         total_kimg=steps * batch / 1000, kimg_per_tick=1e9,  # Tick 0 after step 1, then one tick at the end.
         image_snapshot_ticks=None, network_snapshot_ticks=None, image_grid_max=(1, 1), device=device,
@@ -149,13 +153,17 @@ def _flop_count_mode():
 
 
 def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, precision: str = 'fp16',
-            reg: str = 'none', lpips_weights=None) -> Dict:
+            reg: str = 'none', lpips_weights=None, fast_demod: bool = False) -> Dict:
     """One row, measured in this process (called in a child process by `main`)."""
     import torch
 
     from bench.timing import peak_matmul_flops
+    from runner import host_memory
     from training.training_loop import training_loop
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
+    # What each process of train.py does first ($STYLEGAN_HOST_MALLOC, from --malloc, decides).
+    malloc = 'keep' if host_memory.keep_freed_memory() else 'system'
+    setup = malloc + ('+fastdemod' if fast_demod else '')
     arch, r, _torgb = parse_arch(arch_name, ablations=False)  # options() builds the method's own toRGB source.
     if arch == 'squeeze' and r is None:
         r = default_squeeze_r()  # A bare `squeeze` trains train.py's default, and the row names it.
@@ -166,7 +174,7 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
         make_images(data, CONFIGS[config]['res'])
         with contextlib.redirect_stdout(io.StringIO()):
             state = training_loop(**options(config, arch, r, device, steps, run_dir, data, batch, precision, reg,
-                                            lpips_weights))
+                                            lpips_weights, fast_demod))
         with open(os.path.join(run_dir, 'stats.jsonl')) as f:
             last = json.loads(f.readlines()[-1])
         peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda')
@@ -181,20 +189,23 @@ def run_one(config: str, arch_name: str, device: str, steps: int, batch=None, pr
     size = 8192 if device.startswith('cuda') else 1024
     peak_flops = peak_matmul_flops(torch.device(device), peak_dtype, size=size, iters=5)
     used = precision if device.startswith('cuda') else 'fp32'  # The CPU computes every block in fp32.
-    return dict(config=config, arch=arch, r=r, reg=reg, device=device, precision=used, batch=state.opts.batch_size,
+    return dict(config=config, arch=arch, r=r, reg=reg, setup=setup, device=device, precision=used,
+                batch=state.opts.batch_size,
                 steps=steps, G_params=sum(p.numel() for p in state.nets.G.parameters()), sec_per_kimg=sec_per_kimg,
                 peak_mem_gb=peak, step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12,
                 peak_tflops=peak_flops / 1e12, mfu=achieved / peak_flops)
 
 
-def _child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights) -> Dict:
+def _child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights, malloc, fast_demod) -> Dict:
     """One row, measured in a fresh process (its peak memory is its own)."""
     what = f'{config} {arch_name} {precision} reg={reg}'
     print(f'{what}: training {steps} steps on {device}...', file=sys.stderr, flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), f'--child={config}:{arch_name}:{precision}:{reg}',
            f'--device={device}', f'--steps={steps}'] + ([f'--batch={batch}'] if batch else [])
     cmd += [f'--lpips={lpips_weights}'] if lpips_weights else []
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    cmd += ['--fast-demod'] if fast_demod else []
+    env = dict(os.environ, STYLEGAN_HOST_MALLOC=malloc)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH-ROW ')]
     if out.returncode != 0 or not lines:
         raise click.ClickException(f'{what} failed:\n{out.stderr[-3000:]}')
@@ -202,18 +213,20 @@ def _child_row(config, arch_name, precision, reg, device, steps, batch, lpips_we
 
 
 def print_table(rows: List[Dict]) -> None:
-    header = ['config', 'arch', 'r', 'reg', 'device', 'precision', 'batch', 'steps', 'G params', 'sec/kimg',
+    header = ['config', 'arch', 'r', 'reg', 'setup', 'device', 'precision', 'batch', 'steps', 'G params', 'sec/kimg',
               'x skip', 'x none', 'peak mem GB', 'TFLOP/step', 'TFLOP/s', 'peak TFLOP/s', 'MFU']
     # 'x skip': against the skip row of the same regularizer; 'x none': against the same arch without one.
-    skip = {(row['config'], row['precision'], row['reg']): row['sec_per_kimg'] for row in rows if row['arch'] == 'skip'}
-    none = {(row['config'], row['precision'], row['arch'], row['r']): row['sec_per_kimg'] for row in rows
+    skip = {(row['config'], row['precision'], row['reg'], row['setup']): row['sec_per_kimg'] for row in rows
+            if row['arch'] == 'skip'}
+    none = {(row['config'], row['precision'], row['arch'], row['r'], row['setup']): row['sec_per_kimg'] for row in rows
             if row['reg'] == 'none'}
     table = [header]
     for row in rows:
-        vs_skip = row['sec_per_kimg'] / skip.get((row['config'], row['precision'], row['reg']), float('nan'))
-        vs_none = row['sec_per_kimg'] / none.get((row['config'], row['precision'], row['arch'], row['r']),
+        vs_skip = row['sec_per_kimg'] / skip.get((row['config'], row['precision'], row['reg'], row['setup']),
                                                  float('nan'))
-        table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['reg'],
+        vs_none = row['sec_per_kimg'] / none.get((row['config'], row['precision'], row['arch'], row['r'],
+                                                  row['setup']), float('nan'))
+        table.append([row['config'], row['arch'], '-' if row['r'] is None else str(row['r']), row['reg'], row['setup'],
                       row['device'], row['precision'], str(row['batch']), str(row['steps']), f'{row["G_params"]:,}',
                       f'{row["sec_per_kimg"]:.1f}', f'{vs_skip:.3f}', f'{vs_none:.3f}', f'{row["peak_mem_gb"]:.2f}',
                       f'{row["step_tflop"]:.4f}', f'{row["achieved_tflops"]:.3f}', f'{row["peak_tflops"]:.2f}',
@@ -223,6 +236,14 @@ def print_table(rows: List[Dict]) -> None:
         print('  '.join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if i == 0:
             print('  '.join('-' * w for w in widths))
+
+
+def _parse_setup(setup: str):
+    """'keep', 'system', 'keep+fastdemod', ... -> (malloc, fast_demod)."""
+    malloc, _, extra = setup.partition('+')
+    if malloc not in ('keep', 'system') or extra not in ('', 'fastdemod'):
+        raise click.BadParameter(f'{setup!r}; use keep or system, optionally with +fastdemod', param_hint='--setups')
+    return malloc, extra == 'fastdemod'
 
 
 @click.command()
@@ -236,13 +257,18 @@ def print_table(rows: List[Dict]) -> None:
 @click.option('--regs', default='none', show_default=True, help='Comma list of D regularizers: ' + ', '.join(REGS))
 @click.option('--lpips', 'lpips_weights', default=None, help='LPIPS weights for GLeaD rows (train.py --glead-lpips '
               'syntax)  [default: GLeaD with mse]')
+@click.option('--setups', default='keep', show_default=True, help='Comma list of: keep (as train.py runs), system '
+              '(glibc\'s malloc as it is: freed large blocks go back to the OS), each optionally +fastdemod '
+              '(train.py --fast-demod)')
+@click.option('--fast-demod', is_flag=True, hidden=True)  # A child's half of its setup.
 @click.option('--json', 'json_path', default=None, help='Also write the rows to this JSON file')
 @click.option('--child', hidden=True, default=None)
-def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, json_path, child):
+def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, setups, fast_demod, json_path,
+         child):
     """Measure sec/kimg, peak memory and MFU of real training steps: stock vs squeeze, each regularizer vs none."""
     if child is not None:  # Child process: one row, printed as JSON.
         config, arch_name, precision, reg = child.split(':')
-        row = run_one(config, arch_name, device, steps, batch, precision, reg, lpips_weights)
+        row = run_one(config, arch_name, device, steps, batch, precision, reg, lpips_weights, fast_demod)
         print('BENCH-ROW ' + json.dumps(row))
         return
     unknown = [reg for reg in regs.split(',') if reg not in REGS]
@@ -253,6 +279,7 @@ def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, 
             parse_arch(arch_name, ablations=False)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--archs') from None
+    setups = [_parse_setup(setup) for setup in setups.split(',')]
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rows = []
@@ -260,7 +287,9 @@ def main(configs, archs, device, steps, batch, precisions, regs, lpips_weights, 
         for precision in precisions.split(','):
             for arch_name in archs.split(','):
                 for reg in regs.split(','):
-                    rows.append(_child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights))
+                    for malloc, fast in setups:
+                        rows.append(_child_row(config, arch_name, precision, reg, device, steps, batch, lpips_weights,
+                                               malloc, fast))
     print_table(rows)
     print(f'sec/kimg excludes the first step; {os.cpu_count()} CPUs; torch {torch.__version__}. MFU: FLOPs of one '
           f'step (torch FLOP counter) x steps per second / the peak of a large matmul measured in the same process.')
