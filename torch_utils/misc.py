@@ -59,9 +59,18 @@ class suppress_tracer_warnings(warnings.catch_warnings):
     Python numbers on purpose)."""
 
     def __enter__(self):
-        super().__enter__()
-        warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
+        # Under torch.compile there are no TracerWarnings to silence, and Dynamo cannot trace the warnings
+        # module's filter machinery (a graph break in every layer that checks a shape), so do nothing there.
+        self._suppressing = not torch.compiler.is_compiling()
+        if self._suppressing:
+            super().__enter__()
+            warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
         return self
+
+    def __exit__(self, *exc_info):
+        if self._suppressing:
+            return super().__exit__(*exc_info)
+        return None
 
 
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
