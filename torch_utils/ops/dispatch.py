@@ -147,6 +147,11 @@ def kernel_verdict(plugin: LazyPlugin, device: torch.device, strict: bool) -> bo
     if plugin.probe is None:
         return True
     key = (plugin.module_name, str(device))
+    known = _verdicts.get(key)
+    if known is not None and known.ok:
+        # A passing verdict is final, so it needs no lock: this is the path every call after the first takes,
+        # and the one torch.compile traces (Dynamo cannot trace a lock; see `prepare_kernels`).
+        return True
     with _verdict_lock:
         result = _verdicts.get(key)
         if result is None:
@@ -183,3 +188,36 @@ def use_cuda_kernel(impl: str, x: torch.Tensor, plugin: LazyPlugin) -> bool:
                            f'{x.device}; use policy "auto" to fall back to the reference implementation')
     plugin.get()
     return kernel_verdict(plugin, x.device, strict=True)
+
+
+def prepare_kernels(plugins: Sequence[LazyPlugin], device: torch.device) -> None:
+    """Settle, before torch.compile traces the networks, whether each plugin's kernel runs on `device`: build
+    it and run its parity probe now (under the policy in force). Tracing then only reads the settled state,
+    with no build, probe or lock inside the graph (each would break it). Nothing to do off CUDA devices."""
+    device = torch.device(device)
+    if device.type != 'cuda' or current_policy() == 'ref':
+        return
+    for plugin in plugins:
+        if current_policy() == 'cuda':
+            plugin.get()
+            kernel_verdict(plugin, device, strict=True)
+        elif plugin.available():
+            kernel_verdict(plugin, device, strict=False)
+
+# ----------------------------------------------------------------------------
+# torch.library custom ops (the kernels, so that torch.compile can trace them; see bias_act.py, upfirdn2d.py).
+
+OPS_NAMESPACE = 'stylegan2'
+
+
+def op_is_registered(qualname: str) -> bool:
+    """Whether a custom op of this name exists in this process already (a module imported a second time, e.g.
+    under another name, must not define its ops again: the library would refuse)."""
+    namespace, name = qualname.split('::')
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
+def registered_op(qualname: str):
+    """The callable of an already registered custom op (its default overload)."""
+    namespace, name = qualname.split('::')
+    return getattr(getattr(torch.ops, namespace), name).default
