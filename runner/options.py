@@ -21,6 +21,7 @@ import dnnlib
 from runner import metric_plan
 from runner.errors import UserError, warn
 from runner.metric_plan import parse_metrics
+from torch_utils import compiler
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training import checkpoint, regularizers, snapshot_io
 from training.augment import AUGPIPE_SPECS
@@ -155,6 +156,8 @@ OPTIONS = (
     Option('nhwc', bool, False, 'Channels-last memory format for the fp16 layers'),
     Option('nobench', bool, False, 'Do not let cuDNN time its algorithms (cudnn.benchmark off)'),
     Option('allow_tf32', bool, False, 'Let matmuls and convolutions run in TF32 on recent GPUs', tree='allow_tf32'),
+    Option('compile', bool, False, 'torch.compile G and D in the main training phases (the regularization passes '
+           'stay eager); snapshots are unchanged', on_resume=True, tree='compile'),
     Option('workers', int, 3, 'Data-loading worker processes per training process', min=0, on_resume=True),
 )
 ARCH_DEFAULT = 'skip'       # --arch: the official generator.
@@ -448,6 +451,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
 
     # The state holds every weight; the snapshot the run once started from has done its job.
     args.resume_pkl = None
+    _check_compile(args)
     args.resume_state = os.path.abspath(state_path)
     args.run_dir = os.path.dirname(os.path.abspath(state_path))
     run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
@@ -575,7 +579,19 @@ def build_training_plan(
         metric_plan.check_metrics_ready(args.metrics, opts.detector_dir)
     if check_devices:
         resolve_launch(given.get('gpus'), given.get('device'), distributed)
+    _check_compile(args)
     return run_desc, args, launch
+
+
+def _check_compile(args: Mapping[str, Any]) -> None:
+    """--compile needs a working torch.compile where the run trains (a C++ compiler for inductor on the CPU):
+    found missing now rather than after the dataset and the networks are set up."""
+    if not args.get('compile'):
+        return
+    try:
+        compiler.check_available(torch.device('cpu' if args.get('device_type') == 'cpu' else 'cuda'))
+    except compiler.CompileUnavailable as e:
+        raise UserError(f'--compile: {e}') from None
 
 
 def _metric_list(value: Any) -> List[str]:
@@ -659,6 +675,7 @@ def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDic
         resume_state            = None,
         cudnn_benchmark         = not opts.nobench,
         allow_tf32              = None,
+        compile                 = None,
         device_type             = launch.device_type,
         detector_dir            = None,
         state_kimg              = None,
