@@ -39,7 +39,7 @@ def check_available(device: torch.device) -> str:
                                  f'(torch {torch.__version__})')
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise CompileUnavailable(f'${BACKEND_ENV_VAR}={backend!r} is not a torch.compile backend; available: '
-                                 f'{", ".join(torch._dynamo.list_backends())}')
+                                 f'{", ".join(torch._dynamo.list_backends(exclude_tags=()))}')
     if backend == 'inductor' and torch.device(device).type == 'cpu':
         # Imported here: the inductor package is large and only --compile needs it.
         from torch._inductor import cpp_builder

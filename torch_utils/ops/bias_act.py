@@ -191,7 +191,7 @@ def _define_kernel_op():
         clamp:  float,                      # Clamp limit; negative: none.
     ) -> torch.Tensor:
         module = _plugin.get() if x.device.type == 'cuda' else _host_module
-        return module.bias_act(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp)
+        return module.bias_act(x, b, xref, yref, dy, grad=grad, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
     @bias_act_kernel.register_fake
     def _(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp):

@@ -334,7 +334,9 @@ class _HostKernel:
         del variant  # The extension's choice of CUDA kernel; one path here.
         y = _upfirdn2d_ref(x, f, up=(upx, upy), down=(downx, downy), padding=(px0, px1, py0, py1),
                            flip_filter=flip_filter, gain=gain)
-        return y.contiguous(memory_format=_suggested_format(x))
+        # A new tensor, never a view (of the padded input, when nothing is dropped): the output of a custom op
+        # must not be one, or autograd refuses in-place updates of it (img.add_ in the synthesis blocks).
+        return y.clone(memory_format=_suggested_format(x))
 
 
 _host_module = _HostKernel()
