@@ -156,8 +156,8 @@ OPTIONS = (
     Option('nhwc', bool, False, 'Channels-last memory format for the fp16 layers'),
     Option('nobench', bool, False, 'Do not let cuDNN time its algorithms (cudnn.benchmark off)'),
     Option('allow_tf32', bool, False, 'Let matmuls and convolutions run in TF32 on recent GPUs', tree='allow_tf32'),
-    Option('compile', bool, False, 'torch.compile G and D in the main training phases (the regularization passes '
-           'stay eager); snapshots are unchanged', on_resume=True, tree='compile'),
+    Option('compile', bool, None, 'torch.compile G and D in the main training phases (the regularization passes '
+           'stay eager); snapshots are unchanged', on_resume=True, tree='compile', default_help='off'),
     Option('workers', int, 3, 'Data-loading worker processes per training process', min=0, on_resume=True),
 )
 ARCH_DEFAULT = 'skip'       # --arch: the official generator.
@@ -675,7 +675,6 @@ def _base_args(opts: dnnlib.EasyDict, launch: dnnlib.EasyDict) -> dnnlib.EasyDic
         resume_state            = None,
         cudnn_benchmark         = not opts.nobench,
         allow_tf32              = None,
-        compile                 = None,
         device_type             = launch.device_type,
         detector_dir            = None,
         state_kimg              = None,
