@@ -6,7 +6,6 @@ The compiled runs use the `aot_eager` backend (Dynamo + AOTAutograd, no code gen
 every graph would take minutes on a 2-core CI machine. bench/networks.py measures inductor.
 """
 
-import os
 import pickle
 
 import numpy as np
@@ -243,5 +242,4 @@ def test_the_compiled_wrapper_is_never_the_module(fresh_dynamo, monkeypatch):
     G = _tiny_G('skip')
     wrapped = compiler.compile_module(G, torch.device('cpu'))
     assert wrapped is not G and wrapped.z_dim == G.z_dim  # Attributes come from the module itself.
-    assert type(G) is networks.Generator and '_orig_mod' not in G.state_dict()
-    assert os.environ[compiler.BACKEND_ENV_VAR] == BACKEND
+    assert type(G) is networks.Generator and not any('_orig_mod' in key for key in G.state_dict())

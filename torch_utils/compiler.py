@@ -57,4 +57,8 @@ def compile_module(module: torch.nn.Module, device: torch.device) -> Callable:
     (pickle `module`, never the wrapper). On a CUDA device the kernels are built and probed first, so that the
     trace only reads their settled state (see `dispatch.prepare_kernels`)."""
     dispatch.prepare_kernels([bias_act._plugin, upfirdn2d._plugin], device)
-    return torch.compile(module, backend=backend_name())
+    backend = backend_name()
+    # Inductor draws random numbers (the noise inputs) with its own generator unless told to fall back to
+    # PyTorch's: with the fallback, a compiled network sees the same noise as the eager one for the same seed.
+    options = dict(fallback_random=True) if backend == 'inductor' else None
+    return torch.compile(module, backend=backend, options=options)
