@@ -121,10 +121,15 @@ def test_kernel_ops_pass_opcheck():
             torch.library.opcheck(upfirdn2d._kernel_op, args)
 
 
-def test_kernel_ops_match_the_reference_to_second_order(kernel_path):
+@pytest.mark.parametrize('kind', ['custom_op', 'function'])
+def test_kernel_ops_match_the_reference_to_second_order(kernel_path, monkeypatch, kind):
     # The parity probes compare value, gradient and second-order gradient of the kernel path (here: the custom
     # ops with their CPU implementations and autograd formulas) with the reference path, in float32 and float16.
+    # 'function': the autograd.Function that dispatch.kernel_op makes of the same pieces on PyTorch < 2.4.
     for op in (bias_act, upfirdn2d):
+        if kind == 'function':
+            monkeypatch.setattr(op, '_kernel_op', dispatch._function_op(op._kernel_impl, op._kernel_setup_context,
+                                                                        op._kernel_backward))
         result = op.probe_kernel('cpu')
         assert result.ok, result.describe()
 

@@ -162,7 +162,6 @@ def _bias_act_kernel(x, b, dim, act, alpha, gain, clamp):
 # its autograd formula and its fake kernel without a GPU (tests that compile the .cu file for the host
 # replace `_host_module` with that build). The default CPU path never calls the op: it runs the reference.
 
-_OP_NAME = f'{dispatch.OPS_NAMESPACE}::bias_act_kernel'
 _SPECS_BY_INDEX = {spec.cuda_idx: spec for spec in activation_funcs.values()}
 _NAMES_BY_INDEX = {spec.cuda_idx: name for name, spec in activation_funcs.items()}
 
@@ -171,77 +170,70 @@ def _sum_to_bias(t, dim):
     return t.sum([i for i in range(t.ndim) if i != dim])
 
 
-def _define_kernel_op():
-    """The op; defined once per process (a second import of this module reuses the registered one)."""
-    if dispatch.op_is_registered(_OP_NAME):
-        return dispatch.registered_op(_OP_NAME)
+def _kernel_impl(
+    x:      torch.Tensor,               # grad 0: input; 1: upstream gradient; 2: gradient of the grad-1 output.
+    b:      Optional[torch.Tensor],     # Bias along `dim`, or None.
+    xref:   Optional[torch.Tensor],     # Forward input (x-based activations, grad 1/2), or None.
+    yref:   Optional[torch.Tensor],     # Forward output (y-based activations, grad 1/2), or None.
+    dy:     Optional[torch.Tensor],     # The upstream gradient that grad 1 was given (grad 2 only), or None.
+    grad:   int,                        # 0, 1 or 2.
+    dim:    int,                        # Dimension of x that b runs along.
+    act:    int,                        # The activation's `cuda_idx`.
+    alpha:  float,                      # Activation parameter.
+    gain:   float,                      # Scale after the activation.
+    clamp:  float,                      # Clamp limit; negative: none.
+) -> torch.Tensor:
+    module = _plugin.get() if x.device.type == 'cuda' else _host_module
+    return module.bias_act(x, b, xref, yref, dy, grad=grad, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
-    @torch.library.custom_op(_OP_NAME, mutates_args=())
-    def bias_act_kernel(
-        x:      torch.Tensor,               # grad 0: input; 1: upstream gradient; 2: gradient of the grad-1 output.
-        b:      Optional[torch.Tensor],     # Bias along `dim`, or None.
-        xref:   Optional[torch.Tensor],     # Forward input (x-based activations, grad 1/2), or None.
-        yref:   Optional[torch.Tensor],     # Forward output (y-based activations, grad 1/2), or None.
-        dy:     Optional[torch.Tensor],     # The upstream gradient that grad 1 was given (grad 2 only), or None.
-        grad:   int,                        # 0, 1 or 2.
-        dim:    int,                        # Dimension of x that b runs along.
-        act:    int,                        # The activation's `cuda_idx`.
-        alpha:  float,                      # Activation parameter.
-        gain:   float,                      # Scale after the activation.
-        clamp:  float,                      # Clamp limit; negative: none.
-    ) -> torch.Tensor:
-        module = _plugin.get() if x.device.type == 'cuda' else _host_module
-        return module.bias_act(x, b, xref, yref, dy, grad=grad, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
-    @bias_act_kernel.register_fake
-    def _(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp):
-        # The extension returns the layout of the forward tensor where there is one (bias_act.cpp).
-        layout = xref if xref is not None else (yref if yref is not None else x)
-        return torch.empty_like(layout)
+def _kernel_fake(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp):
+    # The extension returns the layout of the forward tensor where there is one (bias_act.cpp).
+    layout = xref if xref is not None else (yref if yref is not None else x)
+    return torch.empty_like(layout)
 
-    def setup_context(ctx, inputs, output):
-        x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp = inputs
-        spec = _SPECS_BY_INDEX[act]
-        ctx.config = (dim, act, alpha, gain, clamp)
-        ctx.grad = grad
-        from_x = spec.ref == 'x'
-        if grad == 0:
-            # Linear without clamp has the constant derivative `gain`, so nothing needs to be kept for it.
-            keeps_y = not from_x and (spec.cuda_idx != 1 or clamp >= 0)
-            ctx.save_for_backward(x if from_x else None, b if from_x else None, output if keeps_y else None)
-        elif grad == 1:
-            ctx.save_for_backward(x if spec.has_2nd_grad else None, b, xref, yref)
 
-    def backward(ctx, d_out):
-        dim, act, alpha, gain, clamp = ctx.config
-        spec = _SPECS_BY_INDEX[act]
-        if ctx.grad == 0:
-            x, b, y = ctx.saved_tensors
-            dx = bias_act_kernel(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
-            db = _sum_to_bias(dx, dim) if ctx.needs_input_grad[1] else None
-            return dx, db, None, None, None, None, None, None, None, None, None
-        if ctx.grad == 1:
-            # Mode 1 computed dx = dy * gain * f'(.) * mask from the upstream gradient dy (its x) and the saved
-            # forward tensors: xref and b for x-based activations, yref for y-based ones.
-            dy, b, x, y = ctx.saved_tensors
-            d_dy = d_b = d_x = d_y = None
-            if ctx.needs_input_grad[0]:
-                d_dy = bias_act_kernel(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
-            if spec.has_2nd_grad and any(ctx.needs_input_grad[1:4]):
-                term = bias_act_kernel(d_out, b, x, y, dy, 2, dim, act, alpha, gain, clamp)
-                if spec.ref == 'x':
-                    d_x = term
-                    d_b = _sum_to_bias(term, dim) if ctx.needs_input_grad[1] else None
-                else:
-                    # Gradient with respect to the saved output y; autograd carries it on through the mode-0
-                    # call, which multiplies in dy/dx and so completes f''.
-                    d_y = term
-            return d_dy, d_b, d_x, d_y, None, None, None, None, None, None, None
-        raise RuntimeError("bias_act: the CUDA kernel provides first and second derivatives only; "
-                           "use impl='ref' for higher ones")
+def _kernel_setup_context(ctx, inputs, output):
+    x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp = inputs
+    spec = _SPECS_BY_INDEX[act]
+    ctx.config = (dim, act, alpha, gain, clamp)
+    ctx.grad = grad
+    from_x = spec.ref == 'x'
+    if grad == 0:
+        # Linear without clamp has the constant derivative `gain`, so nothing needs to be kept for it.
+        keeps_y = not from_x and (spec.cuda_idx != 1 or clamp >= 0)
+        ctx.save_for_backward(x if from_x else None, b if from_x else None, output if keeps_y else None)
+    elif grad == 1:
+        ctx.save_for_backward(x if spec.has_2nd_grad else None, b, xref, yref)
 
-    bias_act_kernel.register_autograd(backward, setup_context=setup_context)
-    return bias_act_kernel
+
+def _kernel_backward(ctx, d_out):
+    dim, act, alpha, gain, clamp = ctx.config
+    spec = _SPECS_BY_INDEX[act]
+    if ctx.grad == 0:
+        x, b, y = ctx.saved_tensors
+        dx = _kernel_op(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
+        db = _sum_to_bias(dx, dim) if ctx.needs_input_grad[1] else None
+        return dx, db, None, None, None, None, None, None, None, None, None
+    if ctx.grad == 1:
+        # Mode 1 computed dx = dy * gain * f'(.) * mask from the upstream gradient dy (its x) and the saved forward
+        # tensors: xref and b for x-based activations, yref for y-based ones.
+        dy, b, x, y = ctx.saved_tensors
+        d_dy = d_b = d_x = d_y = None
+        if ctx.needs_input_grad[0]:
+            d_dy = _kernel_op(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
+        if spec.has_2nd_grad and any(ctx.needs_input_grad[1:4]):
+            term = _kernel_op(d_out, b, x, y, dy, 2, dim, act, alpha, gain, clamp)
+            if spec.ref == 'x':
+                d_x = term
+                d_b = _sum_to_bias(term, dim) if ctx.needs_input_grad[1] else None
+            else:
+                # Gradient with respect to the saved output y; autograd carries it on through the mode-0 call,
+                # which multiplies in dy/dx and so completes f''.
+                d_y = term
+        return d_dy, d_b, d_x, d_y, None, None, None, None, None, None, None
+    raise RuntimeError("bias_act: the CUDA kernel provides first and second derivatives only; "
+                       "use impl='ref' for higher ones")
 
 
 class _HostKernel:
@@ -337,7 +329,8 @@ def _deriv2_from_y(act, u):
 
 
 _host_module = _HostKernel()
-_kernel_op = _define_kernel_op()
+_kernel_op = dispatch.kernel_op('bias_act_kernel', _kernel_impl, _kernel_fake, _kernel_setup_context,
+                                _kernel_backward)
 
 # ----------------------------------------------------------------------------
 # Parity probe (see probe.py and dispatch.kernel_verdict).

@@ -210,14 +210,39 @@ def prepare_kernels(plugins: Sequence[LazyPlugin], device: torch.device) -> None
 OPS_NAMESPACE = 'stylegan2'
 
 
-def op_is_registered(qualname: str) -> bool:
-    """Whether a custom op of this name exists in this process already (a module imported a second time, e.g.
-    under another name, must not define its ops again: the library would refuse)."""
-    namespace, name = qualname.split('::')
-    return hasattr(getattr(torch.ops, namespace), name)
+def kernel_op(name: str, impl: Callable, fake: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The custom op `stylegan2::<name>`: `impl` (annotated, for the schema) computes it, `fake` gives the shape
+    and layout of its output from fake tensors, and `setup_context(ctx, inputs, output)` / `backward(ctx, grad)`
+    are its autograd formula (torch.library.register_autograd's protocol). Defined once per process: a module
+    imported a second time (under another name) gets the registered op back, since the library would refuse a
+    second definition.
+
+    PyTorch before 2.4 has no `torch.library.custom_op`; there the same pieces make an `autograd.Function`, which
+    runs the same numbers in eager mode (torch.compile then breaks the graph at the kernel).
+    """
+    qualname = f'{OPS_NAMESPACE}::{name}'
+    if not hasattr(torch.library, 'custom_op'):
+        return _function_op(impl, setup_context, backward)
+    namespace_ops = getattr(torch.ops, OPS_NAMESPACE)
+    if hasattr(namespace_ops, name):
+        return getattr(namespace_ops, name).default
+    op = torch.library.custom_op(qualname, mutates_args=())(impl)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
-def registered_op(qualname: str):
-    """The callable of an already registered custom op (its default overload)."""
-    namespace, name = qualname.split('::')
-    return getattr(getattr(torch.ops, namespace), name).default
+def _function_op(impl: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """What `kernel_op` makes without torch.library.custom_op: the same op as an autograd.Function."""
+    class KernelOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return KernelOp.apply

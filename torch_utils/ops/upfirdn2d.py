@@ -263,9 +263,6 @@ def _upfirdn2d_kernel(x: torch.Tensor, f: torch.Tensor, up: Tuple[int, int], dow
 # autograd formula and its fake kernel without a GPU (tests that compile the .cu file for the host replace
 # `_host_module` with that build). The default CPU path never calls the op: it runs the reference.
 
-_OP_NAME = f'{dispatch.OPS_NAMESPACE}::upfirdn2d_kernel'
-
-
 def _suggested_format(x: torch.Tensor) -> torch.memory_format:
     """The layout the extension gives its output: channels-last for a channels-last input, else contiguous."""
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
@@ -273,57 +270,50 @@ def _suggested_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def _define_kernel_op():
-    """The op; defined once per process (a second import of this module reuses the registered one)."""
-    if dispatch.op_is_registered(_OP_NAME):
-        return dispatch.registered_op(_OP_NAME)
+def _kernel_impl(
+    x:              torch.Tensor,   # Input [batch, channels, height, width], float16/float32.
+    f:              torch.Tensor,   # 2-D float32 filter [fh, fw].
+    upx:            int,            # Upsampling factors.
+    upy:            int,
+    downx:          int,            # Downsampling factors.
+    downy:          int,
+    padx0:          int,            # Padding after upsampling, negative crops.
+    padx1:          int,
+    pady0:          int,
+    pady1:          int,
+    flip_filter:    bool,           # Correlate instead of convolving.
+    gain:           float,          # Overall gain.
+) -> torch.Tensor:
+    module = _plugin.get() if x.device.type == 'cuda' else _host_module
+    return module.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, 0)
 
-    @torch.library.custom_op(_OP_NAME, mutates_args=())
-    def upfirdn2d_kernel(
-        x:              torch.Tensor,   # Input [batch, channels, height, width], float16/float32.
-        f:              torch.Tensor,   # 2-D float32 filter [fh, fw].
-        upx:            int,            # Upsampling factors.
-        upy:            int,
-        downx:          int,            # Downsampling factors.
-        downy:          int,
-        padx0:          int,            # Padding after upsampling, negative crops.
-        padx1:          int,
-        pady0:          int,
-        pady1:          int,
-        flip_filter:    bool,           # Correlate instead of convolving.
-        gain:           float,          # Overall gain.
-    ) -> torch.Tensor:
-        module = _plugin.get() if x.device.type == 'cuda' else _host_module
-        return module.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, 0)
 
-    @upfirdn2d_kernel.register_fake
-    def _(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
-        out_h = (x.shape[2] * upy + pady0 + pady1 - f.shape[0]) // downy + 1
-        out_w = (x.shape[3] * upx + padx0 + padx1 - f.shape[1]) // downx + 1
-        return x.new_empty([x.shape[0], x.shape[1], out_h, out_w]).contiguous(memory_format=_suggested_format(x))
+def _kernel_fake(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
+    out_h = (x.shape[2] * upy + pady0 + pady1 - f.shape[0]) // downy + 1
+    out_w = (x.shape[3] * upx + padx0 + padx1 - f.shape[1]) // downx + 1
+    return x.new_empty([x.shape[0], x.shape[1], out_h, out_w]).contiguous(memory_format=_suggested_format(x))
 
-    def setup_context(ctx, inputs, output):
-        x, f, *config = inputs
-        ctx.save_for_backward(f)
-        ctx.config = config
-        ctx.in_size = (x.shape[3], x.shape[2])
 
-    def backward(ctx, dy):
-        (f,) = ctx.saved_tensors
-        upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain = ctx.config
-        fh, fw = f.shape
-        in_w, in_h = ctx.in_size
-        out_h, out_w = dy.shape[2], dy.shape[3]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = upfirdn2d_kernel(dy, f, downx, downy, upx, upy,
-                                  fw - 1 - px0, in_w * upx - out_w * downx + px0 - (upx - 1),
-                                  fh - 1 - py0, in_h * upy - out_h * downy + py0 - (upy - 1),
-                                  not flip_filter, gain)
-        return dx, None, None, None, None, None, None, None, None, None, None, None
+def _kernel_setup_context(ctx, inputs, output):
+    x, f, *config = inputs
+    ctx.save_for_backward(f)
+    ctx.config = config
+    ctx.in_size = (x.shape[3], x.shape[2])
 
-    upfirdn2d_kernel.register_autograd(backward, setup_context=setup_context)
-    return upfirdn2d_kernel
+
+def _kernel_backward(ctx, dy):
+    (f,) = ctx.saved_tensors
+    upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain = ctx.config
+    fh, fw = f.shape
+    in_w, in_h = ctx.in_size
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _kernel_op(dy, f, downx, downy, upx, upy,
+                        fw - 1 - px0, in_w * upx - out_w * downx + px0 - (upx - 1),
+                        fh - 1 - py0, in_h * upy - out_h * downy + py0 - (upy - 1),
+                        not flip_filter, gain)
+    return dx, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _HostKernel:
@@ -340,7 +330,8 @@ class _HostKernel:
 
 
 _host_module = _HostKernel()
-_kernel_op = _define_kernel_op()
+_kernel_op = dispatch.kernel_op('upfirdn2d_kernel', _kernel_impl, _kernel_fake, _kernel_setup_context,
+                                _kernel_backward)
 
 # ----------------------------------------------------------------------------
 # Parity probe (see probe.py and dispatch.kernel_verdict).
