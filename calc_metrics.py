@@ -32,7 +32,7 @@ import torch
 import dnnlib
 from metrics import metric_main, metric_utils
 from runner import host_memory
-from torch_utils import distributed
+from torch_utils import compiler, distributed
 from training import adoption, snapshot_io
 
 OPTIONS_FILE_NAME = 'training_options.json'  # Marks a run directory; holds training_set_kwargs.
@@ -154,6 +154,7 @@ def _run_rank(rank: int, device: torch.device, args: dnnlib.EasyDict, temp_dir: 
             distributed.print0(f'Calculating {metric}...', flush=True)
         result = metric_main.calc_metric(metric, G=G, dataset_kwargs=args.dataset_kwargs, num_gpus=args.num_gpus,
                                          rank=rank, device=device, detector_dir=args.get('detector_dir'),
+                                         compile=args.get('compile', False),
                                          progress=metric_utils.ProgressMonitor(verbose=args.verbose and rank == 0))
         if rank == 0:
             metric_main.report_metric(result, run_dir=args.get('run_dir'), snapshot_pkl=args.network_pkl)
@@ -193,6 +194,7 @@ def calc_metrics(
     detector_dir:   Optional[str] = None,       # Folder with local detector files; None = $STYLEGAN_DETECTOR_DIR.
     device:         str = 'auto',               # auto, cpu or cuda: where the --gpus processes run (as in train.py).
     adopt:          bool = True,                # Rebuild an official G_ema as this code base's class.
+    compile:        bool = False,               # torch.compile G for the feature statistics.
 ) -> List[dnnlib.EasyDict]:
     """Compute the metrics and report each (stdout, and metric-<name>.jsonl in the run directory if the snapshot
     sits in one). Returns the result dicts.
@@ -208,6 +210,11 @@ def calc_metrics(
         raise click.BadParameter(f'--gpus={gpus} with --device=cpu would start {gpus} processes, each with its own '
                                  f'copy of the networks; this machine has {os.cpu_count()} CPU cores: give at most '
                                  f'{max_cpu_processes()}', param_hint='--gpus')
+    if compile:
+        try:
+            compiler.check_available(torch.device('cpu' if device == 'cpu' or gpus == 0 else 'cuda'))
+        except compiler.CompileUnavailable as e:
+            raise click.ClickException(f'--compile: {e}') from None
     snapshot = load_snapshot(network, adopt=adopt, verbose=verbose)
     G = snapshot.get('G_ema')
     if G is None:
@@ -225,6 +232,7 @@ def calc_metrics(
         run_dir         = find_run_dir(network),
         adopt           = adopt and adoption.adoptable_classes().get(type(G).__name__) is type(G),
         G               = G if launch.num_gpus == 1 else None,  # Spawned ranks load the snapshot themselves.
+        compile         = compile,
     )
     if launch.num_gpus == 1:
         return _run_rank(0, distributed.rank_device(launch.device_type, 0), args, None)
@@ -269,7 +277,9 @@ Examples:
 @click.option('--adopt', type=bool, default=True, show_default=True, metavar='BOOL',
               help="Rebuild an official snapshot's G_ema as this code base's class (fp32 off the GPU, our kernels); "
                    "0 runs the class embedded in the pickle")
-def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device, adopt):
+@click.option('--compile', 'compile_net', is_flag=True, default=False,
+              help='torch.compile G for the feature statistics (inductor; agrees with eager to float rounding)')
+def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device, adopt, compile_net):
     """Calculate quality metrics for a trained network snapshot.
 
     The results are printed as JSON lines and, when the snapshot lies in a training run directory (one with
@@ -280,7 +290,7 @@ def main(network, metrics, data, mirror, gpus, verbose, detector_dir, device, ad
     host_memory.keep_freed_memory()  # Here too: it checks $STYLEGAN_HOST_MALLOC before any work.
     try:
         calc_metrics(network=network, metrics=metrics, data=data, mirror=mirror, gpus=gpus, verbose=verbose,
-                     detector_dir=detector_dir, device=device, adopt=adopt)
+                     detector_dir=detector_dir, device=device, adopt=adopt, compile=compile_net)
     except metric_utils.DetectorNotFoundError as e:
         raise click.ClickException(str(e)) from None
 

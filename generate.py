@@ -19,6 +19,7 @@ z = RandomState(s).randn(1, z_dim), as the official script does, so seeds name t
 """
 
 import os
+import types
 from typing import Any, List, Optional
 
 import click
@@ -33,6 +34,9 @@ from runner.sampling import (
     ADOPT_HELP,
     MAX_SEED,
     adopt_option,
+    check_compile,
+    compile_option,
+    compiled,
     load_generator,
     make_label,
     outdir_callback,
@@ -136,6 +140,7 @@ Examples:
               help='Where to save the images')
 @click.option('--device', default=None, help='Torch device  [default: cuda if available, else cpu]')
 @adopt_option
+@compile_option
 def main(
     ctx:            click.Context,
     network_pkl:    str,
@@ -147,15 +152,21 @@ def main(
     outdir:         str,
     device:         Optional[str] = None,
     adopt:          bool = True,
+    compile_net:    bool = False,
 ) -> None:
     """Generate images with a trained network, one PNG per seed (seed0000.png, ...) or per projected latent."""
     if projected_w is None and seeds is None:
         raise click.UsageError('--seeds is required unless --projected-w is given', ctx=ctx)
     host_memory.keep_freed_memory()
     device = script_device(device)
+    if compile_net:
+        check_compile(device)
     print(f'Loading network from "{network_pkl}"...')
     G = load_generator(network_pkl, device, adopt=adopt)
     os.makedirs(outdir, exist_ok=True)
+    if compile_net:
+        # The wrapper answers G's attributes (z_dim, c_dim, ...) from G itself; projected latents run G.synthesis.
+        G = compiled(G, device) if projected_w is None else _with_compiled_synthesis(G, device)
 
     if projected_w is not None:
         if seeds is not None:
@@ -186,6 +197,11 @@ def main(
         image = render_images(G, [seed], truncation_psi=truncation_psi, noise_mode=noise_mode,
                               class_idx=class_idx, device=device)[0]
         to_pil(image).save(os.path.join(outdir, f'seed{seed:04d}.png'))
+
+
+def _with_compiled_synthesis(G: torch.nn.Module, device: Any) -> types.SimpleNamespace:
+    """What synthesize_projected reads of G (--projected-w runs only the synthesis network), compiled."""
+    return types.SimpleNamespace(num_ws=G.num_ws, w_dim=G.w_dim, synthesis=compiled(G.synthesis, device))
 
 
 # The official name of the command, which third-party code imports and invokes (SPEC §7).

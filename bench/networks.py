@@ -45,7 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.archs import parse_arch, syntax  # noqa: E402
-from bench.timing import median_seconds, text_table  # noqa: E402
+from bench.timing import median_seconds, synchronize, text_table  # noqa: E402
+from torch_utils import compiler  # noqa: E402
 from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from training import networks  # noqa: E402
 
@@ -248,6 +249,11 @@ def time_train(G, D, device, batch, iters, warmup) -> float:
     """Median ms of G -> D -> loss backward plus D(reals) -> loss backward, both networks in train mode."""
     G.train().requires_grad_(True)
     D.train().requires_grad_(True)
+    return median_seconds(_train_step(G, D, G, D, device, batch), device, iters, warmup) * 1e3
+
+
+def _train_step(G_run, D_run, G, D, device, batch) -> Callable[[], None]:
+    """The pass time_train times, running G_run and D_run (G and D themselves, or compiled wrappers of them)."""
     gen = torch.Generator(device=device).manual_seed(2)
     z = torch.randn([batch, G.z_dim], device=device, generator=gen)
     c = torch.zeros([batch, G.c_dim], device=device)
@@ -257,11 +263,48 @@ def time_train(G, D, device, batch, iters, warmup) -> float:
     def step():
         for p in params:
             p.grad = None
-        fake_logits = D(G(z, c), c)
+        fake_logits = D_run(G_run(z, c), c)
         F.softplus(-fake_logits).mean().backward()
-        real_logits = D(reals, c)
+        real_logits = D_run(reals, c)
         F.softplus(-real_logits).mean().backward()
-    return median_seconds(step, device, iters, warmup) * 1e3
+    return step
+
+
+def first_call_seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall time of one call of `fn` (for a compiled function: the call that traces and compiles it)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_compiled(G, D, device, batch, iters, warmup, mode) -> dict:
+    """The fwd and train passes of time_forward / time_train with G and D compiled (torch_utils.compiler: the
+    backend of --compile). Returns {pass}_compiled_ms (median, after the compiling call and `warmup` more) and
+    {pass}_compile_s (the first call, which traces and compiles; the steady time is not subtracted)."""
+    result = {}
+    if mode in ('fwd', 'both'):
+        G_fwd = compiler.compile_module(G.eval(), device)
+        gen = torch.Generator(device=device).manual_seed(1)
+        z = torch.randn([batch, G.z_dim], device=device, generator=gen)
+        c = torch.zeros([batch, G.c_dim], device=device)
+
+        def fwd():
+            with torch.no_grad():
+                G_fwd(z, c, noise_mode='const')
+        G.requires_grad_(False)
+        result['fwd_compile_s'] = first_call_seconds(fwd, device)
+        result['fwd_compiled_ms'] = median_seconds(fwd, device, iters, warmup) * 1e3
+    if mode in ('train', 'both'):
+        G_train, D_train = compiler.compile_module(G, device), compiler.compile_module(D, device)
+        G.train().requires_grad_(True)
+        D.train().requires_grad_(True)
+        step = _train_step(G_train, D_train, G, D, device, batch)
+        result['train_compile_s'] = first_call_seconds(step, device)
+        result['train_compiled_ms'] = median_seconds(step, device, iters, warmup) * 1e3
+    torch._dynamo.reset()  # The next network starts with empty caches (and no recompilation limit reached).
+    return result
 
 # ----------------------------------------------------------------------------
 # The benchmark as a pure function (tests call it), and the tables.
@@ -280,12 +323,14 @@ def run_benchmark(
     threads:        Optional[int] = None,               # CPU threads for PyTorch ops; None = leave as is.
     bf16:           bool = False,                       # The reduced-precision layers in bfloat16 (GPU).
     log:            Callable[[str], None] = lambda msg: None,  # Progress messages.
+    compile:        bool = False,                       # Also time G and D under torch.compile (see time_compiled).
 ) -> Tuple[List[dict], dict]:
     """Build, count and time every (config, arch) pair; returns (rows, run description)."""
     if mode not in ('fwd', 'train', 'both'):
         raise ValueError(f'unknown mode {mode!r}; use fwd, train or both')
     with _num_threads(threads):
-        return _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16)
+        return _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16,
+                              compile)
 
 
 @contextlib.contextmanager
@@ -301,7 +346,8 @@ def _num_threads(threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16=False):
+def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, channels_last, log, bf16=False,
+                   compile=False):
     load_before = _load_average()
     device = torch.device(device)
     kind = 'cuda' if device.type == 'cuda' else 'cpu'
@@ -336,6 +382,9 @@ def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, cha
                 if mode in ('train', 'both'):
                     log(f'{label}: timing train')
                     row['train_ms'] = time_train(G, D, device, run['batch'], run['iters'], run['warmup'])
+                if compile:
+                    log(f'{label}: compiling ({compiler.backend_name()}) and timing')
+                    row.update(time_compiled(G, D, device, run['batch'], run['iters'], run['warmup'], mode))
             rows.append(row)
             del G, D
             if device.type == 'cuda':
@@ -344,7 +393,8 @@ def _run_benchmark(configs, archs, device, batch, iters, warmup, mode, fp32, cha
     description = dict(device=str(device), device_name=_device_name(device), torch=torch.__version__,
                        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), load_before=load_before,
                        precision=f'{"bf16" if bf16 else "fp16"} (num_fp16_res=4)' if fp16 else 'fp32',
-                       channels_last=channels_last, mode=mode, runs=runs)
+                       channels_last=channels_last, mode=mode, runs=runs,
+                       compile_backend=compiler.backend_name() if compile else None)
     return rows, description
 
 
@@ -395,6 +445,22 @@ def summary_table(rows: List[dict]) -> str:
     return text_table(table)
 
 
+def compile_table(rows: List[dict]) -> str:
+    """Eager against compiled, one line per generator: median ms per batch, the speed-up, and the seconds of the
+    first compiled call (tracing and compiling)."""
+    table = [('config', 'arch', 'r', 'batch', 'fwd eager ms', 'fwd compiled ms', 'speed-up', 'compile s',
+              'train eager ms', 'train compiled ms', 'speed-up', 'compile s')]
+    for row in rows:
+        cells = []
+        for name in ('fwd', 'train'):
+            eager, compiled = row.get(f'{name}_ms'), row.get(f'{name}_compiled_ms')
+            speedup = eager / compiled if eager is not None and compiled else None
+            cells += [_fmt(eager, '.1f'), _fmt(compiled, '.1f'), _fmt(speedup, '.2f'),
+                      _fmt(row.get(f'{name}_compile_s'), '.1f')]
+        table.append((row['config'], row['arch'], _fmt(row['r'], 'd'), str(row['batch']), *cells))
+    return text_table(table)
+
+
 def block_table(rows: List[dict]) -> str:
     """MACs of every synthesis block, measured / nominal in millions, one line per generator."""
     tables = []
@@ -433,6 +499,26 @@ def _split(text: str) -> List[str]:
     return [item.strip() for item in text.split(',') if item.strip()]
 
 
+def _print_tables(rows: List[dict], info: dict) -> None:
+    print(summary_table(rows))
+    print()
+    if info['compile_backend'] is not None:
+        print(f'torch.compile ({info["compile_backend"]}) against eager, median ms per batch; compile s: the first '
+              f'compiled call, which traces and compiles:')
+        print(compile_table(rows))
+        print()
+    print('MACs per synthesis block, measured / nominal, millions per image:')
+    print(block_table(rows))
+    print()
+
+
+def _check_compile(device: str) -> None:
+    try:
+        compiler.check_available(torch.device(device))
+    except compiler.CompileUnavailable as exc:
+        raise click.ClickException(f'--compile: {exc}') from None
+
+
 @click.command()
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--configs', default='cifar,paper256', show_default=True,
@@ -450,8 +536,11 @@ def _split(text: str) -> List[str]:
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='CPU threads for PyTorch  [default: PyTorch\'s]')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), default=None, help='Also write the rows here.')
 @click.option('--quiet', is_flag=True, help='No progress messages on stderr.')
+@click.option('--compile', 'compile_net', is_flag=True,
+              help='Also time G and D under torch.compile (backend: $STYLEGAN_COMPILE_BACKEND or inductor), with '
+                   'the compile time.')
 def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, channels_last, bf16, threads, json_path,
-         quiet):
+         quiet, compile_net):
     """Benchmark stock `skip` against `squeeze` generators: parameters, MACs, forward and training time."""
     try:
         rs = [int(r) for r in _split(squeeze_r)]
@@ -471,21 +560,19 @@ def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, ch
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise click.BadParameter('no CUDA device is available', param_hint='--device')
 
+    if compile_net:
+        _check_compile(device)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     try:
         rows, info = run_benchmark(config_list, arch_list, device=device, batch=batch, iters=iters, warmup=warmup,
                                    mode=mode, fp32=fp32, channels_last=channels_last, threads=threads, log=log,
-                                   bf16=bf16)
+                                   bf16=bf16, compile=compile_net)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     elapsed = time.perf_counter() - start
 
-    print(summary_table(rows))
-    print()
-    print('MACs per synthesis block, measured / nominal, millions per image:')
-    print(block_table(rows))
-    print()
+    _print_tables(rows, info)
     runs = ', '.join(f'{config} batch {run["batch"]} x {run["iters"]} timed after {run["warmup"]} warm-up'
                      for config, run in info['runs'].items())
     print(f'{info["device_name"]} ({info["device"]}, torch threads {info["threads"]}, load average before the run '

@@ -24,6 +24,7 @@ import torch
 
 import dnnlib
 import training.dataset
+from torch_utils import compiler
 
 from . import fid_helper_inception
 
@@ -51,6 +52,7 @@ class MetricOptions:
         progress        = None,     # ProgressMonitor; None = silent.
         cache           = True,     # Cache dataset statistics on disk (dnnlib.make_cache_dir_path('gan-metrics')).
         detector_dir    = None,     # Folder with local detector files; None = $STYLEGAN_DETECTOR_DIR or download.
+        compile         = False,    # torch.compile G where the metrics run it on batches (feature statistics).
     ):
         assert 0 <= rank < num_gpus
         self.G = G
@@ -64,6 +66,7 @@ class MetricOptions:
         self.progress = progress if progress is not None else ProgressMonitor()
         self.cache = cache
         self.detector_dir = detector_dir
+        self.compile = compile
 
     @property
     def distributed(self) -> bool:
@@ -690,6 +693,10 @@ def compute_feature_stats_for_generator(
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     dataset = dnnlib.util.construct_class_by_name(**opts.dataset_kwargs)
     sampler = LatentSampler(G, dataset, seed=seed)
+    if opts.compile:
+        # G only: it runs once per batch_gen images, the detector (often a TorchScript file, which Dynamo does
+        # not trace) once per batch_size.
+        G = compiler.compile_module(G, opts.device)
     progress = opts.progress.sub(tag='generator features', num_items=stats.max_items)
     detector = get_feature_detector(detector_url, device=opts.device, num_gpus=opts.num_gpus, rank=opts.rank,
                                     verbose=progress.verbose, detector_dir=opts.detector_dir,

@@ -21,6 +21,7 @@ import dnnlib
 from runner import metric_plan
 from runner.errors import UserError, warn
 from runner.metric_plan import parse_metrics
+from torch_utils import compiler
 from torch_utils import distributed as launcher  # Not `distributed`: that names the launch-environment argument.
 from training import checkpoint, regularizers, snapshot_io
 from training.augment import AUGPIPE_SPECS
@@ -158,6 +159,8 @@ OPTIONS = (
            '(not bitwise the official numbers)', tree='loss_kwargs.fast_demod', default_help='off', on_resume=True),
     Option('nobench', bool, False, 'Do not let cuDNN time its algorithms (cudnn.benchmark off)'),
     Option('allow_tf32', bool, False, 'Let matmuls and convolutions run in TF32 on recent GPUs', tree='allow_tf32'),
+    Option('compile', bool, None, 'torch.compile G and D in the main training phases (the regularization passes '
+           'stay eager); snapshots are unchanged', on_resume=True, tree='compile', default_help='off'),
     Option('workers', int, 3, 'Data-loading worker processes per training process', min=0, on_resume=True),
 )
 ARCH_DEFAULT = 'skip'       # --arch: the official generator.
@@ -451,6 +454,7 @@ def _continue_state(state_path: str, given: Mapping[str, Any]) -> tuple:
 
     # The state holds every weight; the snapshot the run once started from has done its job.
     args.resume_pkl = None
+    _check_compile(args)
     args.resume_state = os.path.abspath(state_path)
     args.run_dir = os.path.dirname(os.path.abspath(state_path))
     run_desc = re.sub(r'^\d+-', '', os.path.basename(args.run_dir))
@@ -578,7 +582,19 @@ def build_training_plan(
         metric_plan.check_metrics_ready(args.metrics, opts.detector_dir)
     if check_devices:
         resolve_launch(given.get('gpus'), given.get('device'), distributed)
+    _check_compile(args)
     return run_desc, args, launch
+
+
+def _check_compile(args: Mapping[str, Any]) -> None:
+    """--compile needs a working torch.compile where the run trains (a C++ compiler for inductor on the CPU):
+    found missing now rather than after the dataset and the networks are set up."""
+    if not args.get('compile'):
+        return
+    try:
+        compiler.check_available(torch.device('cpu' if args.get('device_type') == 'cpu' else 'cuda'))
+    except compiler.CompileUnavailable as e:
+        raise UserError(f'--compile: {e}') from None
 
 
 def _metric_list(value: Any) -> List[str]:

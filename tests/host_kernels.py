@@ -27,6 +27,9 @@ class StubPlugin:
 def use_host_kernel(monkeypatch, op_module, host_module, module_name):
     """Route `op_module`'s kernel path to `host_module` for the rest of the test."""
     monkeypatch.setattr(op_module, '_plugin', StubPlugin(host_module, module_name))
+    # The op's custom op (torch.library) runs `_host_module` for CPU tensors, the transcription of the kernel
+    # in PyTorch by default: the compiled kernel replaces it there too.
+    monkeypatch.setattr(op_module, '_host_module', host_module)
     monkeypatch.setattr(dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
 
 

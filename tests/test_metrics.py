@@ -498,14 +498,18 @@ def test_dataset_stats_are_cached(G, dataset_dir, detector_dir, monkeypatch):
     assert third.num_items == 10 and len(calls) == 6
 
 
-def test_generator_stats_are_reproducible_and_follow_noise_mode(G, dataset_dir, detector_dir):
-    def features(**G_kwargs):
-        opts = make_opts(G, dataset_dir, detector_dir, G_kwargs=G_kwargs)
+def test_generator_stats_are_reproducible_and_follow_noise_mode(G, dataset_dir, detector_dir, monkeypatch):
+    def features(compile=False, **G_kwargs):
+        opts = make_opts(G, dataset_dir, detector_dir, G_kwargs=G_kwargs, compile=compile)
         return metric_utils.compute_feature_stats_for_generator(
             opts, metric_utils.INCEPTION_URL, dict(return_features=True), batch_size=4, capture_all=True,
             max_items=6).get_all()
     random_a, random_b = features(), features()
     np.testing.assert_array_equal(random_a, random_b)
+    # calc_metrics.py --compile: a compiled G (here Dynamo + AOTAutograd, no code generation) draws the same
+    # noise and makes the same images.
+    monkeypatch.setenv('STYLEGAN_COMPILE_BACKEND', 'aot_eager')
+    np.testing.assert_allclose(features(compile=True), random_a, rtol=1e-5, atol=1e-5)
     const = features(noise_mode='const')
     assert not np.allclose(const, random_a)  # make_generator's noise strengths are non-zero.
     # Batch layout does not change the samples (z is seeded per sample).

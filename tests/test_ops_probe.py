@@ -249,6 +249,7 @@ class _BrokenUpfirdn2d:
 
 def _use(monkeypatch, module, kernel, module_name):
     monkeypatch.setattr(module, '_plugin', StubPlugin(kernel, module_name))
+    monkeypatch.setattr(module, '_host_module', kernel)  # What the op's custom op runs for CPU tensors.
 
 
 @pytest.mark.slow
@@ -297,6 +298,7 @@ def test_host_kernel_through_dispatch(bias_act_host, monkeypatch, capsys, broken
     plugin = dispatch.LazyPlugin('bias_act_plugin', sources=['bias_act.cpp'],
                                  probe=lambda device: bias_act.probe_kernel('cpu'))
     monkeypatch.setattr(bias_act, '_plugin', plugin)
+    monkeypatch.setattr(bias_act, '_host_module', kernel)  # What the op's custom op runs for CPU tensors.
     if not broken:
         assert dispatch.use_cuda_kernel('cuda', GPU, plugin) and dispatch.use_cuda_kernel('cuda', GPU, plugin)
         assert capsys.readouterr().out.count('Ops: bias_act kernel ok on cuda:0') == 1

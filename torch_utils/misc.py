@@ -54,14 +54,29 @@ def clear_constant_cache() -> None:
 # Shape checks that also work while tracing.
 
 
+def _compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing the caller; False where PyTorch cannot tell (before 2.3)."""
+    is_compiling = getattr(torch.compiler, 'is_compiling', None)
+    return is_compiling is not None and is_compiling()
+
+
 class suppress_tracer_warnings(warnings.catch_warnings):
     """Context manager that silences `torch.jit.TracerWarning` (shape checks compare traced values with
     Python numbers on purpose)."""
 
     def __enter__(self):
-        super().__enter__()
-        warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
+        # Under torch.compile there are no TracerWarnings to silence, and Dynamo cannot trace the warnings
+        # module's filter machinery (a graph break in every layer that checks a shape), so do nothing there.
+        self._suppressing = not _compiling()
+        if self._suppressing:
+            super().__enter__()
+            warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
         return self
+
+    def __exit__(self, *exc_info):
+        if self._suppressing:
+            return super().__exit__(*exc_info)
+        return None
 
 
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:

@@ -8,6 +8,7 @@ protocol: `Gmain`/`Dmain` every step with gain 1, `Greg`/`Dreg` every `interval`
 the optimizer settings that compensate for it.
 """
 
+import contextlib
 import dataclasses
 from typing import Dict, List, Optional
 
@@ -163,6 +164,12 @@ class Loss:
     def load_state_dict(self, state: dict) -> None:
         del state  # A loss without running values has nothing to restore.
 
+    def compile_networks(self, compile_fn) -> None:
+        """Run the networks through `compile_fn(module)` (torch.compile; the loop's `compile` option) where
+        that is possible. A loss that does not support it says so."""
+        del compile_fn
+        raise ValueError(f'{type(self).__name__} cannot run compiled networks')
+
 
 @dataclasses.dataclass
 class DPass:
@@ -211,6 +218,7 @@ class StyleGAN2Loss(Loss):
         self.pl_mean = torch.zeros([], device=self.device)
         self.d_terms = [dnnlib.util.construct_class_by_name(**term, G_synthesis=G_synthesis, device=self.device)
                         for term in d_terms]
+        self._compiled = None   # Compiled wrappers of the three networks (compile_networks), None = eager.
 
     def _term_keys(self) -> List[str]:
         # Position + name: stable for a run's options (the list is the --reg list, in order), and readable.
@@ -236,6 +244,28 @@ class StyleGAN2Loss(Loss):
         for key, term in zip(keys, self.d_terms, strict=True):
             if key in saved:
                 term.load_state_dict(saved[key])
+
+    def compile_networks(self, compile_fn) -> None:
+        """Compiled G mapping, G synthesis and D for the phases that differentiate once (Gmain, Dmain). The
+        regularization passes (path length, R1) differentiate a gradient again, which compiled graphs do not
+        support, so Greg, Dreg, Gboth and Dboth keep the eager modules; both share the same parameters."""
+        self._compiled = dict(G_mapping=compile_fn(self.G_mapping), G_synthesis=compile_fn(self.G_synthesis),
+                              D=compile_fn(self.D))
+
+    @contextlib.contextmanager
+    def _networks(self, compiled: bool):
+        """Within this block, run_G / run_D use the compiled wrappers if `compiled` and there are any."""
+        if not compiled or self._compiled is None:
+            yield
+            return
+        eager = dict(G_mapping=self.G_mapping, G_synthesis=self.G_synthesis, D=self.D)
+        try:
+            for name, module in self._compiled.items():
+                setattr(self, name, module)
+            yield
+        finally:
+            for name, module in eager.items():
+                setattr(self, name, module)
 
     # Running the networks.
 
@@ -282,13 +312,14 @@ class StyleGAN2Loss(Loss):
         do_Gpl = phase in ('Greg', 'Gboth') and self.pl_weight != 0
         do_Dr1 = phase in ('Dreg', 'Dboth') and self.r1_gamma != 0
 
-        if do_Gmain:
-            self._accumulate_Gmain(gen_z, gen_c, gain=gain)
-        if do_Gpl:
-            self._accumulate_Gpl(gen_z, gen_c, gain=gain)
-        loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, phase=phase, gain=gain) if do_Dmain else 0
-        if do_Dmain or do_Dr1:
-            self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase=phase, gain=gain)
+        with self._networks(compiled=not (do_Gpl or do_Dr1)):
+            if do_Gmain:
+                self._accumulate_Gmain(gen_z, gen_c, gain=gain)
+            if do_Gpl:
+                self._accumulate_Gpl(gen_z, gen_c, gain=gain)
+            loss_Dgen = self._accumulate_Dgen(gen_z, gen_c, phase=phase, gain=gain) if do_Dmain else 0
+            if do_Dmain or do_Dr1:
+                self._accumulate_Dreal(real_img, real_c, loss_Dgen, do_Dmain, do_Dr1, phase=phase, gain=gain)
 
     def _accumulate_Gmain(self, gen_z, gen_c, gain):
         with torch.autograd.profiler.record_function('Gmain_forward'):

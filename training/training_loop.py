@@ -25,7 +25,7 @@ import psutil
 import torch
 
 import dnnlib
-from torch_utils import misc, training_stats
+from torch_utils import compiler, misc, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint, dataset, health, preemption, run_files, snapshot_io, transfer, weights_only
 from training.augment import AdaController
@@ -346,6 +346,9 @@ def _setup(opts, rank: int, device: torch.device) -> TrainingState:
     _broadcast_weights(state)
     loss = dnnlib.util.construct_class_by_name(device=device, G_mapping=G.mapping, G_synthesis=G.synthesis, D=D,
                                                augment_pipe=augment_pipe, **opts.loss_kwargs)
+    if opts.get('compile'):
+        # The loss holds compiled wrappers; G, D and G_ema stay the plain modules that snapshots pickle.
+        loss.compile_networks(lambda module: compiler.compile_module(module, device))
     phases = _build_phases(opts, {name: getattr(state.nets, name) for name in loss.trained_networks})
     ada = None
     if opts.ada_target is not None and augment_pipe is not None:
@@ -831,6 +834,8 @@ def training_loop(
     resume_state            = None,     # Training state to continue exactly (training-state.pt).
     cudnn_benchmark         = True,     # torch.backends.cudnn.benchmark.
     allow_tf32              = False,    # TF32 matmuls and convolutions on Ampere and newer.
+    compile                 = False,    # torch.compile G and D in the phases that differentiate once (Gmain,
+                                        # Dmain); snapshots and training state are the same either way.
     abort_fn                = None,     # Callable: stop training when it returns True.
     progress_fn             = None,     # Callable(cur_kimg, total_kimg) called once per tick.
     device                  = None,     # torch.device; None = cuda:rank if CUDA is available, else cpu.

@@ -12,6 +12,7 @@ rounding), works for any dtype and device, and is what runs without a GPU (see `
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,92 +138,199 @@ def _is_dense(x):
 def _bias_act_kernel(x, b, dim, act, alpha, gain, clamp):
     if b is None and act == 'linear' and gain == 1 and clamp < 0:
         return x  # Nothing to do; the reference path returns x unchanged in this case too.
-    # Both conversions happen outside the autograd.Function so that their gradients are tracked: the
-    # Function saves its inputs for the second-order pass, whose gradients must reach the caller's x and b.
+    # Both conversions happen outside the op so that their gradients are tracked: the op saves its inputs
+    # for the second-order pass, whose gradients must reach the caller's x and b.
     if not _is_dense(x):
         x = x.contiguous()
     if b is not None and b.dtype != x.dtype:
         b = b.to(x.dtype)
-    return _kernel_function(dim, act, alpha, gain, clamp).apply(x, b)
+    return _kernel_op(x, b, None, None, None, 0, dim, activation_funcs[act].cuda_idx, alpha, gain, clamp)
+
+# ----------------------------------------------------------------------------
+# The kernel as a `torch.library` custom op, so that torch.compile traces it as one node (its fake kernel
+# gives the shapes) instead of breaking the graph at the extension call.
+#
+# One op mirrors the extension's own entry point (see bias_act.h): mode `grad` 0 is the forward pass, 1 its
+# derivative with respect to x, 2 the term of the second derivative that comes from f''. Its autograd
+# formula is again this op: the gradient of mode 0 is mode 1; mode 1 is linear in its x (the upstream
+# gradient), so its gradient with respect to x is mode 1 again, and the rest is mode 2, so that the gradient
+# of a gradient (R1, path length) runs through the kernel too. Mode 2 has no derivative: asking for a third
+# one raises an error instead of returning silently wrong values.
+#
+# On a CUDA tensor the op runs the extension. On the CPU it runs `_host_module`, a PyTorch transcription of
+# the kernel's element code (below), so that `torch.library.opcheck` and the parity probe can exercise the op,
+# its autograd formula and its fake kernel without a GPU (tests that compile the .cu file for the host
+# replace `_host_module` with that build). The default CPU path never calls the op: it runs the reference.
+
+_SPECS_BY_INDEX = {spec.cuda_idx: spec for spec in activation_funcs.values()}
+_NAMES_BY_INDEX = {spec.cuda_idx: name for name, spec in activation_funcs.items()}
 
 
-_kernel_functions = dict()  # (dim, act, alpha, gain, clamp) -> autograd.Function subclass.
+def _sum_to_bias(t, dim):
+    return t.sum([i for i in range(t.ndim) if i != dim])
 
 
-def _kernel_function(dim, act, alpha, gain, clamp):
-    """The autograd.Function running the kernel for one combination of arguments (created once, then reused).
+def _kernel_impl(
+    x:      torch.Tensor,               # grad 0: input; 1: upstream gradient; 2: gradient of the grad-1 output.
+    b:      Optional[torch.Tensor],     # Bias along `dim`, or None.
+    xref:   Optional[torch.Tensor],     # Forward input (x-based activations, grad 1/2), or None.
+    yref:   Optional[torch.Tensor],     # Forward output (y-based activations, grad 1/2), or None.
+    dy:     Optional[torch.Tensor],     # The upstream gradient that grad 1 was given (grad 2 only), or None.
+    grad:   int,                        # 0, 1 or 2.
+    dim:    int,                        # Dimension of x that b runs along.
+    act:    int,                        # The activation's `cuda_idx`.
+    alpha:  float,                      # Activation parameter.
+    gain:   float,                      # Scale after the activation.
+    clamp:  float,                      # Clamp limit; negative: none.
+) -> torch.Tensor:
+    module = _plugin.get() if x.device.type == 'cuda' else _host_module
+    return module.bias_act(x, b, xref, yref, dy, grad=grad, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
-    Its backward is another Function whose own backward runs the kernel's second-order mode, so that the
-    gradient of a gradient (R1, path length) also runs through the kernel. Third derivatives are not
-    provided: asking for one raises an error instead of returning silently wrong values.
-    """
-    key = (dim, act, alpha, gain, clamp)
-    if key in _kernel_functions:
-        return _kernel_functions[key]
 
-    spec = activation_funcs[act]
-    config = dict(dim=dim, act=spec.cuda_idx, alpha=alpha, gain=gain, clamp=clamp)
+def _kernel_fake(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp):
+    # The extension returns the layout of the forward tensor where there is one (bias_act.cpp).
+    layout = xref if xref is not None else (yref if yref is not None else x)
+    return torch.empty_like(layout)
+
+
+def _kernel_setup_context(ctx, inputs, output):
+    x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp = inputs
+    spec = _SPECS_BY_INDEX[act]
+    ctx.config = (dim, act, alpha, gain, clamp)
+    ctx.grad = grad
     from_x = spec.ref == 'x'
-    # Linear without clamp has the constant derivative `gain`, so nothing needs to be kept for it.
-    keeps_y = not from_x and (act != 'linear' or clamp >= 0)
+    if grad == 0:
+        # Linear without clamp has the constant derivative `gain`, so nothing needs to be kept for it.
+        keeps_y = not from_x and (spec.cuda_idx != 1 or clamp >= 0)
+        ctx.save_for_backward(x if from_x else None, b if from_x else None, output if keeps_y else None)
+    elif grad == 1:
+        ctx.save_for_backward(x if spec.has_2nd_grad else None, b, xref, yref)
 
-    def sum_to_bias(t):
-        return t.sum([i for i in range(t.ndim) if i != dim])
 
-    class BiasActKernel(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, b):
-            y = _plugin.get().bias_act(x, b, None, None, None, grad=0, **config)
-            ctx.save_for_backward(x if from_x else None, b if from_x else None, y if keeps_y else None)
-            return y
+def _kernel_backward(ctx, d_out):
+    dim, act, alpha, gain, clamp = ctx.config
+    spec = _SPECS_BY_INDEX[act]
+    if ctx.grad == 0:
+        x, b, y = ctx.saved_tensors
+        dx = _kernel_op(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
+        db = _sum_to_bias(dx, dim) if ctx.needs_input_grad[1] else None
+        return dx, db, None, None, None, None, None, None, None, None, None
+    if ctx.grad == 1:
+        # Mode 1 computed dx = dy * gain * f'(.) * mask from the upstream gradient dy (its x) and the saved forward
+        # tensors: xref and b for x-based activations, yref for y-based ones.
+        dy, b, x, y = ctx.saved_tensors
+        d_dy = d_b = d_x = d_y = None
+        if ctx.needs_input_grad[0]:
+            d_dy = _kernel_op(d_out, b, x, y, None, 1, dim, act, alpha, gain, clamp)
+        if spec.has_2nd_grad and any(ctx.needs_input_grad[1:4]):
+            term = _kernel_op(d_out, b, x, y, dy, 2, dim, act, alpha, gain, clamp)
+            if spec.ref == 'x':
+                d_x = term
+                d_b = _sum_to_bias(term, dim) if ctx.needs_input_grad[1] else None
+            else:
+                # Gradient with respect to the saved output y; autograd carries it on through the mode-0 call,
+                # which multiplies in dy/dx and so completes f''.
+                d_y = term
+        return d_dy, d_b, d_x, d_y, None, None, None, None, None, None, None
+    raise RuntimeError("bias_act: the CUDA kernel provides first and second derivatives only; "
+                       "use impl='ref' for higher ones")
 
-        @staticmethod
-        def backward(ctx, dy):
-            x, b, y = ctx.saved_tensors
-            dx = BiasActKernelGrad.apply(dy, x, b, y)
-            db = sum_to_bias(dx) if ctx.needs_input_grad[1] else None
-            return dx, db
 
-    class BiasActKernelGrad(torch.autograd.Function):
-        # dx = dy * gain * f'(.) * mask, as a function of the upstream gradient dy and of the saved forward
-        # tensors: x and b for x-based activations, y for y-based ones (the others are None).
-        @staticmethod
-        def forward(ctx, dy, x, b, y):
-            dx = _plugin.get().bias_act(dy, b, x, y, None, grad=1, **config)
-            ctx.save_for_backward(dy if spec.has_2nd_grad else None, x, b, y)
-            return dx
+class _HostKernel:
+    """The kernel's element code (bias_act.cu, `bias_act_element`) in PyTorch, with the extension's call
+    signature: what the op runs on the CPU. Computes in float32 for float16 and in x's dtype otherwise."""
 
-        @staticmethod
-        def backward(ctx, d_dx):
-            dy, x, b, y = ctx.saved_tensors
-            d_dy = d_x = d_b = d_y = None
-            if ctx.needs_input_grad[0]:
-                # dx is linear in dy, so its derivative applies the same map to d_dx.
-                d_dy = BiasActKernelGrad.apply(d_dx, x, b, y)
-            if spec.has_2nd_grad and any(ctx.needs_input_grad[1:]):
-                term = BiasActKernelGrad2.apply(d_dx, dy, x, b, y)
-                if from_x:
-                    d_x = term
-                    d_b = sum_to_bias(term) if ctx.needs_input_grad[2] else None
-                else:
-                    # Gradient with respect to the saved output y; autograd carries it on through the
-                    # forward Function, which multiplies in dy/dx and so completes f''.
-                    d_y = term
-            return d_dy, d_x, d_b, d_y
+    @staticmethod
+    def bias_act(x, b, xref, yref, dy, grad, dim, act, alpha, gain, clamp):
+        spec = _SPECS_BY_INDEX[act]
+        compute = torch.float32 if x.dtype == torch.float16 else x.dtype
+        layout = xref if xref is not None else (yref if yref is not None else x)
+        bias = 0
+        if b is not None:
+            bias = b.to(compute).reshape([-1 if i == dim else 1 for i in range(x.ndim)])
+        v = x.to(compute)
+        if grad == 0:
+            out = spec.func(v + bias, alpha=alpha) * gain
+            if clamp >= 0:
+                out = out.clamp(-clamp, clamp)
+        else:
+            if spec.ref == 'x':
+                s = xref.to(compute) + bias
+                keep = True
+                if clamp >= 0:
+                    y = spec.func(s, alpha=alpha) * gain  # The unclamped forward output, recomputed.
+                    keep = (y <= clamp) & (y >= -clamp)
+                factor = gain * (_deriv_from_x(act, s) if grad == 1 else _deriv2_from_x(act, s))
+            else:
+                y = yref.to(compute) if yref is not None else torch.zeros_like(v)
+                keep = True
+                if clamp >= 0:
+                    # Clamped outputs hold the limit rounded to x's dtype: compare with that rounding.
+                    stored = float(torch.tensor(clamp, dtype=x.dtype))
+                    keep = (y < stored) & (y > -stored)
+                u = y * (1 / gain if gain != 0 else 0)
+                factor = gain * _deriv_from_y(act, u, alpha) if grad == 1 else _deriv2_from_y(act, u)
+            upstream = v * dy.to(compute) if grad == 2 else v
+            # Where the output was clamped the gradient is exactly 0, even for an infinite upstream gradient.
+            out = torch.where(torch.as_tensor(keep), upstream * factor, torch.zeros([], dtype=compute))
+        result = torch.empty_like(layout)
+        result.copy_(out)
+        return result
 
-    class BiasActKernelGrad2(torch.autograd.Function):
-        # The term of the second derivative that comes from f'' (see bias_act.h, grad 2).
-        @staticmethod
-        def forward(ctx, d_dx, dy, x, b, y):
-            return _plugin.get().bias_act(d_dx, b, x, y, dy, grad=2, **config)
 
-        @staticmethod
-        def backward(ctx, _):
-            raise RuntimeError("bias_act: the CUDA kernel provides first and second derivatives only; "
-                               "use impl='ref' for higher ones")
+# The derivatives the kernel uses, in its notation (bias_act.cu): f'(s) and f''(s) of the x-based activations,
+# and f' as a function of u = f(s) and its derivative d f'/d u for the y-based ones.
+_SELU_SCALE = 1.0507009873554804934193349852946
+_SELU_ALPHA = 1.6732632423543772848170429916717
 
-    _kernel_functions[key] = BiasActKernel
-    return BiasActKernel
+
+def _deriv_from_x(act, s):
+    sig = torch.sigmoid(s)
+    if act == activation_funcs['softplus'].cuda_idx:
+        return sig
+    return sig * (1 + s * (1 - sig))
+
+
+def _deriv2_from_x(act, s):
+    sig = torch.sigmoid(s)
+    dsig = sig * (1 - sig)
+    if act == activation_funcs['softplus'].cuda_idx:
+        return dsig
+    return dsig * (2 + s * (1 - 2 * sig))
+
+
+def _deriv_from_y(act, u, alpha):
+    name = _NAMES_BY_INDEX[act]
+    positive = u > 0
+    if name == 'linear':
+        return torch.ones_like(u)
+    if name == 'relu':
+        return positive.to(u.dtype)
+    if name == 'lrelu':
+        return torch.where(positive, torch.ones_like(u), torch.full_like(u, alpha))
+    if name == 'tanh':
+        return 1 - u * u
+    if name == 'sigmoid':
+        return u * (1 - u)
+    if name == 'elu':
+        return torch.where(positive, torch.ones_like(u), u + 1)
+    return torch.where(positive, torch.full_like(u, _SELU_SCALE), u + _SELU_SCALE * _SELU_ALPHA)
+
+
+def _deriv2_from_y(act, u):
+    name = _NAMES_BY_INDEX[act]
+    if name == 'tanh':
+        return -2 * u
+    if name == 'sigmoid':
+        return 1 - 2 * u
+    if name in ('elu', 'selu'):
+        return (u <= 0).to(u.dtype)
+    return torch.zeros_like(u)
+
+
+_host_module = _HostKernel()
+_kernel_op = dispatch.kernel_op('bias_act_kernel', _kernel_impl, _kernel_fake, _kernel_setup_context,
+                                _kernel_backward)
 
 # ----------------------------------------------------------------------------
 # Parity probe (see probe.py and dispatch.kernel_verdict).

@@ -147,6 +147,11 @@ def kernel_verdict(plugin: LazyPlugin, device: torch.device, strict: bool) -> bo
     if plugin.probe is None:
         return True
     key = (plugin.module_name, str(device))
+    known = _verdicts.get(key)
+    if known is not None and known.ok:
+        # A passing verdict is final, so it needs no lock: this is the path every call after the first takes,
+        # and the one torch.compile traces (Dynamo cannot trace a lock; see `prepare_kernels`).
+        return True
     with _verdict_lock:
         result = _verdicts.get(key)
         if result is None:
@@ -183,3 +188,61 @@ def use_cuda_kernel(impl: str, x: torch.Tensor, plugin: LazyPlugin) -> bool:
                            f'{x.device}; use policy "auto" to fall back to the reference implementation')
     plugin.get()
     return kernel_verdict(plugin, x.device, strict=True)
+
+
+def prepare_kernels(plugins: Sequence[LazyPlugin], device: torch.device) -> None:
+    """Settle, before torch.compile traces the networks, whether each plugin's kernel runs on `device`: build
+    it and run its parity probe now (under the policy in force). Tracing then only reads the settled state,
+    with no build, probe or lock inside the graph (each would break it). Nothing to do off CUDA devices."""
+    device = torch.device(device)
+    if device.type != 'cuda' or current_policy() == 'ref':
+        return
+    for plugin in plugins:
+        if current_policy() == 'cuda':
+            plugin.get()
+            kernel_verdict(plugin, device, strict=True)
+        elif plugin.available():
+            kernel_verdict(plugin, device, strict=False)
+
+# ----------------------------------------------------------------------------
+# torch.library custom ops (the kernels, so that torch.compile can trace them; see bias_act.py, upfirdn2d.py).
+
+OPS_NAMESPACE = 'stylegan2'
+
+
+def kernel_op(name: str, impl: Callable, fake: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The custom op `stylegan2::<name>`: `impl` (annotated, for the schema) computes it, `fake` gives the shape
+    and layout of its output from fake tensors, and `setup_context(ctx, inputs, output)` / `backward(ctx, grad)`
+    are its autograd formula (torch.library.register_autograd's protocol). Defined once per process: a module
+    imported a second time (under another name) gets the registered op back, since the library would refuse a
+    second definition.
+
+    PyTorch before 2.4 has no `torch.library.custom_op`; there the same pieces make an `autograd.Function`, which
+    runs the same numbers in eager mode (torch.compile then breaks the graph at the kernel).
+    """
+    qualname = f'{OPS_NAMESPACE}::{name}'
+    if not hasattr(torch.library, 'custom_op'):
+        return _function_op(impl, setup_context, backward)
+    namespace_ops = getattr(torch.ops, OPS_NAMESPACE)
+    if hasattr(namespace_ops, name):
+        return getattr(namespace_ops, name).default
+    op = torch.library.custom_op(qualname, mutates_args=())(impl)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def _function_op(impl: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """What `kernel_op` makes without torch.library.custom_op: the same op as an autograd.Function."""
+    class KernelOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return KernelOp.apply

@@ -20,7 +20,6 @@ autograd function differentiates to another upfirdn2d, so derivatives of every o
 The names and signatures of the public functions are frozen: official snapshots call them.
 """
 
-import functools
 import math
 import operator
 import os
@@ -239,61 +238,100 @@ def _upfirdn2d_kernel(x: torch.Tensor, f: torch.Tensor, up: Tuple[int, int], dow
     downx, downy = down
     px0, px1, py0, py1 = padding
     if f.ndim == 2:
-        fn = _kernel_function((upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, float(gain),
-                              tuple(f.shape))
-        return fn.apply(x, f)
+        return _kernel_op(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, float(gain))
     taps = f.shape[0]
     pass_gain = math.sqrt(gain)
-    along_x = _kernel_function((upx, 1), (downx, 1), (px0, px1, 0, 0), flip_filter, pass_gain, (1, taps))
-    along_y = _kernel_function((1, upy), (1, downy), (0, 0, py0, py1), flip_filter, pass_gain, (taps, 1))
-    x = along_x.apply(x, f.reshape(1, taps))
-    return along_y.apply(x, f.reshape(taps, 1))
+    x = _kernel_op(x, f.reshape(1, taps), upx, 1, downx, 1, px0, px1, 0, 0, flip_filter, pass_gain)
+    return _kernel_op(x, f.reshape(taps, 1), 1, upy, 1, downy, 0, 0, py0, py1, flip_filter, pass_gain)
+
+# ----------------------------------------------------------------------------
+# The kernel as a `torch.library` custom op, so that torch.compile traces it as one node (its fake kernel
+# gives the shape) instead of breaking the graph at the extension call.
+#
+# Per axis, the op computes y[o] = gain * sum_k x[i] g[k] over i * up == o * down + k - pad0, where g is the
+# 2-D filter in convolution order. Its adjoint, dx[i] = gain * sum_k dy[o] g[k] over the same triples, is
+# again this op: zero-insert dy by `down`, correlate where the forward convolved (flip_filter toggled, which
+# reverses g), keep every `up`-th sample. Substituting k' = fsize - 1 - k turns the constraint into
+# o * down == i * up + k' - (fsize - 1 - pad0), so the gradient's leading padding is fsize - 1 - pad0; its
+# trailing padding is whatever makes the gradient exactly `in` samples long: pad1' = in * up - out * down +
+# pad0 - (up - 1). Applying the rule twice gives back the forward factors, filter orientation and leading
+# padding, so the backward pass is differentiable in turn by the same construction, to any order. The filter
+# gets no gradient (`_upfirdn2d_kernel` refuses one that requires it).
+#
+# On a CUDA tensor the op runs the extension; on the CPU, `_host_module` (the reference path with the
+# extension's call signature and output layout), so that `torch.library.opcheck` can exercise the op, its
+# autograd formula and its fake kernel without a GPU (tests that compile the .cu file for the host replace
+# `_host_module` with that build). The default CPU path never calls the op: it runs the reference.
+
+def _suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the extension gives its output: channels-last for a channels-last input, else contiguous."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel_function(up: Tuple[int, int], down: Tuple[int, int], padding: Tuple[int, int, int, int],
-                     flip_filter: bool, gain: float, filter_shape: Tuple[int, int]):
-    """The autograd function running the kernel for one configuration (2-D filter of `filter_shape`).
+def _kernel_impl(
+    x:              torch.Tensor,   # Input [batch, channels, height, width], float16/float32.
+    f:              torch.Tensor,   # 2-D float32 filter [fh, fw].
+    upx:            int,            # Upsampling factors.
+    upy:            int,
+    downx:          int,            # Downsampling factors.
+    downy:          int,
+    padx0:          int,            # Padding after upsampling, negative crops.
+    padx1:          int,
+    pady0:          int,
+    pady1:          int,
+    flip_filter:    bool,           # Correlate instead of convolving.
+    gain:           float,          # Overall gain.
+) -> torch.Tensor:
+    module = _plugin.get() if x.device.type == 'cuda' else _host_module
+    return module.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, 0)
 
-    Per axis, the forward pass is y[o] = gain * sum_k x[i] g[k] over i * up == o * down + k - pad0, where g
-    is the filter in convolution order. Its adjoint, dx[i] = gain * sum_k dy[o] g[k] over the same triples,
-    is again an upfirdn2d: zero-insert dy by `down`, correlate where the forward convolved (flip_filter
-    toggled, which reverses g), keep every `up`-th sample. Substituting k' = fsize - 1 - k turns the
-    constraint into o * down == i * up + k' - (fsize - 1 - pad0), so the gradient's leading padding is
-    fsize - 1 - pad0; its trailing padding is whatever makes the gradient exactly `in` samples long:
-    pad1' = in * up - out * down + pad0 - (up - 1). Applying the rule twice gives back the forward factors,
-    filter orientation and leading padding, so the backward pass is differentiable in turn by the same
-    construction, to any order.
-    """
-    upx, upy = up
-    downx, downy = down
-    px0, px1, py0, py1 = padding
-    fh, fw = filter_shape
 
-    class Upfirdn2dKernel(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, f):
-            if tuple(f.shape) != filter_shape:
-                raise AssertionError(f'filter of shape {tuple(f.shape)} given to a function for {filter_shape}')
-            y = _plugin.get().upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain, 0)
-            ctx.save_for_backward(f)
-            ctx.in_size = (x.shape[3], x.shape[2])
-            return y
+def _kernel_fake(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
+    out_h = (x.shape[2] * upy + pady0 + pady1 - f.shape[0]) // downy + 1
+    out_w = (x.shape[3] * upx + padx0 + padx1 - f.shape[1]) // downx + 1
+    return x.new_empty([x.shape[0], x.shape[1], out_h, out_w]).contiguous(memory_format=_suggested_format(x))
 
-        @staticmethod
-        def backward(ctx, dy):
-            (f,) = ctx.saved_tensors
-            in_w, in_h = ctx.in_size
-            out_h, out_w = dy.shape[2], dy.shape[3]
-            dx = None
-            if ctx.needs_input_grad[0]:
-                grad_padding = (fw - 1 - px0, in_w * upx - out_w * downx + px0 - (upx - 1),
-                                fh - 1 - py0, in_h * upy - out_h * downy + py0 - (upy - 1))
-                grad_fn = _kernel_function(down, up, grad_padding, not flip_filter, gain, filter_shape)
-                dx = grad_fn.apply(dy, f)
-            return dx, None  # The filter never requires grad here (checked in _upfirdn2d_kernel).
 
-    return Upfirdn2dKernel
+def _kernel_setup_context(ctx, inputs, output):
+    x, f, *config = inputs
+    ctx.save_for_backward(f)
+    ctx.config = config
+    ctx.in_size = (x.shape[3], x.shape[2])
+
+
+def _kernel_backward(ctx, dy):
+    (f,) = ctx.saved_tensors
+    upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain = ctx.config
+    fh, fw = f.shape
+    in_w, in_h = ctx.in_size
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _kernel_op(dy, f, downx, downy, upx, upy,
+                        fw - 1 - px0, in_w * upx - out_w * downx + px0 - (upx - 1),
+                        fh - 1 - py0, in_h * upy - out_h * downy + py0 - (upy - 1),
+                        not flip_filter, gain)
+    return dx, None, None, None, None, None, None, None, None, None, None, None
+
+
+class _HostKernel:
+    """The reference path with the extension's call signature and output layout: what the op runs on the CPU."""
+
+    @staticmethod
+    def upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip_filter, gain, variant):
+        del variant  # The extension's choice of CUDA kernel; one path here.
+        y = _upfirdn2d_ref(x, f, up=(upx, upy), down=(downx, downy), padding=(px0, px1, py0, py1),
+                           flip_filter=flip_filter, gain=gain)
+        # A new tensor, never a view (of the padded input, when nothing is dropped): the output of a custom op
+        # must not be one, or autograd refuses in-place updates of it (img.add_ in the synthesis blocks).
+        return y.clone(memory_format=_suggested_format(x))
+
+
+_host_module = _HostKernel()
+_kernel_op = dispatch.kernel_op('upfirdn2d_kernel', _kernel_impl, _kernel_fake, _kernel_setup_context,
+                                _kernel_backward)
 
 # ----------------------------------------------------------------------------
 # Parity probe (see probe.py and dispatch.kernel_verdict).
