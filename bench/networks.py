@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.archs import parse_arch, syntax  # noqa: E402
 from bench.timing import median_seconds, synchronize, text_table  # noqa: E402
+from runner import host_memory  # noqa: E402
 from torch_utils import compiler  # noqa: E402
 from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from training import networks  # noqa: E402
@@ -562,6 +563,7 @@ def main(device, configs, archs, squeeze_r, mode, batch, iters, warmup, fp32, ch
 
     if compile_net:
         _check_compile(device)
+    host_memory.keep_freed_memory()  # As every process of the scripts (runner/host_memory.py).
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     try:
