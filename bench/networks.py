@@ -233,17 +233,22 @@ def _training_flags(device: torch.device) -> Iterator[None]:
          torch.backends.cudnn.allow_tf32) = saved
 
 
-def time_forward(G, device, batch, iters, warmup) -> float:
-    """Median ms of one eval-mode, no-grad generator call on a batch."""
-    G.eval().requires_grad_(False)
+def _forward_fn(G, run, device, batch) -> Callable[[], None]:
+    """One no-grad call of `run` (G or a compiled G) on a fixed batch of latents, as generate.py calls it."""
     gen = torch.Generator(device=device).manual_seed(1)
     z = torch.randn([batch, G.z_dim], device=device, generator=gen)
     c = torch.zeros([batch, G.c_dim], device=device)
 
     def step():
         with torch.no_grad():
-            G(z, c, noise_mode='const')
-    return median_seconds(step, device, iters, warmup) * 1e3
+            run(z, c, noise_mode='const')
+    return step
+
+
+def time_forward(G, device, batch, iters, warmup) -> float:
+    """Median ms of one eval-mode, no-grad generator call on a batch."""
+    G.eval().requires_grad_(False)
+    return median_seconds(_forward_fn(G, G, device, batch), device, iters, warmup) * 1e3
 
 
 def time_train(G, D, device, batch, iters, warmup) -> float:
@@ -286,14 +291,7 @@ def time_compiled(G, D, device, batch, iters, warmup, mode) -> dict:
     {pass}_compile_s (the first call, which traces and compiles; the steady time is not subtracted)."""
     result = {}
     if mode in ('fwd', 'both'):
-        G_fwd = compiler.compile_module(G.eval(), device)
-        gen = torch.Generator(device=device).manual_seed(1)
-        z = torch.randn([batch, G.z_dim], device=device, generator=gen)
-        c = torch.zeros([batch, G.c_dim], device=device)
-
-        def fwd():
-            with torch.no_grad():
-                G_fwd(z, c, noise_mode='const')
+        fwd = _forward_fn(G, compiler.compile_module(G.eval(), device), device, batch)
         G.requires_grad_(False)
         result['fwd_compile_s'] = first_call_seconds(fwd, device)
         result['fwd_compiled_ms'] = median_seconds(fwd, device, iters, warmup) * 1e3

@@ -52,6 +52,14 @@ def kernel_path(monkeypatch):
     monkeypatch.setattr(dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
 
 
+def _training_paths(monkeypatch, path):
+    """The ops on their `path` ('reference', or 'kernel': the custom ops), and our convolution Functions on, as
+    in training (they must trace too)."""
+    if path == 'kernel':
+        monkeypatch.setattr(dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
+    monkeypatch.setattr(conv2d_gradfix, 'enabled', True)
+
+
 def _explain(fn, *args, **kwargs):
     """(number of graph breaks, their reasons, the custom-op calls in the graphs by op name) of fn(*args)."""
     torch._dynamo.reset()
@@ -76,10 +84,7 @@ D_CASES = {'reference': ['orig', 'skip', 'resnet'], 'kernel': ['skip', 'resnet']
 
 @pytest.mark.parametrize('path', ['reference', 'kernel'])
 def test_G_and_D_trace_without_graph_breaks(fresh_dynamo, monkeypatch, path):
-    if path == 'kernel':
-        monkeypatch.setattr(dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
-    # As in training: our convolution Functions are on (they must trace too).
-    monkeypatch.setattr(conv2d_gradfix, 'enabled', True)
+    _training_paths(monkeypatch, path)
     torch.manual_seed(0)
     z, c = torch.randn(2, 8), torch.zeros(2, 0)
     for architecture, kwargs, training in G_CASES[path]:
@@ -147,9 +152,7 @@ def _train_step(G, D, z, c):
 
 @pytest.mark.parametrize('path', ['reference', 'kernel'])
 def test_compiled_networks_agree_with_eager(fresh_dynamo, monkeypatch, path):
-    if path == 'kernel':
-        monkeypatch.setattr(dispatch, 'use_cuda_kernel', lambda impl, x, plugin: impl == 'cuda')
-    monkeypatch.setattr(conv2d_gradfix, 'enabled', True)
+    _training_paths(monkeypatch, path)
     torch.manual_seed(0)
     G = _tiny_G('squeeze', squeeze_r=4)
     D = networks.Discriminator(c_dim=0, img_resolution=8, img_channels=3, channel_base=128, channel_max=16)
