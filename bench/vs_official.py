@@ -258,8 +258,9 @@ def main(official, configs, cases, archs, rounds, iters, warmup, threads, malloc
                              _names(archs, ARCHS, '--archs'))
     rows = compare(official, configs, cases, archs, rounds, iters, warmup, threads, malloc, fast_demod)
     click.echo(format_table(rows))
+    setup = f'--malloc={malloc}' + ('; ours with --fast-demod' if fast_demod else '')
     click.echo(f'Median of {rounds} alternated measurements of {iters} call(s) each; {threads} thread(s) per code '
-               f'base; --malloc={malloc}{"; ours with --fast-demod" if fast_demod else ""}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
+               f'base; {setup}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Ours: '
                f'{_tree_commit(REPO_ROOT)}; official: {official_commit}.')
     if json_path:
         with open(json_path, 'w') as f:
